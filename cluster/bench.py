@@ -1,0 +1,166 @@
+"""`specserve bench`: the project's prompts with speculation off and on, per drafter and K.
+
+Every variant runs on the same prompts in the same process; for each prompt the variants run
+back to back, so machine noise hits them alike. Speedup is tokens/s over K = 0 in this run.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from collections import defaultdict
+from importlib import resources
+
+import torch
+
+from .config import SpecserveConfig
+from .runtime.engine import GenerationRequest
+from .runtime.factory import load_target, make_engine
+from .runtime.models import select_device
+from .speculation import SamplingParams, mean_expected_tokens
+
+CATEGORIES = ("chat", "grounded", "code")
+
+
+def load_prompts(quick: bool) -> list[tuple[str, str]]:
+    data = json.loads(resources.files("cluster").joinpath("prompts/bench.json").read_text())
+    per = 1 if quick else None
+    return [(cat, p) for cat in CATEGORIES for p in data[cat][:per]]
+
+
+def run_bench(config: SpecserveConfig, json_out: str | None = None, plot: str | None = None, quick: bool = False) -> int:
+    prompts = load_prompts(quick)
+    max_new = 64 if quick else 128
+    temperatures = [0.0] if quick else [0.0, 1.0]
+    fixed_ks = [k for k in ([4] if quick else [2, 4, 8]) if k <= config.speculation.max_draft_tokens]
+    drafters = ["ngram"]
+    if select_device(config.target.device).type == "cpu":
+        drafters.append("int8")
+    if config.draft.model.usable:
+        drafters.append("model")
+    log = lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True)  # noqa: E731
+
+    log(f"loading {config.target.model} ({config.target.dtype})")
+    target = load_target(config)
+    adaptive = config.model_copy(update={"speculation": config.speculation.model_copy(update={"num_draft_tokens": "adaptive"})})
+    engines = {}
+    for name in drafters:
+        log(f"building drafter {name} and measuring step costs")
+        engines[name] = make_engine(adaptive, target, drafter=name)
+        engines[name].generate([GenerationRequest(prompts[0][1], 8)])  # warm-up, calibrates costs
+    variants = [("none", 0)] + [(d, k) for d in drafters for k in [*fixed_ks, "adaptive"]]
+
+    runs = []  # one per (temperature, prompt, variant)
+    started = time.perf_counter()
+    for temperature in temperatures:
+        for i, (category, prompt) in enumerate(prompts):
+            log(f"T={temperature} prompt {i + 1}/{len(prompts)} ({category})")
+            engines[drafters[0]].generate([GenerationRequest(prompt, 4, num_draft_tokens=0)])  # first-shape warm-up
+            for drafter, k in variants:
+                engine = engines[drafters[0] if drafter == "none" else drafter]
+                request = GenerationRequest(
+                    prompt, max_new, SamplingParams(temperature=temperature, seed=1000 + i),
+                    num_draft_tokens=None if k == "adaptive" else k,
+                )
+                t = time.perf_counter()
+                result = engine.generate([request])[0]
+                runs.append(dict(temperature=temperature, category=category, prompt=i, drafter=drafter, k=k,
+                                 seconds=time.perf_counter() - t, token_ids=result.token_ids, stats=result.stats))
+    log(f"measured in {time.perf_counter() - started:.0f} s")
+
+    rows = aggregate(runs)
+    print(format_table(rows))
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump({"config": config.model_dump(), "machine": machine(), "quick": quick,
+                       "max_new_tokens": max_new, "rows": rows}, f, indent=2)
+        log(f"wrote {json_out}")
+    if plot:
+        plot_speedup(rows, plot)
+        log(f"wrote {plot}")
+    return 0
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    groups = defaultdict(list)
+    for r in runs:
+        for prompts in (r["category"], "all"):
+            groups[(r["drafter"], r["k"], r["temperature"], prompts)].append(r)
+    plain = {}
+    for r in runs:
+        if r["drafter"] == "none":
+            plain[(r["temperature"], r["prompt"])] = r["token_ids"]
+    rows = []
+    for (drafter, k, temperature, prompts), rs in groups.items():
+        tokens = sum(len(r["token_ids"]) for r in rs)
+        seconds = sum(r["seconds"] for r in rs)
+        calls = sum(r["stats"].target_calls for r in rs)
+        accepted = sum(r["stats"].accepted_tokens for r in rs)
+        evaluated = sum(r["stats"].evaluated_tokens for r in rs)
+        alpha = accepted / evaluated if evaluated else 0.0
+        rounds = [kr for r in rs for kr in r["stats"].rounds_k]
+        row = dict(
+            drafter=drafter, k=k, temperature=temperature, prompts=prompts,
+            tokens=tokens, seconds=round(seconds, 3), tokens_per_s=round(tokens / seconds, 2),
+            acceptance_rate=round(alpha, 4),
+            tokens_per_target_call=round(tokens / calls, 3),
+            expected_tokens_per_target_call=round(mean_expected_tokens(alpha, rounds), 3),
+            mean_k=round(sum(rounds) / len(rounds), 2),
+            draft_s=round(sum(r["stats"].draft_s for r in rs), 3),
+            verify_s=round(sum(r["stats"].verify_s for r in rs), 3),
+        )
+        if temperature == 0:
+            row["matches_plain"] = all(r["token_ids"] == plain[(0.0, r["prompt"])] for r in rs)
+        rows.append(row)
+    base = {(r["temperature"], r["prompts"]): r["tokens_per_s"] for r in rows if r["drafter"] == "none"}
+    for row in rows:
+        row["speedup"] = round(row["tokens_per_s"] / base[(row["temperature"], row["prompts"])], 3)
+    order = {"none": 0, "ngram": 1, "int8": 2, "model": 3}
+    kkey = lambda k: 99 if k == "adaptive" else k  # noqa: E731
+    prompt_order = {p: i for i, p in enumerate((*CATEGORIES, "all"))}
+    rows.sort(key=lambda r: (r["temperature"], prompt_order[r["prompts"]], order[r["drafter"]], kkey(r["k"])))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = [("T", "temperature"), ("prompts", "prompts"), ("drafter", "drafter"), ("K", "k"),
+            ("tok/s", "tokens_per_s"), ("speedup", "speedup"), ("alpha", "acceptance_rate"),
+            ("tok/call", "tokens_per_target_call"), ("expected", "expected_tokens_per_target_call"),
+            ("mean K", "mean_k"), ("= plain", "matches_plain")]
+    cells = [[h for h, _ in cols]] + [[str(r.get(key, "")) for _, key in cols] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+
+
+def plot_speedup(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, prompts in zip(axes, ("all", "grounded")):
+        sel = [r for r in rows if r["prompts"] == prompts and r["temperature"] == 0]
+        for drafter in sorted({r["drafter"] for r in sel} - {"none"}):
+            fixed = sorted((r["k"], r["speedup"]) for r in sel if r["drafter"] == drafter and r["k"] != "adaptive")
+            line, = ax.plot([0] + [k for k, _ in fixed], [1.0] + [s for _, s in fixed], marker="o", label=drafter)
+            for r in sel:
+                if r["drafter"] == drafter and r["k"] == "adaptive":
+                    ax.axhline(r["speedup"], color=line.get_color(), linestyle="--", linewidth=1,
+                               label=f"{drafter}, adaptive K")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_title(f"prompts: {prompts}, greedy")
+        ax.set_xlabel("K (draft tokens per round)")
+    axes[0].set_ylabel("speedup over K = 0")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

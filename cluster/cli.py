@@ -1,0 +1,101 @@
+"""`specserve generate` and `specserve bench`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import ConfigError, load_config
+from .speculation import InvalidRequest, SamplingParams
+
+
+def _k_arg(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"num-draft-tokens must be an integer, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specserve", description="Exact speculative decoding.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="run one generation locally")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    gen.add_argument("--top-k", type=int, default=0, help="0: no truncation")
+    gen.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]; 1: no truncation")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--num-draft-tokens", type=_k_arg, default=None, help="K; 0 is plain decoding; default: the config's")
+    gen.add_argument("--drafter", default=None, help="model, ngram or int8; default: the config's")
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--config", default=None, help="YAML config; default: the embedded default (configs/local.yaml)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+
+    bench = sub.add_parser("bench", help="speculation off vs on, per drafter and K, on the project's prompts")
+    bench.add_argument("--config", default=None)
+    bench.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write rows as JSON here")
+    bench.add_argument("--plot", default=None, metavar="OUT.png", help="speedup against K per drafter")
+    bench.add_argument("--quick", action="store_true", help="a smaller run (under 3 minutes here)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        from .bench import run_bench
+
+        return run_bench(load_config(args.config), json_out=args.json_out, plot=args.plot, quick=args.quick)
+    except InvalidRequest as e:
+        print(f"specserve: invalid {e.field}: {e.message}", file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        print(f"specserve: bad config:\n{e}", file=sys.stderr)
+        return 2
+
+
+def _generate(args) -> int:
+    import time
+
+    from .runtime.engine import GenerationRequest, check_request_fields
+    from .runtime.factory import build_engine, check_drafter_name
+
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    config = load_config(args.config)
+    request = GenerationRequest(
+        args.prompt, args.max_new_tokens, sampling, num_draft_tokens=args.num_draft_tokens, stop=tuple(args.stop)
+    )
+    check_request_fields(request, config.speculation.max_draft_tokens)  # before loading any model
+    if args.drafter is not None:
+        check_drafter_name(args.drafter, config.draft)
+    engine = build_engine(config, drafter=args.drafter)
+
+    start = time.perf_counter()
+    result = engine.generate([request])[0]
+    seconds = time.perf_counter() - start
+    stats = result.stats.as_dict()
+    stats["tokens_per_s"] = round(len(result.token_ids) / seconds, 2) if seconds > 0 else None
+    if args.json:
+        print(json.dumps({
+            "text": result.text,
+            "token_ids": result.token_ids,
+            "finish_reason": result.finish_reason,
+            "prompt_tokens": result.prompt_tokens,
+            "stats": stats,
+        }))
+    else:
+        print(result.text)
+        print(
+            f"[{len(result.token_ids)} tokens, {result.finish_reason}, {stats['tokens_per_s']} tokens/s, "
+            f"{stats['target_calls']} target calls, {stats['accepted_tokens']}/{stats['draft_tokens']} drafts accepted]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

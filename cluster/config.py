@@ -1,0 +1,115 @@
+"""The one validated configuration schema. YAML only at the edge (load_config)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Dtype = Literal["float32", "bfloat16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TargetConfig(_Strict):
+    model: str = "smollm2-135m-instruct"  # built-in name or a Hugging Face folder
+    dtype: Dtype = "bfloat16"
+    device: str = "auto"  # auto: cuda when available, else cpu
+    chat_template: bool = True  # wrap a prompt as one user turn when the tokenizer has a template
+
+
+class ModelDrafterConfig(_Strict):
+    name: str | None = None  # built-in name or folder; None: the target's own weights
+    layers: list[int] | None = None  # keep only these decoder layers (self-speculative draft)
+    dtype: Dtype | None = None  # default: the target's
+
+    @property
+    def usable(self) -> bool:
+        return self.name is not None or self.layers is not None
+
+
+class NgramDrafterConfig(_Strict):
+    max_n: int = Field(3, ge=1, le=16)
+    min_n: int = Field(1, ge=1, le=16)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.min_n > self.max_n:
+            raise ValueError(f"min_n ({self.min_n}) exceeds max_n ({self.max_n})")
+        return self
+
+
+class DraftConfig(_Strict):
+    drafter: Literal["model", "ngram", "int8"] = "ngram"  # the drafter that runs
+    model: ModelDrafterConfig = ModelDrafterConfig()  # settings of drafter 'model'
+    ngram: NgramDrafterConfig = NgramDrafterConfig()  # settings of drafter 'ngram'
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.drafter == "model" and not self.model.usable:
+            raise ValueError("drafter 'model' needs draft.model.name (a draft LM) or draft.model.layers")
+        return self
+
+
+class SpeculationConfig(_Strict):
+    num_draft_tokens: int | Literal["adaptive"] = "adaptive"  # K; 0 is plain decoding
+    max_draft_tokens: int = Field(8, ge=1, le=32)  # upper bound for adaptive K and for requests
+
+    @model_validator(mode="after")
+    def _check(self):
+        k = self.num_draft_tokens
+        if k != "adaptive" and not 0 <= k <= self.max_draft_tokens:
+            raise ValueError(f"speculation.num_draft_tokens must be 'adaptive' or in [0, {self.max_draft_tokens}], got {k}")
+        return self
+
+
+class SpecserveConfig(_Strict):
+    target: TargetConfig = TargetConfig()
+    draft: DraftConfig = DraftConfig()
+    speculation: SpeculationConfig = SpeculationConfig()
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse_config(data: dict, source: str = "config") -> SpecserveConfig:
+    try:
+        return SpecserveConfig.model_validate(data or {})
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"{source}: {where}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+# The embedded default: the same values as configs/local.yaml (tests/test_config.py checks).
+DEFAULT_CONFIG = {
+    "target": {"model": "smollm2-135m-instruct", "dtype": "bfloat16", "device": "auto", "chat_template": True},
+    "draft": {
+        "drafter": "ngram",
+        "model": {"layers": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 26, 27, 28, 29]},
+        "ngram": {"max_n": 3, "min_n": 1},
+    },
+    "speculation": {"num_draft_tokens": "adaptive", "max_draft_tokens": 8},
+}
+
+
+def load_config(path: str | Path | None) -> SpecserveConfig:
+    """A YAML file, or the embedded default (configs/local.yaml) when path is None."""
+    if path is None:
+        return parse_config(DEFAULT_CONFIG, "embedded default")
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with path.open() as f:
+        data = yaml.safe_load(f)
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return parse_config(data, str(path))

@@ -1,0 +1,113 @@
+"""Drafters behind one interface: a draft model (`model`), prompt lookup (`ngram`) and an int8
+copy of the target (`int8`). A drafter proposes up to k tokens and the q they were sampled from."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from ..speculation import SamplingParams, sample_token, warp_probs
+from .kv import CausalLM
+
+DRAFTERS = ("model", "ngram", "int8")
+
+
+@dataclass(frozen=True)
+class DraftBlock:
+    token_ids: list[int]  # [k]
+    probs: torch.Tensor | None  # [k, V] the q each token was sampled from; None: one-hot (deterministic)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+class Drafter(ABC):
+    name: str
+
+    @abstractmethod
+    def propose(
+        self, seq_id: int, context: list[int], k: int, params: SamplingParams, generator: torch.Generator
+    ) -> DraftBlock:
+        """Up to k tokens continuing `context` (the sequence's committed tokens)."""
+
+    def release(self, seq_id: int) -> None:
+        """Forgets a finished sequence."""
+
+
+class NgramDrafter(Drafter):
+    """Prompt lookup: find the latest earlier occurrence of the context's last n tokens
+    (n from max_n down to min_n) and propose what followed it. No model, q is one-hot."""
+
+    name = "ngram"
+
+    def __init__(self, max_n: int = 3, min_n: int = 1):
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"ngram sizes need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
+        self.max_n, self.min_n = max_n, min_n
+
+    def propose(self, seq_id, context, k, params, generator) -> DraftBlock:
+        return DraftBlock(self.lookup(context, k), None)
+
+    def lookup(self, context: list[int], k: int) -> list[int]:
+        if k <= 0:
+            return []
+        end = len(context)
+        for n in range(min(self.max_n, end - 1), self.min_n - 1, -1):
+            pattern = context[end - n :]
+            first = pattern[0]
+            for start in range(end - n - 1, -1, -1):  # latest match first, never the suffix itself
+                if context[start] == first and context[start : start + n] == pattern:
+                    return context[start + n : start + n + k]
+        return []
+
+
+class ModelDrafter(Drafter):
+    """Any causal LM sharing the target's vocabulary; one KV cache per sequence.
+
+    The cache is rolled back lazily: at each proposal it is cropped to the longest prefix it
+    shares with the committed context, so rejected drafts never need an explicit call.
+    """
+
+    def __init__(self, model: torch.nn.Module, name: str = "model"):
+        self.lm = CausalLM(model)
+        self.name = name
+        self.vocab_size = self.lm.vocab_size
+        self._caches: dict[int, object] = {}
+        self._cached: dict[int, list[int]] = {}  # token ids held in each cache
+        self._committed: dict[int, int] = {}  # context length at the last proposal
+
+    def propose(self, seq_id, context, k, params, generator) -> DraftBlock:
+        if k <= 0:
+            return DraftBlock([], None)
+        cache = self._caches.get(seq_id)
+        if cache is None:
+            cache = self._caches[seq_id] = self.lm.new_cache()
+            self._cached[seq_id], self._committed[seq_id] = [], 0
+        cached = self._cached[seq_id]
+        keep = self._committed[seq_id]  # the context only grows, so this prefix still matches
+        limit = min(len(cached), len(context) - 1)
+        while keep < limit and cached[keep] == context[keep]:
+            keep += 1
+        keep = min(keep, limit)
+        self.lm.rollback(cache, len(cached) - keep)
+        del cached[keep:]
+        self._committed[seq_id] = len(context)
+
+        tokens, rows = [], []
+        feed = context[keep:]
+        for _ in range(k):
+            logits = self.lm.forward(cache, feed, last_only=True)  # [1, V]
+            cached.extend(feed)
+            q = warp_probs(logits, [params])[0]  # [V]
+            x = int(q.argmax()) if params.greedy else sample_token(q, generator)
+            tokens.append(x)
+            rows.append(q)
+            feed = [x]
+        return DraftBlock(tokens, None if params.greedy else torch.stack(rows))
+
+    def release(self, seq_id: int) -> None:
+        self._caches.pop(seq_id, None)
+        self._cached.pop(seq_id, None)
+        self._committed.pop(seq_id, None)

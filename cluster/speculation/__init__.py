@@ -1,0 +1,31 @@
+"""The algorithm core of specserve: speculative sampling in torch, nothing else.
+
+No module here imports Ray, gRPC, DeepSpeed or transformers (tests/test_boundary.py).
+"""
+
+from .adaptive import AcceptanceTracker, AdaptiveK, CostModel, best_k, expected_tokens, mean_expected_tokens
+from .errors import InvalidRequest
+from .params import SamplingParams
+from .rejection import RejectionOutput, acceptance_probs, recovered_probs, rejection_sample
+from .reference import reference_rejection_sample
+from .sample import make_generator, sample_token
+from .warp import warp_probs
+
+__all__ = [
+    "AcceptanceTracker",
+    "AdaptiveK",
+    "CostModel",
+    "InvalidRequest",
+    "RejectionOutput",
+    "SamplingParams",
+    "acceptance_probs",
+    "best_k",
+    "expected_tokens",
+    "make_generator",
+    "mean_expected_tokens",
+    "recovered_probs",
+    "reference_rejection_sample",
+    "rejection_sample",
+    "sample_token",
+    "warp_probs",
+]

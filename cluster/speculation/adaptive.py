@@ -1,0 +1,101 @@
+"""Choosing the draft length K from the acceptance rate alpha and measured step costs.
+
+With per-token acceptance alpha, a round with K drafts yields in expectation
+(1 - alpha^(K+1)) / (1 - alpha) tokens (Chen et al. 2023; Leviathan et al. 2023) and costs
+K draft steps plus one target call over K + 1 tokens. K is the argmax of tokens per second;
+K = 0 (plain decoding) wins whenever speculation would cost more than it saves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Expected tokens per target call with K drafts of acceptance alpha."""
+    if alpha >= 1.0:
+        return float(k + 1)
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    draft_step_s: float  # one draft token
+    verify_s: tuple[float, ...]  # verify_s[k]: one target call over k + 1 tokens
+
+    @property
+    def max_k(self) -> int:
+        return len(self.verify_s) - 1
+
+    def round_s(self, k: int) -> float:
+        return k * self.draft_step_s + self.verify_s[k]
+
+
+def best_k(alpha: float, cost: CostModel, max_k: int | None = None) -> int:
+    """The K in [0, max_k] with the most expected tokens per second (ties go to the smaller K)."""
+    top = cost.max_k if max_k is None else min(max_k, cost.max_k)
+    rates = [expected_tokens(alpha, k) / cost.round_s(k) for k in range(top + 1)]
+    return max(range(top + 1), key=lambda k: (rates[k], -k))
+
+
+@dataclass
+class AcceptanceTracker:
+    """Running estimate of alpha for one sequence.
+
+    Counts are the evaluated draft tokens: each round contributes its accepted tokens and, if it
+    stopped early, one rejection (the maximum-likelihood estimate under the formula's i.i.d.
+    model). Counts decay so that alpha follows the text; a prior keeps new sequences sane.
+    """
+
+    prior_alpha: float = 0.5
+    prior_weight: float = 2.0
+    decay: float = 0.9
+    accepted: float = 0.0
+    evaluated: float = 0.0
+
+    @property
+    def alpha(self) -> float:
+        return (self.accepted + self.prior_alpha * self.prior_weight) / (self.evaluated + self.prior_weight)
+
+    def update(self, num_drafted: int, num_accepted: int) -> None:
+        if num_drafted == 0:
+            return
+        self.accepted = self.decay * self.accepted + num_accepted
+        self.evaluated = self.decay * self.evaluated + num_accepted + (num_accepted < num_drafted)
+
+
+@dataclass
+class AdaptiveK:
+    """Per-sequence K policy: best_k on the tracker's alpha, with a probe when stuck at K = 0.
+
+    At K = 0 nothing new is learned about alpha, so after `probe_after` rounds at 0 one round
+    drafts a single token; the interval doubles after each probe that does not lift K.
+    """
+
+    cost: CostModel
+    max_k: int
+    tracker: AcceptanceTracker = field(default_factory=AcceptanceTracker)
+    probe_after: int = 8
+    _rounds_at_zero: int = 0
+    _interval: int = 0
+
+    def next_k(self) -> int:
+        k = best_k(self.tracker.alpha, self.cost, self.max_k)
+        if k > 0:
+            self._rounds_at_zero, self._interval = 0, 0
+            return k
+        self._rounds_at_zero += 1
+        interval = self._interval or self.probe_after
+        if self._rounds_at_zero >= interval and self.max_k > 0:
+            self._rounds_at_zero, self._interval = 0, interval * 2
+            return 1
+        return 0
+
+    def observe(self, num_drafted: int, num_accepted: int) -> None:
+        self.tracker.update(num_drafted, num_accepted)
+
+
+def mean_expected_tokens(alpha: float, ks: Sequence[int]) -> float:
+    """The formula's expectation averaged over the K actually used in each round."""
+    return sum(expected_tokens(alpha, k) for k in ks) / len(ks) if ks else 0.0

@@ -1,0 +1,10 @@
+"""Typed errors of the core. Every interface maps InvalidRequest to its own status code."""
+
+
+class InvalidRequest(ValueError):
+    """A request field has a bad value. `field` names it, so every boundary can report it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message

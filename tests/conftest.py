@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from cluster.config import parse_config
+from cluster.runtime.factory import load_target, make_engine
+from cluster.runtime.models import load_model
+
+TINY_PROMPTS = [
+    "hello world, this is a test",
+    "abcabcabcabcabcabc",
+    "The quick brown fox jumps over the lazy dog. The quick brown fox",
+    "x",
+    "def f(x):\n    return x + 1\n\ndef g(x):\n    return",
+    "1 2 3 4 5 6 7 8 9 10 11 12",
+]
+
+
+def tiny_config(model="tiny-llama", drafter="model", layers=(0, 1, 3), k="adaptive", max_k=8, dtype="float32"):
+    return parse_config({
+        "target": {"model": model, "dtype": dtype, "chat_template": False},
+        "draft": {"drafter": drafter, "model": {"layers": list(layers)}},
+        "speculation": {"num_draft_tokens": k, "max_draft_tokens": max_k},
+    })
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return load_model("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2():
+    return load_model("tiny-qwen2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp32():
+    return load_target(parse_config({"target": {"model": "smollm2-135m-instruct", "dtype": "float32"}}))
+
+
+def hf_greedy(model, prompt_ids, max_new_tokens, eos_token_id):
+    """Plain greedy decoding by transformers' own generate, cut at EOS (EOS excluded)."""
+    ids = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=eos_token_id, pad_token_id=eos_token_id,
+        )
+    new = out[0, len(prompt_ids):].tolist()
+    return new[: new.index(eos_token_id)] if eos_token_id in new else new
+
+
+__all__ = ["TINY_PROMPTS", "tiny_config", "hf_greedy", "make_engine"]

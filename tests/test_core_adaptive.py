@@ -1,0 +1,166 @@
+"""Adaptive K: the expected-tokens formula, best_k, the acceptance tracker and the K policy."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from cluster.speculation import AcceptanceTracker, AdaptiveK, CostModel, best_k, expected_tokens, mean_expected_tokens
+
+
+def test_expected_tokens_hand_values():
+    for k in range(6):
+        assert expected_tokens(0.0, k) == 1.0
+        assert expected_tokens(1.0, k) == k + 1
+        assert expected_tokens(0.7, 0) == pytest.approx(1.0)
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+    assert expected_tokens(0.5, 1) == pytest.approx(1.5)
+    assert expected_tokens(0.8, 3) == pytest.approx(1 + 0.8 + 0.64 + 0.512)
+    assert expected_tokens(1 - 1e-9, 4) == pytest.approx(5.0, abs=1e-6)  # continuous at alpha = 1
+
+
+def test_expected_tokens_matches_simulation():
+    rng = random.Random(0)
+    alpha, k, rounds = 0.7, 4, 200_000
+    total = 0
+    for _ in range(rounds):
+        accepted = 0
+        while accepted < k and rng.random() < alpha:
+            accepted += 1
+        total += accepted + 1
+    assert total / rounds == pytest.approx(expected_tokens(alpha, k), abs=0.01)
+
+
+def test_mean_expected_tokens():
+    assert mean_expected_tokens(0.5, [1, 2]) == pytest.approx((1.5 + 1.75) / 2)
+    assert mean_expected_tokens(0.5, []) == 0.0
+
+
+def test_best_k_zero_when_verify_cost_grows_linearly():
+    # Verifying 2 tokens costs 2x one token: with alpha < 1 speculation never pays.
+    cost = CostModel(draft_step_s=0.05, verify_s=(1.0, 2.0, 3.0, 4.0, 5.0))
+    for alpha in (0.0, 0.1, 0.3, 0.5, 0.9):
+        assert best_k(alpha, cost) == 0
+    free = CostModel(draft_step_s=0.0, verify_s=(1.0, 2.0, 3.0))
+    assert best_k(0.2, free) == 0
+
+
+def test_best_k_max_when_drafting_free_and_verify_flat():
+    cost = CostModel(draft_step_s=0.0, verify_s=(1.0,) * 6)
+    for alpha in (0.5, 0.8, 0.95):
+        assert best_k(alpha, cost) == 5
+    assert best_k(0.9, cost, max_k=3) == 3
+    assert best_k(0.9, cost, max_k=50) == 5  # capped by the cost table
+    assert best_k(0.0, cost) == 0  # all rates tie: the smallest K wins
+
+
+def test_best_k_hand_values():
+    cost = CostModel(draft_step_s=0.1, verify_s=(1.0, 1.05, 1.1, 1.15, 1.2))
+    # alpha 0.5: rates 1, 1.5/1.15, 1.75/1.3, 1.875/1.45, 1.9375/1.6 -> K = 2
+    assert best_k(0.5, cost) == 2
+    # alpha 0.8: rates 1, 1.565, 1.877, 2.036, 2.101 -> K = 4
+    assert best_k(0.8, cost) == 4
+    ks = [best_k(a / 100, cost) for a in range(100)]
+    assert ks == sorted(ks) and ks[0] == 0 and ks[-1] == 4
+
+
+def test_tracker_counts():
+    t = AcceptanceTracker()
+    assert t.alpha == pytest.approx(0.5)  # the prior
+    t.update(4, 2)  # 2 accepted, 1 rejected
+    assert t.alpha == pytest.approx((2 + 1) / (3 + 2))
+    t.update(0, 0)  # nothing drafted: nothing learned
+    assert t.alpha == pytest.approx((2 + 1) / (3 + 2))
+    t.update(3, 3)  # all accepted: no rejection counted
+    assert t.alpha == pytest.approx((0.9 * 2 + 3 + 1) / (0.9 * 3 + 3 + 2))
+
+
+def simulate_round(rng: random.Random, alpha: float, k: int) -> int:
+    accepted = 0
+    while accepted < k and rng.random() < alpha:
+        accepted += 1
+    return accepted
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.5, 0.8, 0.95])
+def test_tracker_without_decay_converges(alpha):
+    rng = random.Random(1)
+    t = AcceptanceTracker(decay=1.0)
+    for i in range(5000):
+        k = 1 + i % 5
+        t.update(k, simulate_round(rng, alpha, k))
+    assert t.alpha == pytest.approx(alpha, abs=0.015)
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.6, 0.9])
+def test_tracker_with_decay_stays_near_alpha(alpha):
+    rng = random.Random(2)
+    t = AcceptanceTracker()
+    estimates = []
+    for i in range(3000):
+        t.update(4, simulate_round(rng, alpha, 4))
+        if i >= 200:
+            estimates.append(t.alpha)
+    assert sum(estimates) / len(estimates) == pytest.approx(alpha, abs=0.05)
+    assert abs(sum(estimates) / len(estimates) - alpha) < abs(0.5 - alpha)  # moved off the prior
+
+
+def test_tracker_follows_a_change():
+    rng = random.Random(3)
+    t = AcceptanceTracker()
+    for _ in range(300):
+        t.update(4, simulate_round(rng, 0.9, 4))
+    assert t.alpha > 0.75
+    for _ in range(30):
+        t.update(4, simulate_round(rng, 0.2, 4))
+    assert t.alpha < 0.4
+
+
+COST = CostModel(draft_step_s=0.3, verify_s=(1.0, 1.1, 1.2, 1.3, 1.4))
+
+
+def calls_until_nonzero(policy: AdaptiveK, limit: int = 1000) -> tuple[int, int]:
+    for n in range(1, limit + 1):
+        k = policy.next_k()
+        if k:
+            return n, k
+    raise AssertionError("K never left 0")
+
+
+def test_adaptive_k_probes_and_backs_off():
+    policy = AdaptiveK(COST, max_k=4)
+    assert policy.next_k() == 1  # prior alpha 0.5
+    for _ in range(5):
+        policy.observe(1, 0)
+    assert best_k(policy.tracker.alpha, COST, 4) == 0
+    gaps = []
+    for _ in range(3):
+        n, k = calls_until_nonzero(policy)
+        assert k == 1  # a probe drafts a single token
+        gaps.append(n)
+        policy.observe(1, 0)  # the probe fails
+    assert gaps == [8, 16, 32]
+
+
+def test_adaptive_k_probe_success_lifts_k_and_resets_interval():
+    policy = AdaptiveK(COST, max_k=4)
+    for _ in range(5):
+        policy.observe(1, 0)
+    assert calls_until_nonzero(policy) == (8, 1)
+    policy.observe(1, 0)
+    assert calls_until_nonzero(policy) == (16, 1)
+    for _ in range(10):  # probes and rounds now succeed
+        policy.observe(4, 4)
+    assert policy.next_k() == 4
+    for _ in range(100):  # the text turns hard again
+        if best_k(policy.tracker.alpha, COST, 4) == 0:
+            break
+        policy.observe(4, 0)
+    assert best_k(policy.tracker.alpha, COST, 4) == 0
+    assert calls_until_nonzero(policy) == (8, 1)  # back to the first interval
+
+
+def test_adaptive_k_never_probes_with_max_k_zero():
+    policy = AdaptiveK(COST, max_k=0)
+    assert all(policy.next_k() == 0 for _ in range(200))
