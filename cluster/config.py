@@ -94,7 +94,7 @@ DEFAULT_CONFIG = {
     "target": {"model": "smollm2-135m-instruct", "dtype": "bfloat16", "device": "auto", "chat_template": True},
     "draft": {
         "drafter": "ngram",
-        "model": {"layers": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 26, 27, 28, 29]},
+        "model": {"layers": [*range(16), *range(18, 30)]},
         "ngram": {"max_n": 3, "min_n": 1},
     },
     "speculation": {"num_draft_tokens": "adaptive", "max_draft_tokens": 8},

@@ -129,7 +129,7 @@ def calls_until_nonzero(policy: AdaptiveK, limit: int = 1000) -> tuple[int, int]
 
 
 def test_adaptive_k_probes_and_backs_off():
-    policy = AdaptiveK(COST, max_k=4)
+    policy = AdaptiveK(COST, max_k=4, optimism=0.5)  # optimistic enough to keep probing
     assert policy.next_k() == 1  # prior alpha 0.5
     for _ in range(5):
         policy.observe(1, 0)
@@ -137,19 +137,19 @@ def test_adaptive_k_probes_and_backs_off():
     gaps = []
     for _ in range(3):
         n, k = calls_until_nonzero(policy)
-        assert k == 1  # a probe drafts a single token
+        assert k == best_k(min(0.99, policy.tracker.alpha + policy.optimism), COST, 4) == 1
         gaps.append(n)
         policy.observe(1, 0)  # the probe fails
-    assert gaps == [8, 16, 32]
+    assert gaps == [16, 32, 64]
 
 
 def test_adaptive_k_probe_success_lifts_k_and_resets_interval():
-    policy = AdaptiveK(COST, max_k=4)
+    policy = AdaptiveK(COST, max_k=4, optimism=0.5)
     for _ in range(5):
         policy.observe(1, 0)
-    assert calls_until_nonzero(policy) == (8, 1)
-    policy.observe(1, 0)
     assert calls_until_nonzero(policy) == (16, 1)
+    policy.observe(1, 0)
+    assert calls_until_nonzero(policy) == (32, 1)
     for _ in range(10):  # probes and rounds now succeed
         policy.observe(4, 4)
     assert policy.next_k() == 4
@@ -158,9 +158,19 @@ def test_adaptive_k_probe_success_lifts_k_and_resets_interval():
             break
         policy.observe(4, 0)
     assert best_k(policy.tracker.alpha, COST, 4) == 0
-    assert calls_until_nonzero(policy) == (8, 1)  # back to the first interval
+    alpha = policy.tracker.alpha
+    n, k = calls_until_nonzero(policy)
+    assert n == 16  # back to the first interval
+    assert k == best_k(min(0.99, alpha + policy.optimism), COST, 4) >= 1
 
 
 def test_adaptive_k_never_probes_with_max_k_zero():
     policy = AdaptiveK(COST, max_k=0)
     assert all(policy.next_k() == 0 for _ in range(200))
+
+
+def test_adaptive_k_never_probes_a_draft_that_cannot_pay():
+    """A draft step as slow as a target call: even alpha + optimism cannot beat K = 0."""
+    slow = CostModel(draft_step_s=1.0, verify_s=(1.0, 1.02, 1.04, 1.06, 1.08))
+    policy = AdaptiveK(slow, max_k=4, tracker=AcceptanceTracker(prior_alpha=0.6))
+    assert all(policy.next_k() == 0 for _ in range(500))

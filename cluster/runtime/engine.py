@@ -11,6 +11,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..speculation import (
+    AcceptanceTracker,
     AdaptiveK,
     CostModel,
     InvalidRequest,
@@ -24,6 +25,12 @@ from .kv import CausalLM
 from .tokenizer import Tokenizer
 
 _NO_DRAFT = DraftBlock([], None)
+CALIBRATION_TEXT = (
+    "The committee meets every Tuesday in the small library on the second floor. Each member brings a short "
+    "report on the progress of their project, and the group discusses any problems that come up.\n"
+    "def mean(values):\n    return sum(values) / len(values)\n"
+    "Spring arrived early that year, and the river rose quickly as the snow melted in the hills."
+)
 
 
 @dataclass(frozen=True)
@@ -128,6 +135,7 @@ class SpeculativeEngine:
         max_draft_tokens: int = 8,
         chat_template: bool = False,
         cost_model: CostModel | None = None,
+        prior_alpha: float | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ):
         self.target = CausalLM(target)
@@ -138,6 +146,7 @@ class SpeculativeEngine:
         self.chat_template = chat_template and getattr(tokenizer, "has_chat_template", False)
         self.clock = clock
         self._cost_model = cost_model
+        self._prior_alpha = prior_alpha
         self._seqs: dict[int, _Sequence] = {}
         self._next_id = 0
         if isinstance(drafter, ModelDrafter) and drafter.vocab_size != self.target.vocab_size:
@@ -168,7 +177,9 @@ class SpeculativeEngine:
         ids = self.validate(request)
         seq_id, self._next_id = self._next_id, self._next_id + 1
         adaptive = request.num_draft_tokens is None and self.num_draft_tokens == "adaptive" and self.drafter
-        policy = AdaptiveK(self.cost_model, self.max_draft_tokens) if adaptive else None
+        policy = None
+        if adaptive:
+            policy = AdaptiveK(self.cost_model, self.max_draft_tokens, AcceptanceTracker(prior_alpha=self.prior_alpha))
         self._seqs[seq_id] = _Sequence(
             seq_id, request, ids, make_generator(request.sampling.seed), self.target.new_cache(), policy
         )
@@ -301,6 +312,25 @@ class SpeculativeEngine:
         if self._cost_model is None:
             self._cost_model = self.calibrate()
         return self._cost_model
+
+    @property
+    def prior_alpha(self) -> float:
+        """The acceptance rate new sequences start from (the drafter's, measured once)."""
+        if self._prior_alpha is None:
+            self._prior_alpha = self.measure_agreement()
+        return self._prior_alpha
+
+    def measure_agreement(self) -> float:
+        """Greedy agreement of a draft model with the target on a fixed text, teacher-forced:
+        two forward passes, deterministic for given weights. Model-free drafters get 0.5."""
+        if not isinstance(self.drafter, ModelDrafter):
+            return 0.5
+        ids = self.tokenizer.encode(CALIBRATION_TEXT)[: self.target.max_context - 1]
+        draft = self.drafter.lm
+        with torch.inference_mode():
+            want = self.target.forward(self.target.new_cache(), ids).argmax(dim=-1)
+            got = draft.forward(draft.new_cache(), ids).argmax(dim=-1)
+        return float((want == got).float().mean())
 
     def calibrate(self, context_len: int = 128, reps: int = 3) -> CostModel:
         """Measures one target call over 1..max_K+1 tokens and one draft step, after a prefix."""

@@ -56,6 +56,7 @@ def make_engine(
     target: LoadedModel,
     drafter: str | None = None,
     cost_model: CostModel | None = None,
+    prior_alpha: float | None = None,
 ) -> SpeculativeEngine:
     """An engine over an already loaded target; `drafter` overrides config.draft.drafter by name."""
     name = drafter or config.draft.drafter
@@ -68,6 +69,7 @@ def make_engine(
         max_draft_tokens=config.speculation.max_draft_tokens,
         chat_template=t.chat_template,
         cost_model=cost_model,
+        prior_alpha=prior_alpha,
     )
 
 

@@ -67,30 +67,33 @@ class AcceptanceTracker:
 
 @dataclass
 class AdaptiveK:
-    """Per-sequence K policy: best_k on the tracker's alpha, with a probe when stuck at K = 0.
+    """Per-sequence K policy: best_k on the tracker's alpha, with probes when it sits at K = 0.
 
     At K = 0 nothing new is learned about alpha, so after `probe_after` rounds at 0 one round
-    drafts a single token; the interval doubles after each probe that does not lift K.
+    drafts best_k(alpha + optimism) tokens; the interval doubles after each probe. No probe is
+    made when even the optimistic alpha would not pay for drafting (a draft as slow as the target).
     """
 
     cost: CostModel
     max_k: int
     tracker: AcceptanceTracker = field(default_factory=AcceptanceTracker)
-    probe_after: int = 8
+    probe_after: int = 16
+    optimism: float = 0.25
     _rounds_at_zero: int = 0
     _interval: int = 0
 
     def next_k(self) -> int:
-        k = best_k(self.tracker.alpha, self.cost, self.max_k)
+        alpha = self.tracker.alpha
+        k = best_k(alpha, self.cost, self.max_k)
         if k > 0:
             self._rounds_at_zero, self._interval = 0, 0
             return k
         self._rounds_at_zero += 1
         interval = self._interval or self.probe_after
-        if self._rounds_at_zero >= interval and self.max_k > 0:
-            self._rounds_at_zero, self._interval = 0, interval * 2
-            return 1
-        return 0
+        if self._rounds_at_zero < interval:
+            return 0
+        self._rounds_at_zero, self._interval = 0, interval * 2
+        return best_k(min(0.99, alpha + self.optimism), self.cost, self.max_k)
 
     def observe(self, num_drafted: int, num_accepted: int) -> None:
         self.tracker.update(num_drafted, num_accepted)

@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from cluster.runtime.drafters import ModelDrafter, NgramDrafter
+from cluster.runtime.engine import SpeculativeEngine
+from cluster.runtime.factory import check_same_vocabulary
+from cluster.runtime.models import LoadedModel, layer_subset, tiny_config
+from cluster.runtime.tokenizer import ByteTokenizer
+from cluster.speculation import SamplingParams, make_generator
+
+
+def test_ngram_proposes_what_followed_the_latest_match():
+    d = NgramDrafter(max_n=3, min_n=1)
+    assert d.lookup([1, 2, 3, 4, 5, 9, 1, 2, 3], 2) == [4, 5]
+    assert d.lookup([1, 2, 3, 4, 1, 2, 3, 7, 1, 2, 3], 3) == [7, 1, 2]  # the latest match wins
+    assert d.lookup([5, 6, 7, 8, 6], 4) == [7, 8, 6]  # falls back to n = 1, cut at the end
+    assert d.lookup([1, 2, 3, 4], 3) == []  # no earlier occurrence
+    assert d.lookup([1, 2, 1], 0) == []
+    assert NgramDrafter(max_n=2, min_n=2).lookup([5, 6, 7, 8, 6], 4) == []
+
+
+def test_ngram_block_is_one_hot():
+    block = NgramDrafter().propose(0, [1, 2, 1], 2, SamplingParams(1.0), make_generator(0))
+    assert block.token_ids == [2, 1] and block.probs is None
+
+
+def test_ngram_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="min_n"):
+        NgramDrafter(max_n=1, min_n=2)
+
+
+def test_layer_subset_keeps_weights_and_renumbers(tiny_llama):
+    draft = layer_subset(tiny_llama.model, [0, 3])
+    assert draft.config.num_hidden_layers == 2 and tiny_llama.model.config.num_hidden_layers == 4
+    assert [layer.self_attn.layer_idx for layer in draft.model.layers] == [0, 1]
+    assert torch.equal(draft.model.layers[1].mlp.up_proj.weight, tiny_llama.model.model.layers[3].mlp.up_proj.weight)
+    assert len(tiny_llama.model.model.layers) == 4  # the target is untouched
+    for bad in ([], [3, 0], [0, 0], [4]):
+        with pytest.raises(ValueError, match="draft.layers"):
+            layer_subset(tiny_llama.model, bad)
+
+
+def test_vocabulary_mismatch_is_an_error_at_start_up(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config("tiny-llama")
+    cfg.vocab_size = 300
+    other = AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(ValueError, match="vocabulary"):
+        SpeculativeEngine(tiny_llama.model, tiny_llama.tokenizer, ModelDrafter(other))
+
+
+def test_tokenizer_mismatch_is_an_error(tiny_llama):
+    class Shifted(ByteTokenizer):
+        def vocab(self):
+            return {k: (v + 1) % 258 for k, v in super().vocab().items()}
+
+    with pytest.raises(ValueError, match="different vocabulary"):
+        check_same_vocabulary(tiny_llama, LoadedModel(tiny_llama.model, Shifted(), "shifted"))
