@@ -41,6 +41,14 @@ def test_engine_rejects_bad_fields(engine, make, field):
     assert not engine.has_unfinished()  # nothing half-added
 
 
+def test_a_bad_request_in_a_batch_adds_nothing(engine):
+    good = GenerationRequest("hello", 4)
+    with pytest.raises(InvalidRequest):
+        engine.generate([good, GenerationRequest("hello", 0), good])
+    assert not engine.has_unfinished()
+    assert len(engine.generate([good])) == 1
+
+
 def test_unknown_drafter_is_named():
     from cluster.config import load_config
 

@@ -173,8 +173,8 @@ class SpeculativeEngine:
             )
         return ids
 
-    def add_request(self, request: GenerationRequest) -> int:
-        ids = self.validate(request)
+    def add_request(self, request: GenerationRequest, prompt_ids: list[int] | None = None) -> int:
+        ids = self.validate(request) if prompt_ids is None else prompt_ids
         seq_id, self._next_id = self._next_id, self._next_id + 1
         adaptive = request.num_draft_tokens is None and self.num_draft_tokens == "adaptive" and self.drafter
         policy = None
@@ -195,7 +195,9 @@ class SpeculativeEngine:
         return any(s.result is None for s in self._seqs.values())
 
     def generate(self, requests: Iterable[GenerationRequest]) -> list[GenerationResult]:
-        ids = [self.add_request(r) for r in requests]
+        requests = list(requests)
+        prompts = [self.validate(r) for r in requests]  # all or nothing: no half-added batch
+        ids = [self.add_request(r, p) for r, p in zip(requests, prompts)]
         results: dict[int, GenerationResult] = {}
         while self.has_unfinished():
             for out in self.step():
@@ -296,7 +298,7 @@ class SpeculativeEngine:
             if len(s.output) >= req.max_new_tokens or len(s.tokens) >= self.target.max_context:
                 reason = "length"
                 break
-        text = self.tokenizer.decode(s.output)
+        text = self.tokenizer.decode(s.output) if req.stop or reason else ""
         if req.stop:
             hits = [i for i in (text.find(x) for x in req.stop) if i >= 0]
             if hits:
