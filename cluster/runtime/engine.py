@@ -16,6 +16,7 @@ from ..speculation import (
     CostModel,
     InvalidRequest,
     SamplingParams,
+    draw_seed,
     make_generator,
     rejection_sample,
     warp_probs,
@@ -220,7 +221,10 @@ class SpeculativeEngine:
         for s in seqs:
             k = self._choose_k(s)
             t = self.clock()
-            block = self.drafter.propose(s.seq_id, s.tokens, k, s.request.sampling, s.generator) if k else _NO_DRAFT
+            block = _NO_DRAFT
+            if k:
+                seed = 0 if s.request.sampling.greedy else draw_seed(s.generator)
+                block = self.drafter.propose(s.seq_id, s.tokens, k, s.request.sampling, seed)
             s.stats.draft_s += self.clock() - t
             blocks.append(block)
 
@@ -309,6 +313,11 @@ class SpeculativeEngine:
         return StepOutput(s.seq_id, new, s.result)
 
     # -- costs for adaptive K ------------------------------------------------------------
+    def prepare(self) -> None:
+        """Takes the one-time measurements adaptive K needs now rather than on the first request."""
+        if self.drafter is not None and self.num_draft_tokens == "adaptive":
+            _ = self.cost_model, self.prior_alpha
+
     @property
     def cost_model(self) -> CostModel:
         if self._cost_model is None:
@@ -358,11 +367,10 @@ class SpeculativeEngine:
         draft_step_s = 0.0
         if self.drafter is not None:
             greedy, k, probe_id = SamplingParams(temperature=0.0), 4, -1
-            g = make_generator(0)
-            self.drafter.propose(probe_id, ctx, k, greedy, g)  # prefill the probe's draft cache
+            self.drafter.propose(probe_id, ctx, k, greedy, 0)  # prefill the probe's draft cache
 
             def draft():
-                self.drafter.propose(probe_id, ctx, k, greedy, g)
+                self.drafter.propose(probe_id, ctx, k, greedy, 0)
 
             draft_step_s = timed(draft) / k
             self.drafter.release(probe_id)

@@ -8,7 +8,7 @@ from .errors import InvalidRequest
 from .params import SamplingParams
 from .rejection import RejectionOutput, acceptance_probs, recovered_probs, rejection_sample
 from .reference import reference_rejection_sample
-from .sample import make_generator, sample_token
+from .sample import draw_seed, make_generator, sample_token
 from .warp import warp_probs
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "SamplingParams",
     "acceptance_probs",
     "best_k",
+    "draw_seed",
     "expected_tokens",
     "make_generator",
     "mean_expected_tokens",

@@ -18,3 +18,8 @@ def make_generator(seed: int | None) -> torch.Generator:
     else:
         g.manual_seed(seed)
     return g
+
+
+def draw_seed(generator: torch.Generator) -> int:
+    """A seed for a child stream (a draft block's sampling), drawn from a request's generator."""
+    return int(torch.randint(0, 2**63 - 1, (1,), generator=generator))

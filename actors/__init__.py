@@ -1,0 +1,1 @@
+"""Adapters around the core: the draft service (gRPC) now; Ray actors with issue 3."""

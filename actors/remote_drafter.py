@@ -1,0 +1,64 @@
+"""A Drafter whose proposals come from a draft service over gRPC."""
+
+from __future__ import annotations
+
+import grpc
+from specserve.internal.v1 import draft_pb2 as pb
+from specserve.internal.v1 import draft_pb2_grpc as pb_grpc
+
+from cluster.runtime.drafters import DraftBlock, Drafter
+
+from .wire import decode_probs
+
+
+class RemoteDrafter(Drafter):
+    """Sends each sequence's context incrementally; resends it whole when the service lost it."""
+
+    def __init__(self, address: str, timeout_s: float = 30.0, name: str = "remote"):
+        self.address = address
+        self.name = name
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(address)
+        self._stub = pb_grpc.DraftServiceStub(self._channel)
+        self._sent: dict[int, int] = {}  # context length the service holds per sequence
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def propose(self, seq_id, context, k, params, seed) -> DraftBlock:
+        if k <= 0:
+            return DraftBlock([], None)
+        sent = self._sent.get(seq_id)
+        try:
+            response = self._call(seq_id, context, k, params, seed, sent)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.FAILED_PRECONDITION or sent is None:
+                raise
+            response = self._call(seq_id, context, k, params, seed, None)  # the service lost track
+        self._sent[seq_id] = len(context)
+        probs = decode_probs(response.probs) if response.HasField("probs") else None
+        return DraftBlock(list(response.token_ids), probs)
+
+    def _call(self, seq_id, context, k, params, seed, sent):
+        request = pb.ProposeRequest(
+            seq_id=seq_id,
+            new_tokens=context if sent is None else context[sent:],
+            context_len=len(context),
+            reset=sent is None,
+            k=k,
+            sampling=pb.Sampling(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p),
+            seed=seed,
+        )
+        response = self._stub.Propose(request, timeout=self.timeout_s)
+        self.bytes_sent += request.ByteSize()
+        self.bytes_received += response.ByteSize()
+        return response
+
+    def release(self, seq_id: int) -> None:
+        if self._sent.pop(seq_id, None) is not None:
+            self._stub.Release(pb.ReleaseRequest(seq_id=seq_id), timeout=self.timeout_s)
+
+    def health(self) -> pb.HealthResponse:
+        return self._stub.Health(pb.HealthRequest(), timeout=self.timeout_s)
+
+    def close(self) -> None:
+        self._channel.close()
