@@ -60,3 +60,13 @@ def hf_greedy(model, prompt_ids, max_new_tokens, eos_token_id):
 
 
 __all__ = ["TINY_PROMPTS", "tiny_config", "hf_greedy", "make_engine"]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for every integration test (unit tests never start Ray)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

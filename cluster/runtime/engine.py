@@ -129,7 +129,7 @@ def check_request_fields(request: GenerationRequest, max_draft_tokens: int) -> N
 class SpeculativeEngine:
     def __init__(
         self,
-        target: torch.nn.Module,
+        target,  # an nn.Module (in process) or an object with CausalLM's interface
         tokenizer: Tokenizer,
         drafter: Drafter | None,
         num_draft_tokens: int | str = "adaptive",
@@ -139,7 +139,8 @@ class SpeculativeEngine:
         prior_alpha: float | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ):
-        self.target = CausalLM(target)
+        # an nn.Module runs in process; anything with CausalLM's interface (a TargetGroup) as is
+        self.target = CausalLM(target) if isinstance(target, torch.nn.Module) else target
         self.tokenizer = tokenizer
         self.drafter = drafter
         self.num_draft_tokens = num_draft_tokens
@@ -188,7 +189,9 @@ class SpeculativeEngine:
 
     def abort(self, seq_id: int) -> None:
         """Drops a sequence and frees its caches on both sides."""
-        self._seqs.pop(seq_id, None)
+        s = self._seqs.pop(seq_id, None)
+        if s is not None:
+            self.target.release(s.cache)
         if self.drafter:
             self.drafter.release(seq_id)
 
@@ -338,9 +341,11 @@ class SpeculativeEngine:
             return 0.5
         ids = self.tokenizer.encode(CALIBRATION_TEXT)[: self.target.max_context - 1]
         draft = self.drafter.lm
+        cache = self.target.new_cache()
         with torch.inference_mode():
-            want = self.target.forward(self.target.new_cache(), ids).argmax(dim=-1)
+            want = self.target.forward(cache, ids).argmax(dim=-1)
             got = draft.forward(draft.new_cache(), ids).argmax(dim=-1)
+        self.target.release(cache)
         return float((want == got).float().mean())
 
     def calibrate(self, context_len: int = 128, reps: int = 3) -> CostModel:
@@ -364,6 +369,7 @@ class SpeculativeEngine:
             self.target.rollback(cache, n)
 
         verify_s = tuple(timed(lambda n=n: verify(n)) for n in range(1, self.max_draft_tokens + 2))
+        self.target.release(cache)
         draft_step_s = 0.0
         if self.drafter is not None:
             greedy, k, probe_id = SamplingParams(temperature=0.0), 4, -1

@@ -33,3 +33,7 @@ class CausalLM:
         """Drops the last n cached positions."""
         if n > 0:
             cache.crop(-n)
+
+    @staticmethod
+    def release(cache) -> None:
+        """Frees a sequence's cache (here garbage collection does it)."""

@@ -1,0 +1,150 @@
+"""The tensor-parallel target: one Ray actor per rank, DeepSpeed AutoTP, a KV cache per sequence.
+
+TargetGroup has the interface of the in-process CausalLM (new_cache / forward / rollback /
+cached_length / release), so the engine runs on it unchanged. Each call is broadcast to every
+rank in the same order (the collectives inside a forward need that) and rank 0's result is kept.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import os
+import socket
+
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+
+def check_tp_size(config, tp_size: int) -> None:
+    """A tp_size that does not divide the attention heads is an error before any actor starts."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if tp_size < 1 or heads % tp_size or kv_heads % tp_size:
+        raise ValueError(
+            f"tp_size {tp_size} must divide the target's attention heads ({heads}) and key/value heads ({kv_heads})"
+        )
+
+
+@ray.remote
+class TargetRank:
+    def __init__(self, rank: int, world_size: int, threads: int):
+        self.rank, self.world_size = rank, world_size
+        torch.set_num_threads(threads)
+        self.lm = None
+        self._caches: dict[int, object] = {}
+
+    def address(self) -> tuple[str, int]:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, model: str, dtype: str, master: tuple[str, int]) -> int:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        from cluster.runtime.kv import CausalLM
+        from cluster.runtime.models import DTYPES, load_model
+
+        gpu = torch.cuda.is_available()
+        os.environ.update(
+            MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size), LOCAL_SIZE=str(self.world_size),
+            LOCAL_RANK="0" if gpu else str(self.rank),  # a GPU actor sees its one device
+        )
+        if not gpu:
+            # DeepSpeed builds a shared-memory all-reduce op on CPU; plain gloo gives the same sums.
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        loaded = load_model(model, dtype, "cuda" if gpu else "cpu")
+        engine = deepspeed.init_inference(
+            loaded.model, tensor_parallel={"tp_size": self.world_size}, dtype=DTYPES[dtype],
+            replace_with_kernel_inject=False,
+        )
+        self.lm = CausalLM(engine.module)
+        return self.lm.vocab_size
+
+    def new_cache(self, handle: int) -> None:
+        self._caches[handle] = self.lm.new_cache()
+
+    def forward(self, handle: int, input_ids: list[int], last_only: bool):
+        logits = self.lm.forward(self._caches[handle], input_ids, last_only)
+        return logits if self.rank == 0 else None
+
+    def rollback(self, handle: int, n: int) -> None:
+        self.lm.rollback(self._caches[handle], n)
+
+    def cached_length(self, handle: int) -> int:
+        return self.lm.cached_length(self._caches[handle])
+
+    def release(self, handle: int) -> None:
+        self._caches.pop(handle, None)
+
+    def sequences(self) -> int:
+        return len(self._caches)
+
+
+class TargetGroup:
+    """tp_size TargetRank actors reserved together: one placement-group bundle per rank, packed
+    on one node. Resources per rank: `cpus` CPUs and `gpus` GPUs."""
+
+    def __init__(self, model: str, dtype: str = "float32", tp_size: int = 2, cpus: float = 1.0,
+                 gpus: float = 0.0, threads: int = 1):
+        from cluster.runtime.models import tiny_config
+
+        self.model_name = model
+        if model in ("tiny-llama", "tiny-qwen2"):
+            config = tiny_config(model)
+        else:
+            from transformers import AutoConfig
+
+            from cluster.runtime.models import SMOLLM2, ensure_smollm2
+
+            config = AutoConfig.from_pretrained(ensure_smollm2() if model == SMOLLM2 else model)
+        check_tp_size(config, tp_size)
+        self.max_context = int(getattr(config, "max_position_embeddings", 2048))
+        bundle = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
+        self._pg = placement_group([bundle] * tp_size, strategy="STRICT_PACK")
+        ray.get(self._pg.ready())
+        self.ranks = [
+            TargetRank.options(
+                num_cpus=cpus, num_gpus=gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
+            ).remote(i, tp_size, threads)
+            for i in range(tp_size)
+        ]
+        master = ray.get(self.ranks[0].address.remote())
+        self.vocab_size = ray.get([r.setup.remote(model, dtype, master) for r in self.ranks])[0]
+        self._handles = itertools.count()
+
+    def _all(self, method: str, *args):
+        return ray.get([getattr(r, method).remote(*args) for r in self.ranks])[0]
+
+    def new_cache(self) -> int:
+        handle = next(self._handles)
+        self._all("new_cache", handle)
+        return handle
+
+    def forward(self, cache: int, input_ids: list[int], last_only: bool = False) -> torch.Tensor:
+        return self._all("forward", cache, input_ids, last_only)
+
+    def rollback(self, cache: int, n: int) -> None:
+        if n > 0:
+            self._all("rollback", cache, n)
+
+    def cached_length(self, cache: int) -> int:
+        return self._all("cached_length", cache)
+
+    def release(self, cache: int) -> None:
+        self._all("release", cache)
+
+    def sequences(self) -> int:
+        return self._all("sequences")
+
+    def shutdown(self) -> None:
+        for r in self.ranks:
+            ray.kill(r)
+        remove_placement_group(self._pg)

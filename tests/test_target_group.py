@@ -1,0 +1,66 @@
+"""The DeepSpeed tensor-parallel target in Ray actors, against the in-process model."""
+
+import pytest
+import torch
+
+from cluster.runtime.engine import GenerationRequest, SpeculativeEngine
+from cluster.runtime.kv import CausalLM
+from cluster.runtime.models import tiny_config
+from conftest import TINY_PROMPTS
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-qwen2"])
+def groups(request, ray_cluster):
+    from actors.target import TargetGroup
+
+    group = TargetGroup(request.param, "float32", tp_size=2, cpus=0.5)
+    yield request.param, group
+    group.shutdown()
+
+
+def _close(a, b):
+    assert a.shape == b.shape
+    assert (a - b).abs().max() <= 1e-5, (a - b).abs().max()
+
+
+def test_tp2_logits_match_tp1(groups, request):
+    name, group = groups
+    local = CausalLM(request.getfixturevalue(name.replace("-", "_")).model)
+    ids = list(b"tensor parallel prefill")
+    g, c = group.new_cache(), local.new_cache()
+    _close(group.forward(g, ids), local.forward(c, ids))  # prefill
+    for t in [7, 8, 9]:  # one-token steps
+        _close(group.forward(g, [t], last_only=True), local.forward(c, [t], last_only=True))
+    block = [40, 41, 42, 43, 44]  # a verification block
+    _close(group.forward(g, block), local.forward(c, block))
+    group.rollback(g, 3)
+    local.rollback(c, 3)
+    assert group.cached_length(g) == local.cached_length(c) == len(ids) + 3 + 2
+    _close(group.forward(g, [50, 51]), local.forward(c, [50, 51]))  # after the rollback
+    group.release(g)
+    assert group.sequences() == 0
+
+
+def test_engine_on_tp2_equals_plain_greedy(groups, request):
+    name, group = groups
+    loaded = request.getfixturevalue(name.replace("-", "_"))
+    from cluster.runtime.drafters import NgramDrafter
+
+    distributed = SpeculativeEngine(group, loaded.tokenizer, NgramDrafter(), num_draft_tokens=4)
+    local = SpeculativeEngine(loaded.model, loaded.tokenizer, None)
+    lengths = [12, 20, 28, 16, 24, 32]
+    got = distributed.generate([GenerationRequest(p, n) for p, n in zip(TINY_PROMPTS, lengths)])
+    want = local.generate([GenerationRequest(p, n) for p, n in zip(TINY_PROMPTS, lengths)])
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert sum(r.stats.draft_tokens for r in got) > 0
+    assert group.sequences() == 0  # finished sequences freed their caches on every rank
+
+
+def test_tp_size_must_divide_the_heads(ray_cluster):
+    from actors.target import TargetGroup, check_tp_size
+
+    with pytest.raises(ValueError, match="tp_size 3 must divide"):
+        TargetGroup("tiny-llama", tp_size=3)
+    check_tp_size(tiny_config("tiny-llama"), 2)
