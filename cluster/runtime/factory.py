@@ -16,7 +16,7 @@ def check_drafter_name(name: str, draft: DraftConfig) -> None:
         raise InvalidRequest("drafter", "drafter 'model' needs draft.model.name or draft.model.layers in the config")
 
 
-def build_drafter(name: str, draft: DraftConfig, target: LoadedModel, target_dtype: str, device: str) -> Drafter:
+def build_drafter(name: str, draft: DraftConfig, target: LoadedModel | None, target_dtype: str, device: str) -> Drafter:
     check_drafter_name(name, draft)
     if name == "ngram":
         return NgramDrafter(max_n=draft.ngram.max_n, min_n=draft.ngram.min_n)
