@@ -25,21 +25,37 @@ class RemoteDrafter(Drafter):
         self.bytes_received = 0
 
     def propose(self, seq_id, context, k, params, seed) -> DraftBlock:
-        if k <= 0:
-            return DraftBlock([], None)
+        return self.finish(self.start(seq_id, context, k, params, seed))
+
+    def start(self, seq_id, context, k, params, seed):
+        """Sends a proposal without waiting; finish() collects it."""
         sent = self._sent.get(seq_id)
+        request = self._request(seq_id, context, k, params, seed, sent)
+        self.bytes_sent += request.ByteSize()
+        return (self._stub.Propose.future(request, timeout=self.timeout_s), (seq_id, context, k, params, seed), sent)
+
+    def finish(self, pending) -> DraftBlock:
+        """The block of a started proposal; raises grpc.RpcError when the service fails."""
+        future, call, sent = pending
         try:
-            response = self._call(seq_id, context, k, params, seed, sent)
+            response = future.result()
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.FAILED_PRECONDITION or sent is None:
                 raise
-            response = self._call(seq_id, context, k, params, seed, None)  # the service lost track
+            request = self._request(*call, None)  # the service lost track: resend the whole context
+            self.bytes_sent += request.ByteSize()
+            response = self._stub.Propose(request, timeout=self.timeout_s)
+        seq_id, context = call[0], call[1]
         self._sent[seq_id] = len(context)
+        self.bytes_received += response.ByteSize()
         probs = decode_probs(response.probs) if response.HasField("probs") else None
         return DraftBlock(list(response.token_ids), probs)
 
-    def _call(self, seq_id, context, k, params, seed, sent):
-        request = pb.ProposeRequest(
+    def propose_many(self, calls):
+        return [self.finish(p) for p in [self.start(*c) for c in calls]]
+
+    def _request(self, seq_id, context, k, params, seed, sent) -> pb.ProposeRequest:
+        return pb.ProposeRequest(
             seq_id=seq_id,
             new_tokens=context if sent is None else context[sent:],
             context_len=len(context),
@@ -48,10 +64,10 @@ class RemoteDrafter(Drafter):
             sampling=pb.Sampling(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p),
             seed=seed,
         )
-        response = self._stub.Propose(request, timeout=self.timeout_s)
-        self.bytes_sent += request.ByteSize()
-        self.bytes_received += response.ByteSize()
-        return response
+
+    def forget(self, seq_id: int) -> None:
+        """Drops local bookkeeping only (the sequence moved away or the service died)."""
+        self._sent.pop(seq_id, None)
 
     def release(self, seq_id: int) -> None:
         if self._sent.pop(seq_id, None) is not None:

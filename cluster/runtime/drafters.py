@@ -31,6 +31,10 @@ class Drafter(ABC):
         """Up to k tokens continuing `context` (the sequence's committed tokens); `seed` seeds the
         block's sampling, so a block is reproducible wherever it is drafted."""
 
+    def propose_many(self, calls: list[tuple]) -> list[DraftBlock]:
+        """One block per (seq_id, context, k, params, seed); remote drafters run them in parallel."""
+        return [self.propose(*call) for call in calls]
+
     def release(self, seq_id: int) -> None:
         """Forgets a finished sequence."""
 

@@ -220,16 +220,17 @@ class SpeculativeEngine:
                 s.prefilled = True
                 s.stats.prefill_s += self.clock() - t
 
-        blocks = []
-        for s in seqs:
-            k = self._choose_k(s)
-            t = self.clock()
-            block = _NO_DRAFT
-            if k:
-                seed = 0 if s.request.sampling.greedy else draw_seed(s.generator)
-                block = self.drafter.propose(s.seq_id, s.tokens, k, s.request.sampling, seed)
-            s.stats.draft_s += self.clock() - t
-            blocks.append(block)
+        ks = [self._choose_k(s) for s in seqs]
+        calls = [
+            (s.seq_id, s.tokens, k, s.request.sampling, 0 if s.request.sampling.greedy else draw_seed(s.generator))
+            for s, k in zip(seqs, ks) if k
+        ]
+        t = self.clock()
+        proposed = iter(self.drafter.propose_many(calls) if calls else [])
+        draft_s = (self.clock() - t) / len(calls) if calls else 0.0
+        blocks = [next(proposed) if k else _NO_DRAFT for k in ks]
+        for s, k in zip(seqs, ks):
+            s.stats.draft_s += draft_s if k else 0.0
 
         logits = []
         for s, block in zip(seqs, blocks):

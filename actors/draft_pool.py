@@ -1,0 +1,111 @@
+"""Draft replicas behind one Drafter: placement by least outstanding work, parallel proposals,
+failover. A failed replica's sequences move to a live one (their context is re-prefilled there:
+the first request carries it whole) or, with none left, fall back to K = 0 (plain decoding).
+Either way the output distribution is unchanged and no request is lost: the same context and
+seed give the same block on any replica, and an empty block is exact by construction."""
+
+from __future__ import annotations
+
+import grpc
+
+from cluster.runtime.drafters import DraftBlock, Drafter
+
+from .remote_drafter import RemoteDrafter
+
+_EMPTY = DraftBlock([], None)
+FAILURES = {
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+class DraftPool(Drafter):
+    name = "pool"
+
+    def __init__(self, addresses: list[str], timeout_s: float = 10.0):
+        if not addresses:
+            raise ValueError("a draft pool needs at least one replica address")
+        self.replicas = [RemoteDrafter(a, timeout_s) for a in addresses]
+        self.alive = [True] * len(addresses)
+        self.placement: dict[int, int] = {}  # seq_id -> replica index, sticky
+        self.moved = 0  # sequences moved off a failed replica
+        self.fallbacks = 0  # blocks given up (K = 0) because no replica was left
+
+    def load(self) -> list[int]:
+        """Outstanding work per replica: the sequences placed on it."""
+        counts = [0] * len(self.replicas)
+        for i in self.placement.values():
+            counts[i] += 1
+        return counts
+
+    def _place(self, seq_id: int) -> int | None:
+        i = self.placement.get(seq_id)
+        if i is not None and self.alive[i]:
+            return i
+        live = [j for j, ok in enumerate(self.alive) if ok]
+        if not live:
+            self.placement.pop(seq_id, None)
+            return None
+        load = self.load()
+        j = min(live, key=lambda j: (load[j], j))
+        if i is not None:
+            self.moved += 1
+        self.placement[seq_id] = j
+        return j
+
+    def _fail(self, i: int) -> None:
+        self.alive[i] = False
+
+    def propose(self, seq_id, context, k, params, seed) -> DraftBlock:
+        return self.propose_many([(seq_id, context, k, params, seed)])[0]
+
+    def propose_many(self, calls: list[tuple]) -> list[DraftBlock]:
+        pending = []
+        for call in calls:  # all requests in flight at once
+            i = self._place(call[0])
+            try:
+                pending.append((i, self.replicas[i].start(*call) if i is not None else None))
+            except grpc.RpcError as e:
+                if e.code() not in FAILURES:
+                    raise
+                self._fail(i)
+                pending.append((i, None))
+        blocks = []
+        for call, (i, p) in zip(calls, pending):
+            if p is not None:
+                try:
+                    blocks.append(self.replicas[i].finish(p))
+                    continue
+                except grpc.RpcError as e:
+                    if e.code() not in FAILURES:
+                        raise
+                    self._fail(i)
+            blocks.append(self._retry(call))
+        return blocks
+
+    def _retry(self, call: tuple) -> DraftBlock:
+        """The sequence's replica failed: move it until one answers, else plain decoding."""
+        seq_id = call[0]
+        while (i := self._place(seq_id)) is not None:
+            replica = self.replicas[i]
+            replica.forget(seq_id)  # the new replica gets the whole context: a re-prefill
+            try:
+                return replica.propose(*call)
+            except grpc.RpcError as e:
+                if e.code() not in FAILURES:
+                    raise
+                self._fail(i)
+        self.fallbacks += 1
+        return _EMPTY
+
+    def release(self, seq_id: int) -> None:
+        i = self.placement.pop(seq_id, None)
+        if i is not None and self.alive[i]:
+            try:
+                self.replicas[i].release(seq_id)
+            except grpc.RpcError:
+                self._fail(i)
+
+    def close(self) -> None:
+        for r in self.replicas:
+            r.close()

@@ -1,0 +1,106 @@
+"""Load balancing and failover across draft replicas (Ray actors over gRPC)."""
+
+import pytest
+
+from actors.draft_pool import DraftPool
+from cluster.runtime.engine import GenerationRequest, SpeculativeEngine
+from cluster.speculation import SamplingParams
+from conftest import TINY_PROMPTS
+
+pytestmark = pytest.mark.ray
+
+TINY = {
+    "target": {"model": "tiny-llama", "dtype": "float32", "chat_template": False},
+    "draft": {"drafter": "model", "model": {"layers": [0, 1, 3]}},
+}
+PROMPTS = [p + f" #{i}" for i in range(2) for p in TINY_PROMPTS]  # 12 concurrent sequences
+
+
+def _replicas(ray, n):
+    from actors.draft_replica import DraftReplica
+
+    actors = [DraftReplica.options(num_cpus=0.1).remote(TINY) for _ in range(n)]
+    return actors, ray.get([a.address.remote() for a in actors])
+
+
+def _plain(tiny_llama, requests):
+    return [r.token_ids for r in SpeculativeEngine(tiny_llama.model, tiny_llama.tokenizer, None).generate(requests)]
+
+
+def test_two_replicas_share_the_load(ray_cluster, tiny_llama):
+    actors, addresses = _replicas(ray_cluster, 2)
+    pool = DraftPool(addresses)
+    try:
+        engine = SpeculativeEngine(tiny_llama.model, tiny_llama.tokenizer, pool, num_draft_tokens=3)
+        requests = [GenerationRequest(p, 16) for p in PROMPTS]
+        ids = [engine.add_request(r) for r in requests]
+        engine.step()
+        assert pool.load() == [6, 6]  # least outstanding work: an even split
+        placed = dict(pool.placement)
+        while engine.has_unfinished():
+            engine.step()
+            assert all(pool.placement[s] == placed[s] for s in pool.placement)  # sequences stay put
+        assert pool.load() == [0, 0]
+        assert [pool.replicas[i].health().sequences for i in range(2)] == [0, 0]
+        assert len(ids) == len(PROMPTS)
+    finally:
+        pool.close()
+        for a in actors:
+            ray_cluster.kill(a)
+
+
+@pytest.mark.parametrize("kill", [1, 2])
+def test_killing_replicas_mid_generation_loses_nothing(ray_cluster, tiny_llama, kill):
+    actors, addresses = _replicas(ray_cluster, 2)
+    pool = DraftPool(addresses, timeout_s=5)
+    try:
+        engine = SpeculativeEngine(tiny_llama.model, tiny_llama.tokenizer, pool, num_draft_tokens=3)
+        greedy = [GenerationRequest(p, 24) for p in PROMPTS]
+        ids = [engine.add_request(r) for r in greedy]
+        results = {}
+        for round_ in range(100):
+            if not engine.has_unfinished():
+                break
+            if round_ == 2:
+                for a in actors[:kill]:
+                    ray_cluster.kill(a)
+            for out in engine.step():
+                if out.result is not None:
+                    results[out.seq_id] = out.result
+        assert sorted(results) == ids  # every request completed
+        assert [results[i].token_ids for i in ids] == _plain(tiny_llama, greedy)
+        assert pool.alive == [False, kill == 1]
+        if kill == 1:
+            assert pool.moved == 6 and pool.fallbacks == 0  # the dead replica's load moved
+            assert pool.load() == [0, 0]
+        else:
+            assert pool.fallbacks > 0  # no replica left: plain decoding, same output
+    finally:
+        pool.close()
+        for a in actors:
+            ray_cluster.kill(a)
+
+
+def test_failover_keeps_sampled_outputs_identical(ray_cluster, tiny_llama):
+    """A moved sequence gets the same block on its new replica (same context, same seed)."""
+    actors, addresses = _replicas(ray_cluster, 2)
+    pool = DraftPool(addresses, timeout_s=5)
+    try:
+        requests = [GenerationRequest(p, 20, SamplingParams(0.9, seed=i)) for i, p in enumerate(PROMPTS)]
+        reference = [r.token_ids for r in SpeculativeEngine(
+            tiny_llama.model, tiny_llama.tokenizer, pool, num_draft_tokens=3).generate(requests)]
+        engine = SpeculativeEngine(tiny_llama.model, tiny_llama.tokenizer, pool, num_draft_tokens=3)
+        ids = [engine.add_request(r) for r in requests]
+        engine.step()
+        ray_cluster.kill(actors[0])
+        results = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.result is not None:
+                    results[out.seq_id] = out.result
+        assert [results[i].token_ids for i in ids] == reference
+        assert pool.moved > 0
+    finally:
+        pool.close()
+        for a in actors[1:]:
+            ray_cluster.kill(a)
