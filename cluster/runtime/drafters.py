@@ -104,10 +104,13 @@ class ModelDrafter(Drafter):
         for _ in range(k):
             logits = self.lm.forward(cache, feed, last_only=True)  # [1, V]
             cached.extend(feed)
-            q = warp_probs(logits, [params])[0]  # [V]
-            x = int(q.argmax()) if params.greedy else sample_token(q, generator)
+            if params.greedy:  # q is one-hot on the argmax: no vocab-sized row needed
+                x = int(logits[0].argmax())
+            else:
+                q = warp_probs(logits, [params])[0]  # [V]
+                x = sample_token(q, generator)
+                rows.append(q)
             tokens.append(x)
-            rows.append(q)
             feed = [x]
         return DraftBlock(tokens, None if params.greedy else torch.stack(rows))
 

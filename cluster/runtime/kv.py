@@ -8,7 +8,7 @@ import torch
 class CausalLM:
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self.device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
+        self.device = next(model.parameters(), torch.empty(0)).device
         self.vocab_size = int(model.config.vocab_size)
         self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
 

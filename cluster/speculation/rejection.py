@@ -91,7 +91,7 @@ def rejection_sample(
 
     # The final distribution: residual at the first rejection, else the bonus row.
     rejected = num_accepted < k  # [B]
-    final_probs = target_probs[bonus_row].clone()  # [B, V]
+    final_probs = target_probs[bonus_row]  # [B, V], a copy (advanced indexing)
     if rejected.any():
         seqs = rejected.nonzero().squeeze(1)
         rows = draft_offset[seqs] + num_accepted[seqs]
