@@ -67,6 +67,12 @@ class TargetRank:
         self.lm = CausalLM(engine.module)
         return self.lm.vocab_size
 
+    def call(self, rollbacks: list[tuple[int, int]], method: str, *args):
+        """Applies the group's deferred rollbacks, then one method: a single Ray call."""
+        for handle, n in rollbacks:
+            self.lm.rollback(self._caches[handle], n)
+        return getattr(self, method)(*args)
+
     def new_cache(self, handle: int) -> None:
         self._caches[handle] = self.lm.new_cache()
 
@@ -74,8 +80,11 @@ class TargetRank:
         logits = self.lm.forward(self._caches[handle], input_ids, last_only)
         return logits if self.rank == 0 else None
 
-    def rollback(self, handle: int, n: int) -> None:
-        self.lm.rollback(self._caches[handle], n)
+    def forward_batch(self, handles: list[int], inputs: list[list[int]]):
+        """One padded forward for all sequences; rank 0 returns logits in the model's own dtype
+        (bf16 logits are exactly what the model computed: no precision is lost on the way)."""
+        logits = self.lm.forward_batch([self._caches[h] for h in handles], inputs, raw=True)
+        return [x.cpu() for x in logits] if self.rank == 0 else None
 
     def cached_length(self, handle: int) -> int:
         return self.lm.cached_length(self._caches[handle])
@@ -119,9 +128,14 @@ class TargetGroup:
         master = ray.get(self.ranks[0].address.remote())
         self.vocab_size = ray.get([r.setup.remote(model, dtype, master) for r in self.ranks])[0]
         self._handles = itertools.count()
+        self._rollbacks: list[tuple[int, int]] = []  # (cache, n) not yet applied on the ranks
+        self.calls = 0  # Ray calls broadcast to the ranks
+        self.bytes_received = 0  # logits bytes returned by rank 0
 
     def _all(self, method: str, *args):
-        return ray.get([getattr(r, method).remote(*args) for r in self.ranks])[0]
+        rollbacks, self._rollbacks = self._rollbacks, []
+        self.calls += 1
+        return ray.get([r.call.remote(rollbacks, method, *args) for r in self.ranks])[0]
 
     def new_cache(self) -> int:
         handle = next(self._handles)
@@ -131,9 +145,15 @@ class TargetGroup:
     def forward(self, cache: int, input_ids: list[int], last_only: bool = False) -> torch.Tensor:
         return self._all("forward", cache, input_ids, last_only)
 
+    def forward_batch(self, caches: list[int], inputs: list[list[int]]) -> list[torch.Tensor]:
+        logits = self._all("forward_batch", caches, inputs)
+        self.bytes_received += sum(x.numel() * x.element_size() for x in logits)
+        return [x.float() for x in logits]
+
     def rollback(self, cache: int, n: int) -> None:
+        """Deferred: sent with the next call, so a round costs one Ray call (forward_batch)."""
         if n > 0:
-            self._all("rollback", cache, n)
+            self._rollbacks.append((cache, n))
 
     def cached_length(self, cache: int) -> int:
         return self._all("cached_length", cache)

@@ -73,3 +73,51 @@ def test_engine_keeps_target_cache_one_behind(tiny_llama):
             if s is not None:
                 assert CausalLM.cached_length(s.cache) == len(s.tokens) - 1
     assert rounds > 1
+
+
+def _ragged_rounds(lm, forward_batch):
+    """Three rounds of ragged verify blocks with rollbacks, one sequence without a prefill."""
+    prompts = [list(b"left padding"), [3], list(b"a longer prompt than the others"), [40, 41]]
+    blocks = [[1, 2, 3], [4], [5, 6, 7, 8, 9], [10, 11]]
+    caches = [lm.new_cache() for _ in prompts]
+    for p, c in zip(prompts, caches):
+        if len(p) > 1:
+            lm.forward(c, p[:-1], last_only=True)
+    out = []
+    for _ in range(3):
+        out.append(forward_batch(caches, [[p[-1]] + b for p, b in zip(prompts, blocks)]))
+        for c, b in zip(caches, blocks):
+            lm.rollback(c, len(b) // 2)
+        prompts = [p + b[: len(b) - len(b) // 2] for p, b in zip(prompts, blocks)]
+    return out, [lm.cached_length(c) for c in caches]
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen2"])
+def test_padded_batch_forward_equals_one_forward_per_sequence(request, name):
+    lm = CausalLM(request.getfixturevalue(name).model)
+    one_by_one = lambda caches, inputs: [lm.forward(c, x) for c, x in zip(caches, inputs)]  # noqa: E731
+    want, want_lengths = _ragged_rounds(lm, one_by_one)
+    got, got_lengths = _ragged_rounds(lm, lm.forward_batch)
+    assert got_lengths == want_lengths
+    for w_round, g_round in zip(want, got):
+        for w, g in zip(w_round, g_round):
+            assert w.shape == g.shape
+            assert (w - g).abs().max() <= 1e-5, (w - g).abs().max()
+    # negative control: a batch without the padding mask sees other rows' padding as context
+    unmasked = lambda caches, inputs: _unmasked(lm, caches, inputs)  # noqa: E731
+    bad, _ = _ragged_rounds(lm, unmasked)
+    assert max((w - b).abs().max() for w, b in zip(want[0], bad[0])) > 1e-3
+
+
+def _unmasked(lm, caches, inputs):
+    real = lm.model.forward
+
+    def no_mask(**kw):
+        kw.pop("attention_mask")
+        return real(**kw)
+
+    lm.model.forward = no_mask
+    try:
+        return lm.forward_batch(caches, inputs)
+    finally:
+        del lm.model.forward

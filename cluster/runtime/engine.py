@@ -212,6 +212,8 @@ class SpeculativeEngine:
     # -- one round ------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         seqs = [s for s in self._seqs.values() if s.result is None]
+        if not seqs:
+            return []
         for s in seqs:
             if not s.prefilled:
                 t = self.clock()
@@ -232,11 +234,9 @@ class SpeculativeEngine:
         for s, k in zip(seqs, ks):
             s.stats.draft_s += draft_s if k else 0.0
 
-        logits = []
-        for s, block in zip(seqs, blocks):
-            t = self.clock()
-            logits.append(self.target.forward(s.cache, [s.tokens[-1]] + block.token_ids))  # [K + 1, V]
-            s.stats.verify_s += self.clock() - t
+        t = self.clock()  # one target call verifies every block: [K_i + 1, V] logits each
+        logits = self.target.forward_batch([s.cache for s in seqs], [[s.tokens[-1]] + b.token_ids for s, b in zip(seqs, blocks)])
+        verify_s = (self.clock() - t) / len(seqs) if seqs else 0.0
 
         t = self.clock()
         out = self._verify(seqs, blocks, logits)
@@ -248,6 +248,7 @@ class SpeculativeEngine:
             self.target.rollback(s.cache, k - n)
             st = s.stats
             st.sample_s += sample_s
+            st.verify_s += verify_s
             st.target_calls += 1
             st.rounds_k.append(k)
             st.draft_tokens += k

@@ -24,6 +24,54 @@ class CausalLM:
         out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1 if last_only else 0)
         return out.logits[0].float().cpu()
 
+    @torch.inference_mode()
+    def forward_batch(self, caches: list, inputs: list[list[int]], raw: bool = False) -> list[torch.Tensor]:
+        """Appends inputs[i] to caches[i] for every sequence in one padded forward pass.
+
+        Past keys/values are left-padded to the longest cache and new tokens right-padded; a
+        padding mask hides both and position ids count real tokens only, so each row sees exactly
+        what its own forward would. Returns logits [len(inputs[i]), V] per sequence (float32 on
+        the CPU; raw=True keeps the model's dtype and device)."""
+        if len(caches) == 1:
+            ids = torch.tensor([inputs[0]], dtype=torch.long, device=self.device)
+            logits = self.model(input_ids=ids, past_key_values=caches[0], use_cache=True).logits[0]
+            return [logits if raw else logits.float().cpu()]
+        from transformers import DynamicCache
+
+        lens = [self.cached_length(c) for c in caches]
+        past, n, b = max(lens), max(len(x) for x in inputs), len(inputs)
+        ids = torch.zeros(b, n, dtype=torch.long)
+        mask = torch.zeros(b, past + n, dtype=torch.long)
+        for i, (length, x) in enumerate(zip(lens, inputs)):
+            ids[i, : len(x)] = torch.tensor(x)
+            mask[i, past - length : past + len(x)] = 1
+        positions = torch.tensor(lens).unsqueeze(1) + torch.arange(n)
+        batch = DynamicCache()
+        if past:
+            ref = caches[lens.index(past)]
+            for layer, like in enumerate(ref.layers):
+                keys, values = [], []
+                for c, length in zip(caches, lens):
+                    shape = (1, like.keys.shape[1], past - length, like.keys.shape[3])
+                    pad = like.keys.new_zeros(shape)
+                    keys += [pad, c.layers[layer].keys] if length else [pad]
+                    values += [pad, c.layers[layer].values] if length else [pad]
+                batch.update(_rows(keys, lens), _rows(values, lens), layer)
+        out = self.model(
+            input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device), past_key_values=batch, use_cache=True,
+        )
+        for i, (c, length, x) in enumerate(zip(caches, lens, inputs)):
+            keep = slice(past - length, past + len(x))
+            for layer, kv in enumerate(batch.layers):
+                k, v = kv.keys[i : i + 1, :, keep], kv.values[i : i + 1, :, keep]
+                if layer < len(c.layers) and c.layers[layer].is_initialized:
+                    c.layers[layer].keys, c.layers[layer].values = k, v
+                else:
+                    c.update(k, v, layer)
+        logits = out.logits if raw else out.logits.float().cpu()
+        return [logits[i, : len(x)] for i, x in enumerate(inputs)]
+
     @staticmethod
     def cached_length(cache) -> int:
         return cache.get_seq_length()
@@ -37,3 +85,11 @@ class CausalLM:
     @staticmethod
     def release(cache) -> None:
         """Frees a sequence's cache (here garbage collection does it)."""
+
+
+def _rows(parts: list[torch.Tensor], lens: list[int]) -> torch.Tensor:
+    """Concatenates [pad, cache] pieces per sequence along time, then the sequences along batch."""
+    rows, it = [], iter(parts)
+    for length in lens:
+        rows.append(torch.cat([next(it), next(it)], dim=2) if length else next(it))
+    return torch.cat(rows, dim=0)
