@@ -31,6 +31,11 @@ class DraftPool(Drafter):
         self.moved = 0  # sequences moved off a failed replica
         self.fallbacks = 0  # blocks given up (K = 0) because no replica was left
 
+    @property
+    def parallelism(self) -> int:
+        """Sequences drafted at once: one per live replica."""
+        return max(1, sum(self.alive))
+
     def load(self) -> list[int]:
         """Outstanding work per replica: the sequences placed on it."""
         counts = [0] * len(self.replicas)

@@ -174,3 +174,43 @@ def test_adaptive_k_never_probes_a_draft_that_cannot_pay():
     slow = CostModel(draft_step_s=1.0, verify_s=(1.0, 1.02, 1.04, 1.06, 1.08))
     policy = AdaptiveK(slow, max_k=4, tracker=AcceptanceTracker(prior_alpha=0.6))
     assert all(policy.next_k() == 0 for _ in range(500))
+
+
+# A target that is memory-bound for small calls and compute-bound past 16 tokens: a call over
+# n tokens in all costs max(1, n / 16), like a GPU or this CPU with a small model.
+def _roofline(b: int, max_k: int = 4) -> tuple[float, ...]:
+    return tuple(max(1.0, b * (k + 1) / 16) for k in range(max_k + 1))
+
+
+LOADED = CostModel(
+    draft_step_s=0.02, verify_s=_roofline(1), batch_verify_s={4: _roofline(4), 16: _roofline(16)}
+)
+
+
+def test_cost_at_batch_interpolates_and_amortises():
+    assert LOADED.at_batch(1) is LOADED
+    at16 = LOADED.at_batch(16)
+    assert at16.verify_s == pytest.approx([v / 16 for v in _roofline(16)])
+    at10 = LOADED.at_batch(10)  # halfway between the 4 and 16 measurements
+    assert at10.verify_s == pytest.approx([(a + b) / 2 / 10 for a, b in zip(_roofline(4), _roofline(16))])
+    at32 = LOADED.at_batch(32)  # extrapolated along the last segment
+    assert at32.verify_s[4] == pytest.approx((_roofline(16)[4] + (_roofline(16)[4] - _roofline(4)[4]) * 16 / 12) / 32)
+    spread = CostModel(0.02, _roofline(1), draft_parallelism=2)
+    assert spread.at_batch(4).draft_step_s == pytest.approx(0.01)  # two drafters share 4 sequences
+
+
+def test_k_falls_as_the_batch_grows():
+    """Same alpha, more load: free verification at batch 1, paid for at 16, so K goes to 0."""
+    alpha = 0.6
+    ks = {b: best_k(alpha, LOADED.at_batch(b)) for b in (1, 2, 4, 8, 16, 32)}
+    assert ks[1] == 4 and ks[16] == 0 and ks[32] == 0
+    assert list(ks.values()) == sorted(ks.values(), reverse=True)
+    for b, k in ks.items():  # the choice is the best rate at that batch, never below plain's
+        cost = LOADED.at_batch(b)
+        rate = lambda k: expected_tokens(alpha, k) / cost.round_s(k)  # noqa: E731
+        assert rate(k) >= rate(0) and rate(k) == max(rate(j) for j in range(5))
+    policy = AdaptiveK(LOADED, max_k=4, tracker=AcceptanceTracker(prior_alpha=alpha))
+    assert policy.next_k(batch=1) == 4
+    assert policy.next_k(batch=16) == 0
+    # compute-bound, K + 1 tokens cost K + 1 times one: even alpha 0.95 cannot pay at 16
+    assert best_k(0.95, LOADED.at_batch(16)) == 0 < best_k(0.95, LOADED.at_batch(8))

@@ -11,8 +11,11 @@ from cluster.runtime.factory import make_engine
 from cluster.speculation import CostModel, SamplingParams, warp_probs
 from conftest import TINY_PROMPTS, tiny_config
 
-# A fixed cost model makes adaptive K a deterministic function of the acceptance history.
-FIXED_COSTS = CostModel(draft_step_s=0.1, verify_s=tuple(1.0 + 0.05 * k for k in range(9)))
+# A fixed cost model makes adaptive K a deterministic function of the acceptance history. Its
+# verify cost grows linearly with the batch, so the per-sequence cost, and K, do not depend on
+# how many sequences share a round (a measured one lowers K under load; see test_core_adaptive).
+_VERIFY = tuple(1.0 + 0.05 * k for k in range(9))
+FIXED_COSTS = CostModel(draft_step_s=0.1, verify_s=_VERIFY, batch_verify_s={16: tuple(16 * v for v in _VERIFY)})
 
 
 @pytest.fixture(scope="module")

@@ -222,7 +222,7 @@ class SpeculativeEngine:
                 s.prefilled = True
                 s.stats.prefill_s += self.clock() - t
 
-        ks = [self._choose_k(s) for s in seqs]
+        ks = [self._choose_k(s, len(seqs)) for s in seqs]
         calls = [
             (s.seq_id, s.tokens, k, s.request.sampling, 0 if s.request.sampling.greedy else draw_seed(s.generator))
             for s, k in zip(seqs, ks) if k
@@ -259,13 +259,13 @@ class SpeculativeEngine:
             outputs.append(self._append(s, out.tokens(i)))
         return outputs
 
-    def _choose_k(self, s: _Sequence) -> int:
+    def _choose_k(self, s: _Sequence, batch: int) -> int:
         if self.drafter is None:
             return 0
         if s.request.num_draft_tokens is not None:
             k = s.request.num_draft_tokens
         elif s.policy is not None:
-            k = s.policy.next_k()
+            k = s.policy.next_k(batch)
         else:
             k = int(self.num_draft_tokens)
         remaining = s.request.max_new_tokens - len(s.output)
@@ -350,12 +350,15 @@ class SpeculativeEngine:
         self.target.release(cache)
         return float((want == got).float().mean())
 
-    def calibrate(self, context_len: int = 128, reps: int = 3) -> CostModel:
-        """Measures one target call over 1..max_K+1 tokens and one draft step, after a prefix."""
+    def calibrate(self, context_len: int = 128, reps: int = 3, batch_sizes: tuple[int, ...] = (4, 16)) -> CostModel:
+        """Measures one target call verifying 1..max_K+1 tokens for 1 and for each of batch_sizes
+        sequences at once, and one draft step, after a prefix of context_len tokens."""
         vocab = min(self.target.vocab_size, getattr(self.tokenizer, "vocab_size", self.target.vocab_size))
         ctx = [(7 * i + 3) % vocab for i in range(context_len)]
-        cache = self.target.new_cache()
-        self.target.forward(cache, ctx[:-1], last_only=True)
+        caches = []
+        for _ in range(max((1, *batch_sizes))):
+            caches.append(self.target.new_cache())
+            self.target.forward(caches[-1], ctx[:-1], last_only=True)
 
         def timed(fn) -> float:
             fn()  # warm-up
@@ -366,15 +369,21 @@ class SpeculativeEngine:
                 times.append(self.clock() - t)
             return statistics.median(times)
 
-        def verify(n):
-            self.target.forward(cache, ctx[-n:])
-            self.target.rollback(cache, n)
+        def verify(b, n):
+            self.target.forward_batch(caches[:b], [ctx[-n:]] * b)
+            for c in caches[:b]:
+                self.target.rollback(c, n)
 
-        verify_s = tuple(timed(lambda n=n: verify(n)) for n in range(1, self.max_draft_tokens + 2))
-        self.target.release(cache)
+        def table(b):
+            return tuple(timed(lambda n=n: verify(b, n)) for n in range(1, self.max_draft_tokens + 2))
+
+        verify_s = table(1)
+        batch_verify_s = {b: table(b) for b in batch_sizes if b > 1}
+        for c in caches:
+            self.target.release(c)
         draft_step_s = 0.0
         if self.drafter is not None:
-            greedy, k, probe_id = SamplingParams(temperature=0.0), 4, -1
+            greedy, k, probe_id = SamplingParams(temperature=0.0), 4, 2**63 - 1  # no request gets this id
             self.drafter.propose(probe_id, ctx, k, greedy, 0)  # prefill the probe's draft cache
 
             def draft():
@@ -382,4 +391,5 @@ class SpeculativeEngine:
 
             draft_step_s = timed(draft) / k
             self.drafter.release(probe_id)
-        return CostModel(draft_step_s=draft_step_s, verify_s=verify_s)
+        parallelism = getattr(self.drafter, "parallelism", 1)
+        return CostModel(draft_step_s, verify_s, batch_verify_s, draft_parallelism=parallelism)

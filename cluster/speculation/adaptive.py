@@ -8,6 +8,7 @@ K = 0 (plain decoding) wins whenever speculation would cost more than it saves.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -21,8 +22,13 @@ def expected_tokens(alpha: float, k: int) -> float:
 
 @dataclass(frozen=True)
 class CostModel:
-    draft_step_s: float  # one draft token
-    verify_s: tuple[float, ...]  # verify_s[k]: one target call over k + 1 tokens
+    """Measured step costs. verify_s[k]: one target call over k + 1 tokens for one sequence;
+    batch_verify_s[b][k]: one call verifying b sequences' blocks of k + 1 tokens each."""
+
+    draft_step_s: float  # one draft token for one sequence
+    verify_s: tuple[float, ...]
+    batch_verify_s: dict[int, tuple[float, ...]] = field(default_factory=dict)
+    draft_parallelism: int = 1  # sequences drafted at once (draft replicas)
 
     @property
     def max_k(self) -> int:
@@ -30,6 +36,25 @@ class CostModel:
 
     def round_s(self, k: int) -> float:
         return k * self.draft_step_s + self.verify_s[k]
+
+    def at_batch(self, b: int) -> CostModel:
+        """Per-sequence costs when b sequences share each round, all with the same K: a round's
+        verify time divided by b (interpolated linearly in b between measured batch sizes,
+        extrapolated past the largest), drafts spread over draft_parallelism drafters."""
+        if b <= 1:
+            return self
+        table = {1: self.verify_s} | self.batch_verify_s
+        sizes = sorted(table)
+        lo = max([s for s in sizes if s <= b], default=sizes[0])
+        hi = min([s for s in sizes if s > b], default=None)
+        if hi is None:  # past the largest: continue the last segment's slope
+            lo, hi = (sizes[-2], sizes[-1]) if len(sizes) > 1 else (lo, lo)
+        w = (b - lo) / (hi - lo) if hi != lo else 0.0
+        verify = tuple(
+            max(a + w * (c - a), 0.0) / b for a, c in zip(table[lo], table[hi])
+        )
+        draft = self.draft_step_s * math.ceil(b / self.draft_parallelism) / b
+        return CostModel(draft, verify)
 
 
 def best_k(alpha: float, cost: CostModel, max_k: int | None = None) -> int:
@@ -82,9 +107,11 @@ class AdaptiveK:
     _rounds_at_zero: int = 0
     _interval: int = 0
 
-    def next_k(self) -> int:
-        alpha = self.tracker.alpha
-        k = best_k(alpha, self.cost, self.max_k)
+    def next_k(self, batch: int = 1) -> int:
+        """K for the next round, when `batch` sequences share it (verification stops being free
+        as the batch grows: the per-sequence cost of K drafts rises, and K falls, down to 0)."""
+        alpha, cost = self.tracker.alpha, self.cost.at_batch(batch)
+        k = best_k(alpha, cost, self.max_k)
         if k > 0:
             self._rounds_at_zero, self._interval = 0, 0
             return k
@@ -93,7 +120,7 @@ class AdaptiveK:
         if self._rounds_at_zero < interval:
             return 0
         self._rounds_at_zero, self._interval = 0, interval * 2
-        return best_k(min(0.99, alpha + self.optimism), self.cost, self.max_k)
+        return best_k(min(0.99, alpha + self.optimism), cost, self.max_k)
 
     def observe(self, num_drafted: int, num_accepted: int) -> None:
         self.tracker.update(num_drafted, num_accepted)
