@@ -30,6 +30,8 @@ class DraftPool(Drafter):
         self.placement: dict[int, int] = {}  # seq_id -> replica index, sticky
         self.moved = 0  # sequences moved off a failed replica
         self.fallbacks = 0  # blocks given up (K = 0) because no replica was left
+        self.last_compute_s = 0.0  # drafting time of the last round, without the network
+        self.served = [0] * len(addresses)  # blocks each replica has drafted
 
     @property
     def parallelism(self) -> int:
@@ -64,7 +66,18 @@ class DraftPool(Drafter):
     def propose(self, seq_id, context, k, params, seed) -> DraftBlock:
         return self.propose_many([(seq_id, context, k, params, seed)])[0]
 
+    def wire_bytes(self) -> tuple[int, int]:
+        """(sent, received) gRPC message bytes over all replicas so far."""
+        return sum(r.bytes_sent for r in self.replicas), sum(r.bytes_received for r in self.replicas)
+
     def propose_many(self, calls: list[tuple]) -> list[DraftBlock]:
+        before = [r.compute_s for r in self.replicas]
+        blocks = self._propose_many(calls)
+        # replicas draft in parallel: the round's drafting time is the busiest replica's
+        self.last_compute_s = max((r.compute_s - b for r, b in zip(self.replicas, before)), default=0.0)
+        return blocks
+
+    def _propose_many(self, calls: list[tuple]) -> list[DraftBlock]:
         pending = []
         for call in calls:  # all requests in flight at once
             i = self._place(call[0])
@@ -80,6 +93,7 @@ class DraftPool(Drafter):
             if p is not None:
                 try:
                     blocks.append(self.replicas[i].finish(p))
+                    self.served[i] += 1
                     continue
                 except grpc.RpcError as e:
                     if e.code() not in FAILURES:
@@ -95,7 +109,9 @@ class DraftPool(Drafter):
             replica = self.replicas[i]
             replica.forget(seq_id)  # the new replica gets the whole context: a re-prefill
             try:
-                return replica.propose(*call)
+                block = replica.propose(*call)
+                self.served[i] += 1
+                return block
             except grpc.RpcError as e:
                 if e.code() not in FAILURES:
                     raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -43,8 +44,9 @@ class DraftServicer(pb_grpc.DraftServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         tokens = tokens + list(request.new_tokens)
         self.contexts[seq] = tokens
+        start = time.perf_counter()
         block = self.drafter.propose(seq, tokens, request.k, params, request.seed)
-        response = pb.ProposeResponse(token_ids=block.token_ids)
+        response = pb.ProposeResponse(token_ids=block.token_ids, compute_s=time.perf_counter() - start)
         if block.probs is not None:
             response.probs.CopyFrom(encode_probs(block.probs))
         return response

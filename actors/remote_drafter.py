@@ -23,6 +23,7 @@ class RemoteDrafter(Drafter):
         self._sent: dict[int, int] = {}  # context length the service holds per sequence
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.compute_s = 0.0  # the service's drafting time, summed over blocks
 
     def propose(self, seq_id, context, k, params, seed) -> DraftBlock:
         return self.finish(self.start(seq_id, context, k, params, seed))
@@ -48,6 +49,7 @@ class RemoteDrafter(Drafter):
         seq_id, context = call[0], call[1]
         self._sent[seq_id] = len(context)
         self.bytes_received += response.ByteSize()
+        self.compute_s += response.compute_s
         probs = decode_probs(response.probs) if response.HasField("probs") else None
         return DraftBlock(list(response.token_ids), probs)
 

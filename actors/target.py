@@ -11,6 +11,7 @@ import importlib
 import itertools
 import os
 import socket
+import time
 
 import ray
 import torch
@@ -83,8 +84,10 @@ class TargetRank:
     def forward_batch(self, handles: list[int], inputs: list[list[int]]):
         """One padded forward for all sequences; rank 0 returns logits in the model's own dtype
         (bf16 logits are exactly what the model computed: no precision is lost on the way)."""
+        start = time.perf_counter()
         logits = self.lm.forward_batch([self._caches[h] for h in handles], inputs, raw=True)
-        return [x.cpu() for x in logits] if self.rank == 0 else None
+        logits = [x.cpu() for x in logits]
+        return (logits, time.perf_counter() - start) if self.rank == 0 else None
 
     def cached_length(self, handle: int) -> int:
         return self.lm.cached_length(self._caches[handle])
@@ -102,17 +105,10 @@ class TargetGroup:
 
     def __init__(self, model: str, dtype: str = "float32", tp_size: int = 2, cpus: float = 1.0,
                  gpus: float = 0.0, threads: int = 1):
-        from cluster.runtime.models import tiny_config
+        from cluster.runtime.models import load_model_config
 
         self.model_name = model
-        if model in ("tiny-llama", "tiny-qwen2"):
-            config = tiny_config(model)
-        else:
-            from transformers import AutoConfig
-
-            from cluster.runtime.models import SMOLLM2, ensure_smollm2
-
-            config = AutoConfig.from_pretrained(ensure_smollm2() if model == SMOLLM2 else model)
+        config = load_model_config(model)
         check_tp_size(config, tp_size)
         self.max_context = int(getattr(config, "max_position_embeddings", 2048))
         bundle = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
@@ -131,6 +127,7 @@ class TargetGroup:
         self._rollbacks: list[tuple[int, int]] = []  # (cache, n) not yet applied on the ranks
         self.calls = 0  # Ray calls broadcast to the ranks
         self.bytes_received = 0  # logits bytes returned by rank 0
+        self.last_compute_s = 0.0  # rank 0's time inside the last forward_batch
 
     def _all(self, method: str, *args):
         rollbacks, self._rollbacks = self._rollbacks, []
@@ -146,7 +143,7 @@ class TargetGroup:
         return self._all("forward", cache, input_ids, last_only)
 
     def forward_batch(self, caches: list[int], inputs: list[list[int]]) -> list[torch.Tensor]:
-        logits = self._all("forward_batch", caches, inputs)
+        logits, self.last_compute_s = self._all("forward_batch", caches, inputs)
         self.bytes_received += sum(x.numel() * x.element_size() for x in logits)
         return [x.float() for x in logits]
 

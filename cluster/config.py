@@ -67,10 +67,34 @@ class SpeculationConfig(_Strict):
         return self
 
 
+class ActorResources(_Strict):
+    cpus: float = Field(1.0, ge=0)  # Ray num_cpus of each actor
+    gpus: float = Field(0.0, ge=0)  # Ray num_gpus of each actor (CUDA and NCCL are used when > 0)
+    threads: int = Field(1, ge=1)  # torch intra-op threads of each actor
+
+
+class ClusterConfig(_Strict):
+    enabled: bool = False  # run on Ray (same as --distributed); false: one process
+    address: str | None = None  # Ray cluster to join ("auto" or "ray://host:port"); None: start a local one
+    tp_size: int = Field(1, ge=1)  # tensor-parallel ranks of the target (one actor each, one node)
+    target_rank: ActorResources = ActorResources()  # per tensor-parallel rank
+    draft_replicas: int = Field(2, ge=0)  # 0: the drafter runs inside the coordinator
+    draft_replica: ActorResources = ActorResources(cpus=0.25)
+    coordinator: ActorResources = ActorResources(cpus=0.25)
+    draft_timeout_s: float = Field(10.0, gt=0)  # a replica slower than this counts as failed
+
+    def required(self) -> dict[str, float]:
+        """Ray resources the whole shape reserves."""
+        cpus = self.tp_size * self.target_rank.cpus + self.draft_replicas * self.draft_replica.cpus + self.coordinator.cpus
+        gpus = self.tp_size * self.target_rank.gpus + self.draft_replicas * self.draft_replica.gpus + self.coordinator.gpus
+        return {"CPU": cpus, "GPU": gpus}
+
+
 class SpecserveConfig(_Strict):
     target: TargetConfig = TargetConfig()
     draft: DraftConfig = DraftConfig()
     speculation: SpeculationConfig = SpeculationConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
 
 class ConfigError(ValueError):
@@ -98,6 +122,16 @@ DEFAULT_CONFIG = {
         "ngram": {"max_n": 3, "min_n": 1},
     },
     "speculation": {"num_draft_tokens": "adaptive", "max_draft_tokens": 8},
+    "cluster": {
+        "enabled": False,
+        "address": None,
+        "tp_size": 1,
+        "target_rank": {"cpus": 1.0, "gpus": 0.0, "threads": 2},
+        "draft_replicas": 2,
+        "draft_replica": {"cpus": 0.25, "gpus": 0.0, "threads": 1},
+        "coordinator": {"cpus": 0.25, "gpus": 0.0, "threads": 1},
+        "draft_timeout_s": 10.0,
+    },
 }
 
 

@@ -77,6 +77,19 @@ class SpeculationStats:
 
 
 @dataclass
+class RoundTiming:
+    """One round of the whole batch: wall times of its phases."""
+
+    batch: int = 0  # sequences verified
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    sample_s: float = 0.0
+
+
+@dataclass
 class GenerationResult:
     text: str
     token_ids: list[int]
@@ -150,6 +163,7 @@ class SpeculativeEngine:
         self._cost_model = cost_model
         self._prior_alpha = prior_alpha
         self._seqs: dict[int, _Sequence] = {}
+        self.last_round = RoundTiming()
         self._next_id = 0
         if isinstance(drafter, ModelDrafter) and drafter.vocab_size != self.target.vocab_size:
             raise ValueError(
@@ -214,13 +228,15 @@ class SpeculativeEngine:
         seqs = [s for s in self._seqs.values() if s.result is None]
         if not seqs:
             return []
+        timing = RoundTiming(batch=len(seqs))
         for s in seqs:
             if not s.prefilled:
                 t = self.clock()
                 if len(s.prompt_ids) > 1:
                     self.target.forward(s.cache, s.prompt_ids[:-1], last_only=True)
                 s.prefilled = True
-                s.stats.prefill_s += self.clock() - t
+                s.stats.prefill_s = self.clock() - t
+                timing.prefill_s += s.stats.prefill_s
 
         ks = [self._choose_k(s, len(seqs)) for s in seqs]
         calls = [
@@ -229,18 +245,21 @@ class SpeculativeEngine:
         ]
         t = self.clock()
         proposed = iter(self.drafter.propose_many(calls) if calls else [])
-        draft_s = (self.clock() - t) / len(calls) if calls else 0.0
+        timing.draft_s = self.clock() - t
+        draft_s = timing.draft_s / len(calls) if calls else 0.0
         blocks = [next(proposed) if k else _NO_DRAFT for k in ks]
         for s, k in zip(seqs, ks):
             s.stats.draft_s += draft_s if k else 0.0
 
         t = self.clock()  # one target call verifies every block: [K_i + 1, V] logits each
         logits = self.target.forward_batch([s.cache for s in seqs], [[s.tokens[-1]] + b.token_ids for s, b in zip(seqs, blocks)])
-        verify_s = (self.clock() - t) / len(seqs) if seqs else 0.0
+        timing.verify_s = self.clock() - t
+        verify_s = timing.verify_s / len(seqs)
 
         t = self.clock()
         out = self._verify(seqs, blocks, logits)
-        sample_s = (self.clock() - t) / len(seqs) if seqs else 0.0
+        timing.sample_s = self.clock() - t
+        sample_s = timing.sample_s / len(seqs)
 
         outputs = []
         for i, (s, block) in enumerate(zip(seqs, blocks)):
@@ -256,7 +275,10 @@ class SpeculativeEngine:
             st.evaluated_tokens += n + (n < k)
             if s.policy is not None:
                 s.policy.observe(k, n)
+            timing.draft_tokens += k
+            timing.accepted_tokens += n
             outputs.append(self._append(s, out.tokens(i)))
+        self.last_round = timing
         return outputs
 
     def _choose_k(self, s: _Sequence, batch: int) -> int:

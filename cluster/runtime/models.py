@@ -40,23 +40,46 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SPECSERVE_CACHE", Path.home() / ".cache" / "specserve"))
 
 
-def load_model(name: str, dtype: str = "float32", device: str = "auto") -> LoadedModel:
+def model_folder(name: str) -> Path:
+    """The Hugging Face folder of a model that is not a tiny built-in."""
     if name == SMOLLM2:
-        folder = ensure_smollm2()
-    elif name in TINY:
+        return ensure_smollm2()
+    folder = Path(name)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model {name!r} is neither a built-in ({', '.join(BUILTIN_MODELS)}) "
+            "nor a folder with a Hugging Face config.json"
+        )
+    return folder
+
+
+def load_model(name: str, dtype: str = "float32", device: str = "auto") -> LoadedModel:
+    if name in TINY:
         return LoadedModel(tiny_model(name).to(device=select_device(device), dtype=DTYPES[dtype]), ByteTokenizer(), name)
-    else:
-        folder = Path(name)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(
-                f"model {name!r} is neither a built-in ({', '.join(BUILTIN_MODELS)}) "
-                "nor a folder with a Hugging Face config.json"
-            )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = model_folder(name)
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
     model = model.to(select_device(device)).eval()
-    return LoadedModel(model, HFTokenizer(AutoTokenizer.from_pretrained(folder)), name)
+    return LoadedModel(model, load_tokenizer(name), name)
+
+
+def load_tokenizer(name: str) -> Tokenizer:
+    """The tokenizer alone (the coordinator needs no weights)."""
+    if name in TINY:
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    return HFTokenizer(AutoTokenizer.from_pretrained(model_folder(name)))
+
+
+def load_model_config(name: str):
+    """The model's Hugging Face config, without loading weights."""
+    if name in TINY:
+        return tiny_config(name)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_folder(name))
 
 
 def tiny_config(name: str):

@@ -8,3 +8,6 @@ class InvalidRequest(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+    def __reduce__(self):  # pickles with both fields (Ray carries it across processes)
+        return InvalidRequest, (self.field, self.message)

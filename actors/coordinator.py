@@ -1,0 +1,222 @@
+"""The coordinator: a Ray actor that owns the sequences. It creates the tensor-parallel target group
+and the draft replicas, and runs rounds of the speculative engine over them: drafts for every
+active sequence in parallel over gRPC, one batched verify call, rejection sampling here, commits
+and rollbacks on both sides. Requests join and leave between rounds (continuous batching).
+
+Rounds run on one worker thread; the actor's event loop only takes requests and hands out
+results, so new requests queue while a round is in flight and join the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import ray
+import torch
+
+from .metrics import RoundMetrics
+
+
+class _Sink(asyncio.Queue):
+    """Where a request's StepOutputs (or an exception) arrive; seq_id is set once it joined."""
+
+    seq_id: int | None = None
+    done: bool = False
+
+
+@ray.remote
+class Coordinator:
+    def __init__(self, config_data: dict):
+        from cluster.config import parse_config
+        from cluster.runtime.engine import SpeculativeEngine
+        from cluster.runtime.factory import build_drafter, load_target
+        from cluster.runtime.models import load_tokenizer
+
+        from .draft_pool import DraftPool
+        from .draft_replica import DraftReplica
+        from .target import TargetGroup
+
+        config = parse_config(config_data, "coordinator config")
+        c, t = config.cluster, config.target
+        torch.set_num_threads(c.coordinator.threads)
+        self.group = TargetGroup(t.model, t.dtype, c.tp_size, c.target_rank.cpus, c.target_rank.gpus, c.target_rank.threads)
+        self.replicas = [
+            DraftReplica.options(num_cpus=c.draft_replica.cpus, num_gpus=c.draft_replica.gpus).remote(
+                config_data, None, c.draft_replica.threads, "0.0.0.0"
+            )
+            for _ in range(c.draft_replicas)
+        ]
+        if self.replicas:
+            self.pool = DraftPool(ray.get([r.address.remote() for r in self.replicas]), c.draft_timeout_s)
+            drafter = self.pool
+        else:  # the drafter runs here, in the coordinator
+            self.pool = None
+            weights = load_target(config) if config.draft.drafter != "ngram" else None
+            drafter = build_drafter(config.draft.drafter, config.draft, weights, t.dtype, t.device)
+        self.engine = SpeculativeEngine(
+            self.group, load_tokenizer(t.model), drafter,
+            num_draft_tokens=config.speculation.num_draft_tokens,
+            max_draft_tokens=config.speculation.max_draft_tokens,
+            chat_template=t.chat_template,
+        )
+        self.engine.prepare()  # measures step costs for adaptive K before the first request
+        self.metrics = RoundMetrics()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rounds")
+        self._pending: list[tuple[object, list[int], _Sink]] = []
+        self._cancelled: list[_Sink] = []
+        self._sinks: dict[int, _Sink] = {}
+        self._loop: asyncio.Task | None = None
+
+    # -- requests -------------------------------------------------------------------------
+    async def ready(self) -> dict:
+        return {"vocab_size": self.group.vocab_size, "tp_size": len(self.group.ranks), "draft_replicas": len(self.replicas)}
+
+    async def generate(self, request):
+        """The whole result of one request; joins the running batch."""
+        sink = self._submit(request)
+        try:
+            while True:
+                out = await self._next(sink)
+                if out.result is not None:
+                    return out.result
+        finally:
+            self._drop(sink)
+
+    async def stream(self, request):
+        """StepOutputs of one request as rounds produce them (call with num_returns="streaming");
+        a consumer that goes away aborts the sequence."""
+        sink = self._submit(request)
+        try:
+            while True:
+                out = await self._next(sink)
+                yield out
+                if out.result is not None:
+                    return
+        finally:
+            self._drop(sink)
+
+    def _submit(self, request) -> _Sink:
+        ids = self.engine.validate(request)  # InvalidRequest reaches the caller, naming the field
+        sink = _Sink()
+        self._pending.append((request, ids, sink))
+        if self._loop is None or self._loop.done():
+            self._loop = asyncio.get_running_loop().create_task(self._run())
+        return sink
+
+    @staticmethod
+    async def _next(sink: _Sink):
+        out = await sink.get()
+        if isinstance(out, BaseException):
+            sink.done = True
+            raise out
+        if out.result is not None:
+            sink.done = True
+        return out
+
+    def _drop(self, sink: _Sink) -> None:
+        if not sink.done:  # the caller went away (cancelled): free its sequence
+            sink.done = True
+            self._cancelled.append(sink)
+
+    # -- rounds ---------------------------------------------------------------------------
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending or self._cancelled or self._sinks:
+            pending, self._pending = self._pending, []
+            cancelled, self._cancelled = self._cancelled, []
+            try:
+                outputs = await loop.run_in_executor(self._worker, self._round, pending, cancelled)
+            except Exception as e:  # noqa: BLE001 - every waiting request learns of it
+                for sink in list(self._sinks.values()) + [s for _, _, s in pending if s.seq_id is None]:
+                    sink.put_nowait(e)
+                await loop.run_in_executor(self._worker, self._abort_all)
+                continue
+            for out in outputs:
+                sink = self._sinks.get(out.seq_id)
+                if sink is not None:
+                    sink.put_nowait(out)
+                if out.result is not None:
+                    self._sinks.pop(out.seq_id, None)
+
+    def _round(self, pending, cancelled) -> list:
+        for sink in cancelled:
+            if sink.seq_id is not None and self._sinks.pop(sink.seq_id, None) is not None:
+                self.engine.abort(sink.seq_id)
+        for request, ids, sink in pending:
+            if sink.done:  # cancelled before it joined
+                continue
+            sink.seq_id = self.engine.add_request(request, ids)
+            self._sinks[sink.seq_id] = sink
+        if not self.engine.has_unfinished():
+            return []
+        before = self._wire_bytes()
+        start = time.perf_counter()
+        outputs = self.engine.step()
+        round_s = time.perf_counter() - start
+        after = self._wire_bytes()
+        r = self.engine.last_round
+        draft_compute = self.pool.last_compute_s if self.pool is not None else r.draft_s
+        self.metrics.record(
+            round_s=round_s,
+            phases={
+                "prefill": r.prefill_s,
+                "draft": r.draft_s,
+                "draft_network": max(r.draft_s - draft_compute, 0.0),
+                "verify": r.verify_s,
+                "verify_network": max(r.verify_s - self.group.last_compute_s, 0.0),
+                "sample": r.sample_s,
+            },
+            wire={k: after[k] - before[k] for k in after},
+            batch=r.batch,
+            drafted=r.draft_tokens,
+            accepted=r.accepted_tokens,
+            generated=sum(len(o.new_token_ids) for o in outputs),
+        )
+        return outputs
+
+    def _wire_bytes(self) -> dict[str, int]:
+        sent, received = self.pool.wire_bytes() if self.pool is not None else (0, 0)
+        return {"draft_sent": sent, "draft_received": received, "target_logits": self.group.bytes_received}
+
+    def _abort_all(self) -> None:
+        for seq_id in list(self._sinks):
+            try:
+                self.engine.abort(seq_id)
+            except Exception:  # noqa: BLE001 - a dead component cannot free what it held
+                pass
+        self._sinks.clear()
+
+    # -- introspection --------------------------------------------------------------------
+    async def stats(self) -> dict:
+        out = self.metrics.summary()
+        if self.pool is not None:
+            out["draft_load"] = self.pool.load()
+            out["draft_blocks"] = list(self.pool.served)
+            out["moved"] = self.pool.moved
+            out["fallbacks"] = self.pool.fallbacks
+        out["active"] = len(self._sinks)
+        cost = self.engine.cost_model if self.engine.drafter is not None else None
+        if cost is not None:
+            out["draft_step_s"] = cost.draft_step_s
+        return out
+
+    async def reset_stats(self) -> None:
+        self.metrics.reset()
+
+    async def draft_replicas(self) -> list:
+        return list(self.replicas)
+
+    async def target_sequences(self) -> int:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, self.group.sequences)
+
+    async def shutdown(self) -> None:
+        def stop():
+            if self.pool is not None:
+                self.pool.close()
+            for r in self.replicas:
+                ray.kill(r)
+            self.group.shutdown()
+
+        await asyncio.get_running_loop().run_in_executor(self._worker, stop)
