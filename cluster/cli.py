@@ -33,12 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--config", default=None, help="YAML config; default: the embedded default (configs/local.yaml)")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.add_argument("--distributed", action="store_true",
+                     help="run on Ray: tensor-parallel target, draft replicas, coordinator (the config's cluster section)")
 
     bench = sub.add_parser("bench", help="speculation off vs on, per drafter and K, on the project's prompts")
     bench.add_argument("--config", default=None)
     bench.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write rows as JSON here")
     bench.add_argument("--plot", default=None, metavar="OUT.png", help="speedup against K per drafter")
     bench.add_argument("--quick", action="store_true", help="a smaller run (under 3 minutes here)")
+    bench.add_argument("--distributed", action="store_true",
+                       help="the distributed path against the in-process engine: time per round, bytes, throughput under load")
+    bench.add_argument("--concurrency", type=int, default=16, help="sequences at once in the --distributed load test")
     return parser
 
 
@@ -47,9 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        config = load_config(args.config)
+        if args.distributed or config.cluster.enabled:
+            if args.plot:
+                raise InvalidRequest("plot", "--plot draws the in-process bench; --distributed writes --json only")
+            if args.concurrency < 1:
+                raise InvalidRequest("concurrency", f"must be at least 1, got {args.concurrency}")
+            from .bench_distributed import run_distributed_bench
+
+            return run_distributed_bench(config, json_out=args.json_out, quick=args.quick, concurrency=args.concurrency)
         from .bench import run_bench
 
-        return run_bench(load_config(args.config), json_out=args.json_out, plot=args.plot, quick=args.quick)
+        return run_bench(config, json_out=args.json_out, plot=args.plot, quick=args.quick)
     except InvalidRequest as e:
         print(f"specserve: invalid {e.field}: {e.message}", file=sys.stderr)
         return 2
@@ -72,13 +86,28 @@ def _generate(args) -> int:
     check_request_fields(request, config.speculation.max_draft_tokens)  # before loading any model
     if args.drafter is not None:
         check_drafter_name(args.drafter, config.draft)
-    engine = build_engine(config, drafter=args.drafter)
-    engine.prepare()  # one-time measurements for adaptive K, outside the timing below
+    distributed = args.distributed or config.cluster.enabled
+    if distributed:
+        from .launcher import DistributedEngine
 
-    start = time.perf_counter()
-    result = engine.generate([request])[0]
-    seconds = time.perf_counter() - start
+        if args.drafter is not None:
+            config = config.model_copy(update={"draft": config.draft.model_copy(update={"drafter": args.drafter})})
+        engine = DistributedEngine(config)  # measures step costs for adaptive K while starting
+    else:
+        engine = build_engine(config, drafter=args.drafter)
+        engine.prepare()  # one-time measurements for adaptive K, outside the timing below
+
+    try:
+        start = time.perf_counter()
+        result = engine.generate([request])[0]
+        seconds = time.perf_counter() - start
+        rounds = engine.stats()["per_round"] if distributed else None
+    finally:
+        if distributed:
+            engine.shutdown()
     stats = result.stats.as_dict()
+    if rounds is not None:
+        stats["per_round"] = {k: round(v, 5) if isinstance(v, float) else v for k, v in rounds.items()}
     stats["tokens_per_s"] = round(len(result.token_ids) / seconds, 2) if seconds > 0 else None
     if args.json:
         print(json.dumps({
