@@ -112,7 +112,7 @@ class _Sequence:
     prompt_ids: list[int]
     generator: torch.Generator
     cache: object
-    policy: AdaptiveK | None
+    tracker: AcceptanceTracker | None  # alpha of an adaptive-K sequence
     output: list[int] = field(default_factory=list)
     stats: SpeculationStats = field(default_factory=SpeculationStats)
     prefilled: bool = False
@@ -164,6 +164,7 @@ class SpeculativeEngine:
         self._prior_alpha = prior_alpha
         self._seqs: dict[int, _Sequence] = {}
         self.last_round = RoundTiming()
+        self._policy: AdaptiveK | None = None  # the round's K for adaptive sequences
         self._next_id = 0
         if isinstance(drafter, ModelDrafter) and drafter.vocab_size != self.target.vocab_size:
             raise ValueError(
@@ -193,11 +194,11 @@ class SpeculativeEngine:
         ids = self.validate(request) if prompt_ids is None else prompt_ids
         seq_id, self._next_id = self._next_id, self._next_id + 1
         adaptive = request.num_draft_tokens is None and self.num_draft_tokens == "adaptive" and self.drafter
-        policy = None
+        tracker = None
         if adaptive:
-            policy = AdaptiveK(self.cost_model, self.max_draft_tokens, AcceptanceTracker(prior_alpha=self.prior_alpha))
+            tracker = AcceptanceTracker(prior_alpha=self.prior_alpha)
         self._seqs[seq_id] = _Sequence(
-            seq_id, request, ids, make_generator(request.sampling.seed), self.target.new_cache(), policy
+            seq_id, request, ids, make_generator(request.sampling.seed), self.target.new_cache(), tracker
         )
         return seq_id
 
@@ -238,7 +239,8 @@ class SpeculativeEngine:
                 s.stats.prefill_s = self.clock() - t
                 timing.prefill_s += s.stats.prefill_s
 
-        ks = [self._choose_k(s, len(seqs)) for s in seqs]
+        round_k = self._round_k(seqs)
+        ks = [self._choose_k(s, round_k) for s in seqs]
         calls = [
             (s.seq_id, s.tokens, k, s.request.sampling, 0 if s.request.sampling.greedy else draw_seed(s.generator))
             for s, k in zip(seqs, ks) if k
@@ -273,21 +275,33 @@ class SpeculativeEngine:
             st.draft_tokens += k
             st.accepted_tokens += n
             st.evaluated_tokens += n + (n < k)
-            if s.policy is not None:
-                s.policy.observe(k, n)
+            if s.tracker is not None:
+                s.tracker.update(k, n)
             timing.draft_tokens += k
             timing.accepted_tokens += n
             outputs.append(self._append(s, out.tokens(i)))
         self.last_round = timing
         return outputs
 
-    def _choose_k(self, s: _Sequence, batch: int) -> int:
+    def _round_k(self, seqs: list[_Sequence]) -> int:
+        """One K for every adaptive sequence of the round: the padded verify pays for the
+        longest block in every row, so a shared K wastes nothing. It maximises the expected
+        tokens per second of the whole batch at this batch size (0 when speculation would cost
+        more than it saves), with the policy's probes when it sits at 0."""
+        alphas = [s.tracker.alpha for s in seqs if s.tracker is not None and s.request.num_draft_tokens is None]
+        if not alphas:
+            return 0
+        if self._policy is None:
+            self._policy = AdaptiveK(self.cost_model, self.max_draft_tokens)
+        return self._policy.next_k(len(seqs), alphas)
+
+    def _choose_k(self, s: _Sequence, round_k: int) -> int:
         if self.drafter is None:
             return 0
         if s.request.num_draft_tokens is not None:
             k = s.request.num_draft_tokens
-        elif s.policy is not None:
-            k = s.policy.next_k(batch)
+        elif s.tracker is not None:
+            k = round_k
         else:
             k = int(self.num_draft_tokens)
         remaining = s.request.max_new_tokens - len(s.output)

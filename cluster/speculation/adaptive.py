@@ -57,10 +57,12 @@ class CostModel:
         return CostModel(draft, verify)
 
 
-def best_k(alpha: float, cost: CostModel, max_k: int | None = None) -> int:
-    """The K in [0, max_k] with the most expected tokens per second (ties go to the smaller K)."""
+def best_k(alpha: float | Sequence[float], cost: CostModel, max_k: int | None = None) -> int:
+    """The K in [0, max_k] with the most expected tokens per second (ties go to the smaller K).
+    Given several sequences' alphas, the one K for all of them: the most tokens per round."""
+    alphas = [alpha] if isinstance(alpha, (int, float)) else list(alpha)
     top = cost.max_k if max_k is None else min(max_k, cost.max_k)
-    rates = [expected_tokens(alpha, k) / cost.round_s(k) for k in range(top + 1)]
+    rates = [sum(expected_tokens(a, k) for a in alphas) / len(alphas) / cost.round_s(k) for k in range(top + 1)]
     return max(range(top + 1), key=lambda k: (rates[k], -k))
 
 
@@ -107,10 +109,12 @@ class AdaptiveK:
     _rounds_at_zero: int = 0
     _interval: int = 0
 
-    def next_k(self, batch: int = 1) -> int:
+    def next_k(self, batch: int = 1, alphas: Sequence[float] | None = None) -> int:
         """K for the next round, when `batch` sequences share it (verification stops being free
-        as the batch grows: the per-sequence cost of K drafts rises, and K falls, down to 0)."""
-        alpha, cost = self.tracker.alpha, self.cost.at_batch(batch)
+        as the batch grows: the per-sequence cost of K drafts rises, and K falls, down to 0).
+        `alphas`: the sequences that take this K (default: this policy's own tracker)."""
+        alpha = [self.tracker.alpha] if alphas is None else list(alphas)
+        cost = self.cost.at_batch(batch)
         k = best_k(alpha, cost, self.max_k)
         if k > 0:
             self._rounds_at_zero, self._interval = 0, 0
@@ -120,7 +124,7 @@ class AdaptiveK:
         if self._rounds_at_zero < interval:
             return 0
         self._rounds_at_zero, self._interval = 0, interval * 2
-        return best_k(min(0.99, alpha + self.optimism), cost, self.max_k)
+        return best_k([min(0.99, a + self.optimism) for a in alpha], cost, self.max_k)
 
     def observe(self, num_drafted: int, num_accepted: int) -> None:
         self.tracker.update(num_drafted, num_accepted)
