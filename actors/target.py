@@ -85,17 +85,21 @@ class TargetRank:
         logits = self.lm.forward(self._caches[handle], input_ids, last_only)
         return logits if self.rank == 0 else None
 
-    def forward_batch(self, handles: list[int], inputs: list[list[int]]):
-        """One padded forward for all sequences; rank 0 returns logits in the model's own dtype
-        (bf16 logits are exactly what the model computed: no precision is lost on the way)."""
+    def forward_batch(self, handles: list[int], inputs: list[list[int]], argmax_only: list[bool]):
+        """One padded forward for all sequences. Rank 0 returns the logits of the sequences that
+        sample, in the model's own dtype (bf16 logits are exactly what the model computed), and
+        only the argmax of each greedy row: that is all greedy verification reads."""
         start = time.perf_counter()
         logits = self.lm.forward_batch([self._caches[h] for h in handles], inputs, raw=True)
         if self.rank != 0:
             return None
-        rows = torch.cat(logits).cpu()  # [sum(n_i), V] in the model's dtype
+        dense = [x for x, a in zip(logits, argmax_only) if not a]
+        greedy = [x for x, a in zip(logits, argmax_only) if a]
+        rows = torch.cat(dense).cpu() if dense else logits[0].new_zeros(0, logits[0].shape[-1]).cpu()
+        ids = torch.cat(greedy).argmax(dim=-1).cpu().numpy() if greedy else None  # first index on ties
         # numpy crosses Ray without a copy (bf16 travels as its raw 16-bit patterns)
         raw = rows.view(torch.int16) if rows.dtype == torch.bfloat16 else rows
-        return raw.numpy(), str(rows.dtype).removeprefix("torch."), time.perf_counter() - start
+        return raw.numpy(), str(rows.dtype).removeprefix("torch."), ids, time.perf_counter() - start
 
     def cached_length(self, handle: int) -> int:
         return self.lm.cached_length(self._caches[handle])
@@ -150,14 +154,30 @@ class TargetGroup:
     def forward(self, cache: int, input_ids: list[int], last_only: bool = False) -> torch.Tensor:
         return self._all("forward", cache, input_ids, last_only)
 
-    def forward_batch(self, caches: list[int], inputs: list[list[int]]) -> list[torch.Tensor]:
-        raw, dtype, self.last_compute_s = self._all("forward_batch", caches, inputs)
-        self.bytes_received += raw.nbytes
+    def forward_batch(self, caches: list[int], inputs: list[list[int]], raw: bool = False,
+                      argmax_only: list[bool] | None = None) -> list[torch.Tensor]:
+        """Logits [n_i, V] per sequence, float32. A row marked argmax_only comes back as its argmax
+        alone and is rebuilt as 0 there and -inf elsewhere: warped greedily, the same one-hot."""
+        argmax_only = argmax_only or [False] * len(inputs)
+        dense, dtype, ids, self.last_compute_s = self._all("forward_batch", caches, inputs, argmax_only)
+        self.bytes_received += dense.nbytes + (ids.nbytes if ids is not None else 0)
         with warnings.catch_warnings():  # read-only (zero-copy from Ray's store): only read, then copied
             warnings.simplefilter("ignore", UserWarning)
-            rows = torch.from_numpy(raw)
-        rows = rows.view(torch.bfloat16) if dtype == "bfloat16" else rows
-        return list(rows.float().split([len(x) for x in inputs]))
+            rows = torch.from_numpy(dense)
+        rows = (rows.view(torch.bfloat16) if dtype == "bfloat16" else rows).float()
+        dense_rows = iter(rows.split([len(x) for x, a in zip(inputs, argmax_only) if not a]))
+        greedy_ids = iter(torch.from_numpy(ids.copy()).split([len(x) for x, a in zip(inputs, argmax_only) if a])
+                          if ids is not None else [])
+        out = []
+        for x, a in zip(inputs, argmax_only):
+            if a:
+                row_ids = next(greedy_ids)
+                logits = torch.full((len(x), self.vocab_size), float("-inf"))
+                logits[torch.arange(len(x)), row_ids] = 0.0
+                out.append(logits)
+            else:
+                out.append(next(dense_rows))
+        return out
 
     def rollback(self, cache: int, n: int) -> None:
         """Deferred: sent with the next call, so a round costs one Ray call (forward_batch)."""

@@ -214,3 +214,20 @@ def test_k_falls_as_the_batch_grows():
     assert policy.next_k(batch=16) == 0
     # compute-bound, K + 1 tokens cost K + 1 times one: even alpha 0.95 cannot pay at 16
     assert best_k(0.95, LOADED.at_batch(16)) == 0 < best_k(0.95, LOADED.at_batch(8))
+
+
+def test_observed_rounds_refine_the_cost_model():
+    """Calibration said a 3-token row costs little more than 1 at batch 16; real rounds say it
+    costs twice as much: after a few observations K drops to 0 at that load."""
+    cheap = CostModel(0.0, _roofline(1), {4: _roofline(4), 16: tuple(1.0 + 0.05 * k for k in range(5))})
+    alpha = 0.6
+    assert best_k(alpha, cheap.at_batch(16)) > 0
+    cost = cheap
+    for _ in range(20):
+        cost = cost.observed(16, 1, 1.0).observed(16, 2, 2.0).observed(16, 3, 3.0).observed(16, 5, 5.0)
+    assert cost.batch_verify_s[16][0] == pytest.approx(1.0) and cost.batch_verify_s[16][4] == pytest.approx(5.0, rel=1e-3)
+    assert best_k(alpha, cost.at_batch(16)) == 0
+    assert cost.verify_s == cheap.verify_s and cost.batch_verify_s[4] == cheap.batch_verify_s[4]  # other sizes kept
+    at15 = cheap.observed(15, 1, 0.9)  # scaled to the nearest measured size (16) before averaging
+    assert at15.batch_verify_s[16][0] == pytest.approx(1.0 + 0.3 * (0.9 * 16 / 15 * (1.0 / 1.0) - 1.0), rel=0.05)
+    assert cheap.observed(16, 99, 1.0) is cheap  # a block longer than the table: ignored

@@ -161,6 +161,7 @@ class SpeculativeEngine:
         self.chat_template = chat_template and getattr(tokenizer, "has_chat_template", False)
         self.clock = clock
         self._cost_model = cost_model
+        self._learn_costs = cost_model is None  # a given cost model stays as given (deterministic K)
         self._prior_alpha = prior_alpha
         self._seqs: dict[int, _Sequence] = {}
         self.last_round = RoundTiming()
@@ -254,9 +255,15 @@ class SpeculativeEngine:
             s.stats.draft_s += draft_s if k else 0.0
 
         t = self.clock()  # one target call verifies every block: [K_i + 1, V] logits each
-        logits = self.target.forward_batch([s.cache for s in seqs], [[s.tokens[-1]] + b.token_ids for s, b in zip(seqs, blocks)])
+        logits = self.target.forward_batch(
+            [s.cache for s in seqs], [[s.tokens[-1]] + b.token_ids for s, b in zip(seqs, blocks)],
+            argmax_only=[s.request.sampling.greedy for s in seqs],
+        )
         timing.verify_s = self.clock() - t
         verify_s = timing.verify_s / len(seqs)
+        if self._policy is not None and self._learn_costs:  # real rounds refine the calibration
+            padded = max(len(b) for b in blocks) + 1
+            self._policy.cost = self._policy.cost.observed(len(seqs), padded, timing.verify_s)
 
         t = self.clock()
         out = self._verify(seqs, blocks, logits)

@@ -25,13 +25,15 @@ class CausalLM:
         return out.logits[0].float().cpu()
 
     @torch.inference_mode()
-    def forward_batch(self, caches: list, inputs: list[list[int]], raw: bool = False) -> list[torch.Tensor]:
+    def forward_batch(self, caches: list, inputs: list[list[int]], raw: bool = False,
+                      argmax_only: list[bool] | None = None) -> list[torch.Tensor]:
         """Appends inputs[i] to caches[i] for every sequence in one padded forward pass.
 
         Past keys/values are left-padded to the longest cache and new tokens right-padded; a
         padding mask hides both and position ids count real tokens only, so each row sees exactly
         what its own forward would. Returns logits [len(inputs[i]), V] per sequence (float32 on
-        the CPU; raw=True keeps the model's dtype and device)."""
+        the CPU; raw=True keeps the model's dtype and device). argmax_only is a hint for remote
+        targets (greedy rows need only their argmax); in process every row is returned whole."""
         if len(caches) == 1:
             ids = torch.tensor([inputs[0]], dtype=torch.long, device=self.device)
             logits = self.model(input_ids=ids, past_key_values=caches[0], use_cache=True).logits[0]

@@ -37,6 +37,25 @@ class CostModel:
     def round_s(self, k: int) -> float:
         return k * self.draft_step_s + self.verify_s[k]
 
+    def observed(self, b: int, n: int, seconds: float, weight: float = 0.3) -> CostModel:
+        """The model after a real verify call over b sequences padded to n tokens took `seconds`:
+        the nearest measured batch size's entry for n moves toward it (scaled to that size).
+        Calibration uses one context length; real contexts are longer and ragged, and what they
+        cost is learned from the rounds themselves."""
+        k = n - 1
+        if not 0 <= k <= self.max_k or b < 1 or seconds <= 0:
+            return self
+        table = {1: self.verify_s} | self.batch_verify_s
+        ref = min(table, key=lambda size: (abs(size - b), size))
+        scaled = seconds * self.at_batch(ref).verify_s[k] * ref / (self.at_batch(b).verify_s[k] * b)
+        row = list(table[ref])
+        row[k] += weight * (scaled - row[k])
+        for j in range(k + 1, len(row)):  # more tokens never cost less: unseen entries stay honest
+            row[j] = max(row[j], row[k])
+        if ref == 1:
+            return CostModel(self.draft_step_s, tuple(row), self.batch_verify_s, self.draft_parallelism)
+        return CostModel(self.draft_step_s, self.verify_s, self.batch_verify_s | {ref: tuple(row)}, self.draft_parallelism)
+
     def at_batch(self, b: int) -> CostModel:
         """Per-sequence costs when b sequences share each round, all with the same K: a round's
         verify time divided by b (interpolated linearly in b between measured batch sizes,
