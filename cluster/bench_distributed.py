@@ -3,8 +3,9 @@
 1. Time per round, one sequence at a time, greedy, the same fixed K: both paths run identical
    rounds, so the ratio is the cost of Ray, gRPC and the wire. Phases and bytes per round come
    from the coordinator's metrics.
-2. Throughput with `concurrency` sequences at once: plain decoding (K = 0) against adaptive
-   speculation, which lowers K as the batch makes verification expensive.
+2. Throughput with `concurrency` requests in flight (a finished one makes room for the next):
+   plain decoding (K = 0) against adaptive speculation, which lowers K as the batch makes
+   verification expensive.
 
 Variants alternate within each repetition and keep their fastest run, so noise hits them alike.
 """
@@ -86,10 +87,29 @@ def _per_round(local, remote, prompts, max_new, k, reps, log) -> dict:
     }
 
 
+def _in_flight(engine, requests, concurrency):
+    """In process: keeps `concurrency` sequences active; a finished one makes room for the next."""
+    if not isinstance(engine, DistributedEngine):
+        queue, results, active = list(requests), {}, 0
+        order = []
+        while queue or engine.has_unfinished():
+            while queue and active < concurrency:
+                order.append(engine.add_request(queue.pop(0)))
+                active += 1
+            for out in engine.step():
+                if out.result is not None:
+                    results[out.seq_id] = out.result
+                    active -= 1
+        return [results[i] for i in order]
+    return engine.generate(requests, max_in_flight=concurrency)
+
+
 def _under_load(local, remote, prompts, max_new, concurrency, reps, log) -> dict:
+    """3 x concurrency requests, `concurrency` in flight at any time (continuous batching)."""
+    n = 3 * concurrency
     requests = {
         variant: [GenerationRequest(f"{prompts[i % len(prompts)]}\n(#{i})", max_new, num_draft_tokens=k)
-                  for i in range(concurrency)]
+                  for i in range(n)]
         for variant, k in (("plain", 0), ("adaptive", None))
     }
     out = {}
@@ -97,8 +117,10 @@ def _under_load(local, remote, prompts, max_new, concurrency, reps, log) -> dict
         best = {}
         for rep in range(reps):
             for variant, reqs in requests.items():
-                log(f"{concurrency} concurrent, {name}, {variant}, rep {rep + 1}/{reps}")
-                seconds, results = _timed(engine, reqs)
+                log(f"{n} requests, {concurrency} in flight, {name}, {variant}, rep {rep + 1}/{reps}")
+                t = time.perf_counter()
+                results = _in_flight(engine, reqs, concurrency)
+                seconds = time.perf_counter() - t
                 tokens = sum(len(r.token_ids) for r in results)
                 drafted = sum(r.stats.draft_tokens for r in results)
                 calls = sum(r.stats.target_calls for r in results)
@@ -109,6 +131,7 @@ def _under_load(local, remote, prompts, max_new, concurrency, reps, log) -> dict
         best["adaptive"]["speedup"] = round(best["adaptive"]["tokens_per_s"] / best["plain"]["tokens_per_s"], 3)
         out[name] = best
     out["concurrency"] = concurrency
+    out["requests"] = n
     return out
 
 
@@ -120,7 +143,7 @@ def format_report(r: dict) -> str:
         f"ratio {pr['ratio']:.3f}",
         "  distributed phases (ms/round): " + ", ".join(f"{k} {1000 * v:.2f}" for k, v in pr["distributed_phases_s"].items()),
         "  bytes per round: " + ", ".join(f"{k} {v}" for k, v in pr["bytes_per_round"].items()),
-        f"{cc['concurrency']} concurrent sequences, greedy:",
+        f"{cc['requests']} requests, {cc['concurrency']} in flight at a time, greedy:",
     ]
     for path in ("in_process", "distributed"):
         p, a = cc[path]["plain"], cc[path]["adaptive"]

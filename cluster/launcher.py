@@ -46,11 +46,22 @@ class DistributedEngine:
             self._stop_ray()
             raise
 
-    def generate(self, requests: Iterable[GenerationRequest]) -> list[GenerationResult]:
+    def generate(self, requests: Iterable[GenerationRequest], max_in_flight: int | None = None) -> list[GenerationResult]:
+        """Results in request order. max_in_flight: keep at most that many submitted at a time
+        (a closed loop of clients: a finished request makes room for the next)."""
+        import ray
+
         requests = list(requests)
         for r in requests:  # all or nothing: no half-submitted batch
             check_request_fields(r, self.config.speculation.max_draft_tokens)
-        return _get([self.coordinator.generate.remote(r) for r in requests])
+        limit = max_in_flight or len(requests)
+        refs, pending = {}, []
+        for i, r in enumerate(requests):
+            if len(pending) >= limit:
+                _, pending = ray.wait(pending, num_returns=1)
+            refs[i] = self.coordinator.generate.remote(r)
+            pending.append(refs[i])
+        return _get([refs[i] for i in range(len(requests))])
 
     def stream(self, request: GenerationRequest) -> Iterator[StepOutput]:
         check_request_fields(request, self.config.speculation.max_draft_tokens)
