@@ -231,3 +231,9 @@ def test_observed_rounds_refine_the_cost_model():
     at15 = cheap.observed(15, 1, 0.9)  # scaled to the nearest measured size (16) before averaging
     assert at15.batch_verify_s[16][0] == pytest.approx(1.0 + 0.3 * (0.9 * 16 / 15 * (1.0 / 1.0) - 1.0), rel=0.05)
     assert cheap.observed(16, 99, 1.0) is cheap  # a block longer than the table: ignored
+
+
+def test_extrapolation_never_predicts_less_than_measured():
+    odd = CostModel(0.0, (1.0, 1.0), {4: (3.0, 3.0), 16: (2.0, 2.0)})  # noisy: 16 measured cheaper than 4
+    assert odd.at_batch(1200).verify_s == pytest.approx((2.0 / 1200, 2.0 / 1200))
+    assert odd.observed(1200, 1, 5.0).batch_verify_s[16][0] > 2.0

@@ -43,7 +43,7 @@ class CostModel:
         Calibration uses one context length; real contexts are longer and ragged, and what they
         cost is learned from the rounds themselves."""
         k = n - 1
-        if not 0 <= k <= self.max_k or b < 1 or seconds <= 0:
+        if not 0 <= k <= self.max_k or b < 1 or seconds <= 0 or self.at_batch(b).verify_s[k] <= 0:
             return self
         table = {1: self.verify_s} | self.batch_verify_s
         ref = min(table, key=lambda size: (abs(size - b), size))
@@ -69,9 +69,8 @@ class CostModel:
         if hi is None:  # past the largest: continue the last segment's slope
             lo, hi = (sizes[-2], sizes[-1]) if len(sizes) > 1 else (lo, lo)
         w = (b - lo) / (hi - lo) if hi != lo else 0.0
-        verify = tuple(
-            max(a + w * (c - a), 0.0) / b for a, c in zip(table[lo], table[hi])
-        )
+        floor = table[sizes[-1]] if b > sizes[-1] else (0.0,) * len(self.verify_s)  # more load never costs less
+        verify = tuple(max(a + w * (c - a), f) / b for a, c, f in zip(table[lo], table[hi], floor))
         draft = self.draft_step_s * math.ceil(b / self.draft_parallelism) / b
         return CostModel(draft, verify)
 
