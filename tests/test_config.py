@@ -42,3 +42,25 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+
+
+def test_cluster_shape_must_fit_the_ray_cluster():
+    from cluster.launcher import check_resources
+
+    config = load_config(ROOT / "configs" / "tiny.yaml")  # 2 x 0.5 + 2 x 0.25 + 0.25 CPUs
+    assert config.cluster.required() == {"CPU": 1.75, "GPU": 0.0}
+    check_resources(config, {"CPU": 2.0})
+    with pytest.raises(ConfigError, match=r"needs 1.75 CPU \(tp_size x target_rank.cpus"):
+        check_resources(config, {"CPU": 1.0})
+    gpu = parse_config({"cluster": {"tp_size": 2, "target_rank": {"gpus": 1}}})
+    with pytest.raises(ConfigError, match="needs 2 GPU"):
+        check_resources(gpu, {"CPU": 8.0})
+
+
+def test_bench_distributed_rejects_plot_before_starting_anything(capsys):
+    from cluster.cli import main
+
+    assert main(["bench", "--distributed", "--plot", "x.png"]) == 2
+    assert "invalid plot" in capsys.readouterr().err
+    assert main(["bench", "--distributed", "--concurrency", "0"]) == 2
+    assert "invalid concurrency" in capsys.readouterr().err
