@@ -54,11 +54,9 @@ class CausalLM:
             for layer, like in enumerate(ref.layers):
                 keys, values = [], []
                 for c, length in zip(caches, lens):
-                    shape = (1, like.keys.shape[1], past - length, like.keys.shape[3])
-                    pad = like.keys.new_zeros(shape)
-                    keys += [pad, c.layers[layer].keys] if length else [pad]
-                    values += [pad, c.layers[layer].values] if length else [pad]
-                batch.update(_rows(keys, lens), _rows(values, lens), layer)
+                    keys.append(_left_pad(c.layers[layer].keys if length else None, like.keys, past))
+                    values.append(_left_pad(c.layers[layer].values if length else None, like.values, past))
+                batch.update(torch.cat(keys), torch.cat(values), layer)
         out = self.model(
             input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
             position_ids=positions.to(self.device), past_key_values=batch, use_cache=True,
@@ -89,9 +87,8 @@ class CausalLM:
         """Frees a sequence's cache (here garbage collection does it)."""
 
 
-def _rows(parts: list[torch.Tensor], lens: list[int]) -> torch.Tensor:
-    """Concatenates [pad, cache] pieces per sequence along time, then the sequences along batch."""
-    rows, it = [], iter(parts)
-    for length in lens:
-        rows.append(torch.cat([next(it), next(it)], dim=2) if length else next(it))
-    return torch.cat(rows, dim=0)
+def _left_pad(kv: torch.Tensor | None, like: torch.Tensor, length: int) -> torch.Tensor:
+    """One sequence's [1, heads, t, dim] cache (None: empty) zero-padded on the left to length."""
+    t = 0 if kv is None else kv.shape[2]
+    pad = like.new_zeros(1, like.shape[1], length - t, like.shape[3])
+    return pad if kv is None else torch.cat([pad, kv], dim=2)
