@@ -26,9 +26,13 @@ class _Sink(asyncio.Queue):
     done: bool = False
 
 
-@ray.remote
 class Coordinator:
-    def __init__(self, config_data: dict):
+    """Runs in its own Ray actor (CoordinatorActor, `--distributed`) or inside a Serve engine
+    replica. draft_addresses given: the draft replicas are someone else's (a Serve deployment)
+    and set_draft_addresses() follows them; else this creates cluster.draft_replicas of its own.
+    placement_group given: rank i takes its bundle 1 + i (bundle 0 holds this coordinator)."""
+
+    def __init__(self, config_data: dict, draft_addresses: list[str] | None = None, placement_group=None):
         from cluster.config import parse_config
         from cluster.runtime.engine import SpeculativeEngine
         from cluster.runtime.factory import build_drafter, load_target
@@ -41,15 +45,22 @@ class Coordinator:
         config = parse_config(config_data, "coordinator config")
         c, t = config.cluster, config.target
         torch.set_num_threads(c.coordinator.threads)
-        self.group = TargetGroup(t.model, t.dtype, c.tp_size, c.target_rank.cpus, c.target_rank.gpus, c.target_rank.threads)
-        self.replicas = [
-            DraftReplica.options(num_cpus=c.draft_replica.cpus, num_gpus=c.draft_replica.gpus).remote(
-                config_data, None, c.draft_replica.threads, "0.0.0.0"
-            )
-            for _ in range(c.draft_replicas)
-        ]
-        if self.replicas:
-            self.pool = DraftPool(ray.get([r.address.remote() for r in self.replicas]), c.draft_timeout_s)
+        self.config = config
+        self.group = TargetGroup(
+            t.model, t.dtype, c.tp_size, c.target_rank.cpus, c.target_rank.gpus, c.target_rank.threads,
+            placement_group=placement_group, first_bundle=1,
+        )
+        self.replicas = []
+        if draft_addresses is None:
+            self.replicas = [
+                DraftReplica.options(num_cpus=c.draft_replica.cpus, num_gpus=c.draft_replica.gpus).remote(
+                    config_data, None, c.draft_replica.threads, "0.0.0.0"
+                )
+                for _ in range(c.draft_replicas)
+            ]
+            draft_addresses = ray.get([r.address.remote() for r in self.replicas])
+        if c.draft_replicas:
+            self.pool = DraftPool(draft_addresses, c.draft_timeout_s)
             drafter = self.pool
         else:  # the drafter runs here, in the coordinator
             self.pool = None
@@ -193,6 +204,7 @@ class Coordinator:
         out = self.metrics.summary()
         if self.pool is not None:
             out["draft_load"] = self.pool.load()
+            out["draft_live"] = sum(self.pool.alive)
             out["draft_blocks"] = list(self.pool.served)
             out["moved"] = self.pool.moved
             out["fallbacks"] = self.pool.fallbacks
@@ -208,6 +220,12 @@ class Coordinator:
     async def draft_replicas(self) -> list:
         return list(self.replicas)
 
+    async def set_draft_addresses(self, addresses: list[str]) -> None:
+        """Follows a scaling draft deployment (between rounds): new replicas join the pool; the
+        sequences of a gone one move (re-prefilled) to a live one."""
+        if self.pool is not None:
+            await asyncio.get_running_loop().run_in_executor(self._worker, self.pool.set_addresses, addresses)
+
     async def target_sequences(self) -> int:
         return await asyncio.get_running_loop().run_in_executor(self._worker, self.group.sequences)
 
@@ -220,3 +238,6 @@ class Coordinator:
             self.group.shutdown()
 
         await asyncio.get_running_loop().run_in_executor(self._worker, stop)
+
+
+CoordinatorActor = ray.remote(Coordinator)

@@ -23,8 +23,7 @@ class DraftPool(Drafter):
     name = "pool"
 
     def __init__(self, addresses: list[str], timeout_s: float = 10.0):
-        if not addresses:
-            raise ValueError("a draft pool needs at least one replica address")
+        self.timeout_s = timeout_s
         self.replicas = [RemoteDrafter(a, timeout_s) for a in addresses]
         self.alive = [True] * len(addresses)
         self.placement: dict[int, int] = {}  # seq_id -> replica index, sticky
@@ -62,6 +61,20 @@ class DraftPool(Drafter):
 
     def _fail(self, i: int) -> None:
         self.alive[i] = False
+
+    def set_addresses(self, addresses: list[str]) -> None:
+        """The replicas now running: new addresses join; a missing one counts as failed (its
+        sequences move on their next block). With none, blocks are empty (K = 0)."""
+        known = {r.address: i for i, r in enumerate(self.replicas)}
+        for i, r in enumerate(self.replicas):
+            if self.alive[i] and r.address not in addresses:
+                self._fail(i)
+                r.close()
+        for a in addresses:
+            if a not in known:
+                self.replicas.append(RemoteDrafter(a, self.timeout_s))
+                self.alive.append(True)
+                self.served.append(0)
 
     def propose(self, seq_id, context, k, params, seed) -> DraftBlock:
         return self.propose_many([(seq_id, context, k, params, seed)])[0]

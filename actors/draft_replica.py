@@ -1,4 +1,5 @@
-"""A draft replica: a Ray actor hosting one drafter behind the gRPC draft service on its own port."""
+"""A draft replica: one drafter behind the gRPC draft service on its own port. As a Ray actor
+(DraftReplica, created by a coordinator) or inside a Serve replica (actors/serving.py)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,12 @@ import ray
 import torch
 
 
-@ray.remote
-class DraftReplica:
+class DraftHost:
     def __init__(self, config_data: dict, drafter: str | None = None, threads: int = 1, host: str = "127.0.0.1"):
         from cluster.config import parse_config
         from cluster.runtime.factory import build_drafter, load_target
 
-        from .draft_service import create_server
+        from .draft_service import DraftServicer, create_server
 
         torch.set_num_threads(threads)
         config = parse_config(config_data, "draft replica config")
@@ -21,12 +21,20 @@ class DraftReplica:
         # int8 and layer-subset drafts are built from the target's weights, loaded here on the replica
         target = load_target(config) if name != "ngram" else None
         self.drafter = build_drafter(name, config.draft, target, t.dtype, t.device)
-        self.server, self.port = create_server(self.drafter, f"{host}:0")
+        self.servicer = DraftServicer(self.drafter)
+        self.server, self.port = create_server(self.drafter, f"{host}:0", self.servicer)
         self.server.start()
         self.host = host if host != "0.0.0.0" else ray.util.get_node_ip_address()
 
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    def sequences(self) -> int:
+        """Sequences whose context (and KV cache) this replica holds."""
+        return len(self.servicer.contexts)
+
     def stop(self) -> None:
         self.server.stop(grace=None)
+
+
+DraftReplica = ray.remote(DraftHost)

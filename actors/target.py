@@ -16,7 +16,8 @@ import warnings
 
 import ray
 import torch
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group as new_placement_group
+from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 
@@ -113,23 +114,27 @@ class TargetRank:
 
 class TargetGroup:
     """tp_size TargetRank actors reserved together: one placement-group bundle per rank, packed
-    on one node. Resources per rank: `cpus` CPUs and `gpus` GPUs."""
+    on one node. Resources per rank: `cpus` CPUs and `gpus` GPUs. Given a placement group (a
+    Serve replica's), rank i takes its bundle first_bundle + i instead of a group of its own."""
 
     def __init__(self, model: str, dtype: str = "float32", tp_size: int = 2, cpus: float = 1.0,
-                 gpus: float = 0.0, threads: int = 1):
+                 gpus: float = 0.0, threads: int = 1, placement_group=None, first_bundle: int = 0):
         from cluster.runtime.models import load_model_config
 
         self.model_name = model
         config = load_model_config(model)
         check_tp_size(config, tp_size)
         self.max_context = int(getattr(config, "max_position_embeddings", 2048))
-        bundle = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
-        self._pg = placement_group([bundle] * tp_size, strategy="STRICT_PACK")
-        ray.get(self._pg.ready())
+        self._own_pg = placement_group is None
+        if self._own_pg:
+            bundle = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
+            placement_group = new_placement_group([bundle] * tp_size, strategy="STRICT_PACK")
+            ray.get(placement_group.ready())
+        self._pg = placement_group
         self.ranks = [
             TargetRank.options(
                 num_cpus=cpus, num_gpus=gpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=first_bundle + i),
             ).remote(i, tp_size, threads)
             for i in range(tp_size)
         ]
@@ -196,4 +201,5 @@ class TargetGroup:
     def shutdown(self) -> None:
         for r in self.ranks:
             ray.kill(r)
-        remove_placement_group(self._pg)
+        if self._own_pg:
+            remove_placement_group(self._pg)

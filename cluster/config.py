@@ -90,11 +90,39 @@ class ClusterConfig(_Strict):
         return {"CPU": cpus, "GPU": gpus}
 
 
+class Autoscaling(_Strict):
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(1, ge=1)
+    target: float = Field(16, gt=0)  # engines: requests per replica; drafts: sequences per replica
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
+class ServeConfig(_Strict):
+    app_name: str = Field("specserve", min_length=1)  # gRPC clients send metadata ("application", app_name)
+    grpc_port: int = Field(9000, ge=1, le=65535)
+    http_port: int = Field(8000, ge=1, le=65535)
+    host: str = "0.0.0.0"  # where the HTTP proxy listens
+    max_new_tokens: int = Field(128, ge=1)  # when a request asks for 0
+    max_ongoing_requests: int = Field(32, ge=1)  # sequences one engine replica batches at once
+    max_queued_requests: int = Field(64, ge=0)  # waiting for an engine; beyond: RESOURCE_EXHAUSTED / HTTP 503
+    engines: Autoscaling = Autoscaling(target=16)  # coordinator + tensor-parallel target groups
+    drafts: Autoscaling = Autoscaling(max_replicas=2, target=8)  # draft replicas (cluster.draft_replicas 0: none)
+    draft_refresh_s: float = Field(2.0, gt=0)  # how often an engine looks for new or gone draft replicas
+
+
 class SpecserveConfig(_Strict):
     target: TargetConfig = TargetConfig()
     draft: DraftConfig = DraftConfig()
     speculation: SpeculationConfig = SpeculationConfig()
     cluster: ClusterConfig = ClusterConfig()
+    serve: ServeConfig = ServeConfig()
 
 
 class ConfigError(ValueError):
@@ -131,6 +159,18 @@ DEFAULT_CONFIG = {
         "draft_replica": {"cpus": 0.25, "gpus": 0.0, "threads": 1},
         "coordinator": {"cpus": 0.25, "gpus": 0.0, "threads": 1},
         "draft_timeout_s": 10.0,
+    },
+    "serve": {
+        "app_name": "specserve",
+        "grpc_port": 9000,
+        "http_port": 8000,
+        "host": "0.0.0.0",
+        "max_new_tokens": 128,
+        "max_ongoing_requests": 32,
+        "max_queued_requests": 64,
+        "engines": {"min_replicas": 1, "max_replicas": 1, "target": 16, "upscale_delay_s": 5.0, "downscale_delay_s": 60.0},
+        "drafts": {"min_replicas": 1, "max_replicas": 2, "target": 8, "upscale_delay_s": 5.0, "downscale_delay_s": 60.0},
+        "draft_refresh_s": 2.0,
     },
 }
 

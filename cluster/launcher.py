@@ -29,7 +29,7 @@ class DistributedEngine:
     def __init__(self, config: SpecserveConfig):
         import ray
 
-        from actors.coordinator import Coordinator
+        from actors.coordinator import CoordinatorActor
 
         self.config = config
         c = config.cluster
@@ -38,7 +38,7 @@ class DistributedEngine:
             ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
         try:
             check_resources(config, ray.cluster_resources())
-            self.coordinator = Coordinator.options(num_cpus=c.coordinator.cpus, num_gpus=c.coordinator.gpus).remote(
+            self.coordinator = CoordinatorActor.options(num_cpus=c.coordinator.cpus, num_gpus=c.coordinator.gpus).remote(
                 config.model_dump()
             )
             self.info = _get(self.coordinator.ready.remote())

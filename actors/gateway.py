@@ -1,0 +1,135 @@
+"""The ingress deployment: the public gRPC service specserve.v1.SpeculativeGeneration (through
+Serve's gRPC proxy: methods named as the RPCs) and the OpenAI-style HTTP API (through Serve's HTTP
+proxy), both over the engine deployment.
+
+Errors at the boundary: a bad field is INVALID_ARGUMENT / HTTP 400 naming it; a full queue is
+RESOURCE_EXHAUSTED / HTTP 503. A client that goes away (cancel, deadline) cancels the engine call,
+which frees the sequence on the coordinator, the target ranks and its draft replica."""
+
+
+import json
+import time
+import uuid
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from specserve.v1 import generation_pb2 as pb
+
+from cluster.api import completion_json, fill_proto, request_from_json, request_from_proto
+from cluster.runtime.engine import check_request_fields
+from cluster.speculation import InvalidRequest
+
+http = FastAPI(title="specserve")
+
+
+def _invalid(e: BaseException) -> "InvalidRequest | None":
+    """The InvalidRequest behind an error from the engine (Serve wraps what a replica raises)."""
+    for candidate in (e, getattr(e, "cause", None), getattr(e, "__cause__", None)):
+        if isinstance(candidate, InvalidRequest):
+            return InvalidRequest(candidate.field, candidate.message)
+    return None
+
+
+def _http_error(status: int, field: str | None, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": field}}, status_code=status)
+
+
+@serve.deployment
+@serve.ingress(http)
+class Gateway:
+    def __init__(self, engine, config_data: dict):
+        from cluster.config import parse_config
+
+        self.engine = engine
+        self.config = parse_config(config_data, "gateway config")
+        self.max_k = self.config.speculation.max_draft_tokens
+        self.default_max_new = self.config.serve.max_new_tokens
+
+    def _check(self, request):
+        check_request_fields(request, self.max_k)
+        return request
+
+    # -- gRPC: specserve.v1.SpeculativeGeneration ---------------------------------------------
+    async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
+        try:
+            r = self._check(request_from_proto(request, self.default_max_new))
+            result = await self.engine.generate.remote(r)
+        except Exception as e:  # noqa: BLE001 - mapped to a status, or raised as INTERNAL
+            self._grpc_error(e, grpc_context)
+        return fill_proto(pb.GenerateResponse(), result.token_ids, result.text, result)
+
+    async def GenerateStream(self, request: pb.GenerateRequest, grpc_context):
+        try:
+            r = self._check(request_from_proto(request, self.default_max_new))
+            async for out in self.engine.options(stream=True).stream.remote(r):
+                yield fill_proto(pb.GenerateResponse(), out["token_ids"], out["text"], out["result"])
+        except Exception as e:  # noqa: BLE001
+            self._grpc_error(e, grpc_context)
+
+    async def Health(self, request: pb.HealthRequest, grpc_context) -> pb.HealthResponse:
+        return pb.HealthResponse(**await self.engine.health.remote())
+
+    @staticmethod
+    def _grpc_error(e: BaseException, grpc_context):
+        """Raises e with its status set: Serve's proxy sends a code set before an exception."""
+        invalid = _invalid(e)
+        if invalid is not None:
+            grpc_context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+            grpc_context.set_details(str(invalid))
+        elif isinstance(e, BackPressureError):
+            grpc_context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            grpc_context.set_details(f"overloaded: {e}")
+        raise e
+
+    # -- HTTP: OpenAI-compatible -------------------------------------------------------------
+    @http.post("/v1/completions")
+    async def completions(self, raw: Request):
+        try:
+            body = json.loads(await raw.body() or b"null")
+        except ValueError as e:
+            return _http_error(400, "body", f"not JSON: {e}")
+        try:
+            request, stream = request_from_json(body, self.default_max_new)
+            self._check(request)
+        except InvalidRequest as e:
+            return _http_error(400, e.field, str(e))
+        rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.config.target.model
+        if stream:
+            return StreamingResponse(self._events(request, rid, created, model), media_type="text/event-stream")
+        try:
+            result = await self.engine.generate.remote(request)
+        except Exception as e:  # noqa: BLE001
+            return self._http_exception(e)
+        return JSONResponse(completion_json(rid, created, model, result.text, result))
+
+    async def _events(self, request, rid, created, model):
+        try:
+            async for out in self.engine.options(stream=True).stream.remote(request):
+                chunk = completion_json(rid, created, model, out["text"], out["result"], chunk=True)
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except Exception as e:  # noqa: BLE001 - the status is sent already: report in the stream
+            invalid = _invalid(e)
+            error = {"message": str(invalid or e), "type": "invalid_request_error" if invalid else "server_error",
+                     "param": invalid.field if invalid else None}
+            yield f"data: {json.dumps({'error': error})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    @staticmethod
+    def _http_exception(e: BaseException):
+        invalid = _invalid(e)
+        if invalid is not None:
+            return _http_error(400, invalid.field, str(invalid))
+        if isinstance(e, BackPressureError):
+            return _http_error(503, None, f"overloaded: {e}", "overloaded")
+        raise e
+
+    @http.get("/v1/models")
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.config.target.model, "object": "model", "owned_by": "specserve"}]}
+
+    @http.get("/healthz")
+    async def healthz(self):
+        return await self.engine.health.remote()

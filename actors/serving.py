@@ -1,0 +1,98 @@
+"""Ray Serve deployments behind the public API (cluster/app.py binds them):
+
+- Engine: a coordinator with its tensor-parallel target group. Its replica reserves one
+  placement group: bundle 0 for itself, bundle 1 + i for rank i. A request stays on the engine
+  replica that holds its KV caches for its whole life; Serve scales engines on ongoing requests.
+- DraftServer: the gRPC draft service. Engines find replicas by broadcast and follow them as
+  they scale; Serve scales them on the sequences they hold (cluster/autoscaling.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import ray
+from ray import serve
+
+from .coordinator import Coordinator
+from .draft_replica import DraftHost
+
+log = logging.getLogger("ray.serve")
+
+
+@serve.deployment
+class DraftServer:
+    def __init__(self, config_data: dict):
+        from cluster.config import parse_config
+
+        threads = parse_config(config_data, "draft replica config").cluster.draft_replica.threads
+        self.host = DraftHost(config_data, None, threads, "0.0.0.0")
+
+    async def address(self) -> str:
+        return self.host.address()
+
+    async def sequences(self) -> int:
+        return self.host.sequences()
+
+    async def record_autoscaling_stats(self) -> dict:
+        return {"sequences": float(self.host.sequences())}
+
+
+
+@serve.deployment
+class Engine:
+    async def __init__(self, config_data: dict, drafts=None):
+        from cluster.config import parse_config
+
+        self.config = parse_config(config_data, "engine config")
+        self.drafts = drafts
+        addresses = await self._wait_for_drafts() if drafts is not None else None
+        pg = ray.util.get_current_placement_group()
+        # model loading blocks: keep it off the replica's event loop
+        self.core = await asyncio.to_thread(Coordinator, config_data, addresses, pg)
+        self._follow = asyncio.get_running_loop().create_task(self._follow_drafts()) if drafts is not None else None
+
+    async def _draft_addresses(self) -> list[str]:
+        return sorted(await self.drafts.broadcast("address").results_async())
+
+    async def _wait_for_drafts(self) -> list[str]:
+        while not (addresses := await self._draft_addresses()):
+            await asyncio.sleep(0.5)
+        return addresses
+
+    async def _follow_drafts(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.serve.draft_refresh_s)
+            try:
+                await self.core.set_draft_addresses(await self._draft_addresses())
+            except Exception as e:  # noqa: BLE001 - keep following; the pool fails over meanwhile
+                log.warning("engine: draft replica refresh failed: %s", e)
+
+    async def generate(self, request):
+        return await self.core.generate(request)
+
+    async def stream(self, request):
+        """Dicts {token_ids, text, result}: the tokens accepted in a round and their text (a
+        delta; the deltas concatenate to the final text), result on the last one."""
+        from cluster.api import TextStream
+
+        text = TextStream(self.core.engine.tokenizer.decode, request.stop)
+        async for out in self.core.stream(request):
+            final = out.result.text if out.result is not None else None
+            yield {"token_ids": out.new_token_ids, "text": text.push(out.new_token_ids, final), "result": out.result}
+
+    async def health(self) -> dict:
+        c = self.config
+        return {"status": "SERVING", "target": c.target.model, "drafter": c.draft.drafter,
+                "tp_size": c.cluster.tp_size, "draft_replicas": sum(self.core.pool.alive) if self.core.pool else 0}
+
+    async def stats(self) -> dict:
+        return await self.core.stats()
+
+    async def target_sequences(self) -> int:
+        return await self.core.target_sequences()
+
+    async def check_health(self) -> None:
+        if not self.core.group.ranks:
+            raise RuntimeError("engine: no target ranks")

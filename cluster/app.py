@@ -1,0 +1,94 @@
+"""The Ray Serve application: build_app(config) for `specserve serve`, `serve run
+cluster.app:build_app`, tests and a RayService's serveConfigV2 (its `args` are the config itself).
+
+  clients --gRPC :9000 / HTTP :8000--> Gateway --handle--> Engine (coordinator + TP target group)
+                                                              --gRPC--> DraftServer replicas
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import SpecserveConfig, load_config, parse_config
+
+GRPC_SERVICER = "specserve.v1.generation_pb2_grpc.add_SpeculativeGenerationServicer_to_server"
+_METRICS_INTERVAL_S = 1.0
+_LOOK_BACK_S = 5.0
+
+
+def config_from_args(args) -> SpecserveConfig:
+    """A SpecserveConfig, the config as a dict, {"config": "path.yaml"}, or nothing (the default)."""
+    if isinstance(args, SpecserveConfig):
+        return args
+    if not args:
+        return load_config(None)
+    if isinstance(args, dict) and set(args) == {"config"} and isinstance(args["config"], (str, Path)):
+        return load_config(args["config"])
+    return parse_config(args, "serve args")
+
+
+def _autoscaling(a, policy: dict | None = None, target_ongoing: float | None = None) -> dict:
+    out = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas, "initial_replicas": a.min_replicas,
+           "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s,
+           "metrics_interval_s": _METRICS_INTERVAL_S, "look_back_period_s": _LOOK_BACK_S}
+    if target_ongoing is not None:
+        out["target_ongoing_requests"] = target_ongoing
+    if policy is not None:
+        out["policy"] = policy
+    return out
+
+
+def build_app(args=None):
+    from ray import serve  # noqa: F401 - the deployments below need Serve
+
+    from actors.gateway import Gateway
+    from actors.serving import DraftServer, Engine
+
+    config = config_from_args(args)
+    data = config.model_dump()
+    c, s = config.cluster, config.serve
+    drafts = None
+    if c.draft_replicas:
+        drafts = DraftServer.options(
+            name="drafts",
+            ray_actor_options={"num_cpus": c.draft_replica.cpus, "num_gpus": c.draft_replica.gpus},
+            autoscaling_config=_autoscaling(s.drafts, policy={
+                "policy_function": "cluster.autoscaling:DraftReplicaPolicy",
+                "policy_kwargs": {"target_sequences": s.drafts.target},
+            }),
+        ).bind(data)
+
+    def bundle(r):
+        return {"CPU": r.cpus} | ({"GPU": r.gpus} if r.gpus else {})
+
+    engine = Engine.options(
+        name="engine",
+        ray_actor_options={"num_cpus": c.coordinator.cpus, "num_gpus": c.coordinator.gpus},
+        placement_group_bundles=[bundle(c.coordinator)] + [bundle(c.target_rank)] * c.tp_size,
+        placement_group_strategy="STRICT_PACK",
+        max_ongoing_requests=s.max_ongoing_requests,
+        max_queued_requests=s.max_queued_requests,
+        autoscaling_config=_autoscaling(s.engines, target_ongoing=s.engines.target),
+        health_check_period_s=10,
+    ).bind(data, drafts)
+    return Gateway.options(
+        name="gateway", ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=4 * s.max_ongoing_requests + s.max_queued_requests,
+    ).bind(engine, data)
+
+
+def grpc_options(config: SpecserveConfig):
+    from ray.serve.config import gRPCOptions
+
+    return gRPCOptions(port=config.serve.grpc_port, grpc_servicer_functions=[GRPC_SERVICER])
+
+
+def start(config: SpecserveConfig, blocking: bool = False):
+    """Starts Serve's proxies (gRPC and HTTP ports from the config) and the app on the current Ray
+    cluster; returns the ingress handle once every deployment is ready (models loaded)."""
+    from ray import serve
+
+    s = config.serve
+    serve.start(http_options={"host": s.host, "port": s.http_port}, grpc_options=grpc_options(config))
+    # a route prefix is required: the gRPC proxy does not find an app deployed without one
+    return serve.run(build_app(config), name=s.app_name, route_prefix="/", blocking=blocking)

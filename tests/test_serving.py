@@ -1,0 +1,261 @@
+"""The Ray Serve application from configs/tiny.yaml (tensor parallel 2 behind a coordinator, draft
+replicas over gRPC) through its public interfaces: a plain gRPC client on loopback and a plain
+HTTP client, as users integrate."""
+
+import concurrent.futures
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from specserve.v1 import generation_pb2 as pb
+from specserve.v1 import generation_pb2_grpc as pb_grpc
+
+from cluster.config import parse_config
+from conftest import TINY_PROMPTS
+
+pytestmark = pytest.mark.ray
+
+TINY_YAML = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+APP = "specserve-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster):
+    from ray import serve
+
+    from cluster import app
+
+    data = yaml.safe_load(TINY_YAML.read_text())
+    data["serve"] = {
+        "app_name": APP, "grpc_port": _free_port(), "http_port": _free_port(), "host": "127.0.0.1",
+        "max_new_tokens": 24, "max_ongoing_requests": 6, "max_queued_requests": 6,
+        "drafts": {"min_replicas": 1, "max_replicas": 2, "target": 1, "upscale_delay_s": 0, "downscale_delay_s": 1},
+        "draft_refresh_s": 0.5,
+    }
+    config = parse_config(data)
+    app.start(config)
+    handle = serve.get_deployment_handle("engine", APP)
+    channel = grpc.insecure_channel(f"127.0.0.1:{config.serve.grpc_port}")
+    yield config, pb_grpc.SpeculativeGenerationStub(channel), handle
+    channel.close()
+    serve.shutdown()
+
+
+META = (("application", APP),)
+
+
+def _http(config, path, body=None):
+    url = f"http://127.0.0.1:{config.serve.http_port}{path}"
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _events(text: str) -> list:
+    lines = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(x) for x in lines[:-1]]
+
+
+def test_unary_and_stream_agree_for_a_seed(service):
+    """A seed fixes the sample for a given K (adaptive K follows the load, and so would the sample)."""
+    _, stub, _ = service
+    request = pb.GenerateRequest(prompt=TINY_PROMPTS[0], max_new_tokens=20, temperature=0.9, top_p=0.95, seed=11,
+                                 num_draft_tokens=3)
+    unary = stub.Generate(request, metadata=META)
+    assert unary.finish_reason in {"length", "eos"} and len(unary.token_ids) > 0
+    assert unary.stats.target_calls > 0 and unary.prompt_tokens > 0
+    pieces = list(stub.GenerateStream(request, metadata=META))
+    assert len(pieces) > 1 and all(p.finish_reason == "" for p in pieces[:-1])
+    assert [t for p in pieces for t in p.token_ids] == list(unary.token_ids)
+    assert "".join(p.text for p in pieces) == unary.text
+    assert pieces[-1].stats == unary.stats
+
+
+def test_greedy_with_speculation_equals_plain_decoding(service):
+    _, stub, _ = service
+
+    def run(prompt, k):
+        extra = {} if k is None else {"num_draft_tokens": k}
+        return stub.Generate(pb.GenerateRequest(prompt=prompt, max_new_tokens=20, **extra), metadata=META)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # concurrent: they share rounds
+        spec = list(pool.map(lambda p: run(p, 3), TINY_PROMPTS[:4]))
+        adaptive = list(pool.map(lambda p: run(p, None), TINY_PROMPTS[:4]))  # K from the server's policy
+        plain = list(pool.map(lambda p: run(p, 0), TINY_PROMPTS[:4]))
+    assert [list(r.token_ids) for r in spec] == [list(r.token_ids) for r in plain]
+    assert [list(r.token_ids) for r in adaptive] == [list(r.token_ids) for r in plain]
+    assert [r.text for r in spec] == [r.text for r in plain]
+    assert sum(r.stats.accepted_tokens for r in spec) > 0 and all(r.stats.draft_tokens == 0 for r in plain)
+
+
+def test_stop_strings_end_the_text_in_both_modes(service):
+    _, stub, _ = service
+    full = stub.Generate(pb.GenerateRequest(prompt=TINY_PROMPTS[2], max_new_tokens=24), metadata=META)
+    stop = full.text[5:7]
+    assert len(stop) == 2
+    request = pb.GenerateRequest(prompt=TINY_PROMPTS[2], max_new_tokens=24, stop=[stop])
+    unary = stub.Generate(request, metadata=META)
+    assert unary.finish_reason == "stop" and unary.text == full.text[: full.text.index(stop)]
+    assert "".join(p.text for p in stub.GenerateStream(request, metadata=META)) == unary.text
+
+
+def test_health_over_grpc_and_http(service):
+    config, stub, _ = service
+    health = stub.Health(pb.HealthRequest(), metadata=META)
+    assert health.status == "SERVING" and health.tp_size == 2 and health.target == "tiny-llama"
+    status, body = _http(config, "/healthz")
+    assert status == 200 and json.loads(body)["status"] == "SERVING"
+    status, _ = _http(config, "/-/healthz")  # Serve's own proxy health
+    assert status == 200
+
+
+def test_http_completions_unary_and_streaming(service):
+    config, stub, _ = service
+    body = {"model": "tiny-llama", "prompt": TINY_PROMPTS[4], "max_tokens": 16, "temperature": 0}
+    status, text = _http(config, "/v1/completions", body)
+    assert status == 200, text
+    out = json.loads(text)
+    grpc_out = stub.Generate(pb.GenerateRequest(prompt=TINY_PROMPTS[4], max_new_tokens=16), metadata=META)
+    assert out["choices"][0]["text"] == grpc_out.text
+    assert out["usage"]["completion_tokens"] == len(grpc_out.token_ids)
+    status, text = _http(config, "/v1/completions", body | {"stream": True})
+    assert status == 200
+    chunks = _events(text)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == grpc_out.text
+    assert chunks[-1]["choices"][0]["finish_reason"] in {"length", "stop"}
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+BAD_GRPC = [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "x", "temperature": -1.0}, "temperature"),
+    ({"prompt": "x", "temperature": float("nan")}, "temperature"),
+    ({"prompt": "x", "top_p": 1.5}, "top_p"),
+    ({"prompt": "x", "num_draft_tokens": 99}, "num_draft_tokens"),
+    ({"prompt": "x", "stop": [""]}, "stop"),
+    ({"prompt": "x" * 5000}, "prompt"),  # longer than the model's context: found by the engine
+]
+
+
+@pytest.mark.parametrize("fields,name", BAD_GRPC)
+def test_bad_grpc_fields_are_invalid_argument(service, fields, name):
+    _, stub, _ = service
+    for call in (stub.Generate, lambda r, **kw: list(stub.GenerateStream(r, **kw))):
+        with pytest.raises(grpc.RpcError) as e:
+            call(pb.GenerateRequest(max_new_tokens=4, **fields), metadata=META)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details().startswith(f"{name}:"), e.value.details()
+
+
+BAD_HTTP = [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "x", "temperature": -1}, "temperature"),
+    ({"prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "max_tokens": 0}, "max_new_tokens"),
+    ({"prompt": "x", "n": 2}, "n"),
+    ({"prompt": "x", "logprobs": 3}, "logprobs"),
+    ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
+    ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": "x", "seed": -3}, "seed"),
+    ({"prompt": "x" * 5000}, "prompt"),
+]
+
+
+@pytest.mark.parametrize("fields,name", BAD_HTTP)
+def test_bad_http_fields_are_400_naming_the_field(service, fields, name):
+    config, _, _ = service
+    status, text = _http(config, "/v1/completions", {"max_tokens": 4} | fields)
+    assert status == 400, text
+    assert json.loads(text)["error"]["param"] == name
+
+
+def test_http_body_must_be_json(service):
+    config, _, _ = service
+    req = urllib.request.Request(f"http://127.0.0.1:{config.serve.http_port}/v1/completions", data=b"{nope")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 400 and json.loads(e.value.read())["error"]["param"] == "body"
+
+
+def _wait(predicate, timeout=30.0, what=""):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _sequences(handle) -> tuple[int, int, int]:
+    """(coordinator, target ranks, draft replicas): sequences each holds."""
+    from ray import serve
+
+    stats = handle.stats.remote().result()
+    drafts = serve.get_deployment_handle("drafts", APP).broadcast("sequences").results()
+    ranks = handle.target_sequences.remote().result()
+    return stats["active"], ranks, sum(drafts)
+
+
+def test_cancelled_stream_and_expired_deadline_free_the_sequence(service):
+    _, stub, handle = service
+    assert _sequences(handle) == (0, 0, 0)
+    request = pb.GenerateRequest(prompt=TINY_PROMPTS[1], max_new_tokens=2000, temperature=1.0, seed=3)
+    stream = stub.GenerateStream(request, metadata=META)
+    next(stream), next(stream)  # it is running
+    assert _sequences(handle)[0] == 1
+    stream.cancel()
+    _wait(lambda: _sequences(handle) == (0, 0, 0), what="the cancelled sequence to be freed everywhere")
+
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Generate(request, metadata=META, timeout=1.0)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    _wait(lambda: _sequences(handle) == (0, 0, 0), what="the expired sequence to be freed everywhere")
+
+
+def _draft_replicas() -> int:
+    from ray import serve
+
+    app = serve.status().applications[APP]
+    return sum(n for state, n in app.deployments["drafts"].replica_states.items() if state == "RUNNING")
+
+
+def test_overload_is_resource_exhausted_and_drafts_scale_up_then_down(service):
+    _, stub, handle = service
+    assert _draft_replicas() == 1
+    request = pb.GenerateRequest(prompt=TINY_PROMPTS[3], max_new_tokens=2000, temperature=1.0, seed=5)
+    streams = [stub.GenerateStream(request, metadata=META) for _ in range(6)]  # max_ongoing_requests 6
+    for s in streams:
+        next(s)
+    queued = [stub.GenerateStream(request, metadata=META) for _ in range(6)]
+    time.sleep(1.0)  # they reach the gateway and wait for the engine
+    with pytest.raises(grpc.RpcError) as e:  # 6 running, 6 queued: the next is refused
+        next(stub.GenerateStream(request, metadata=META))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # 6 sequences, target 1 sequence per draft replica: Serve scales the drafts to their max, 2
+    _wait(lambda: _draft_replicas() == 2, timeout=60, what="a second draft replica")
+    _wait(lambda: handle.stats.remote().result()["draft_live"] == 2, timeout=30, what="the engine to find it")
+    for s in streams + queued:
+        s.cancel()
+    _wait(lambda: _sequences(handle) == (0, 0, 0), what="every sequence freed")
+    _wait(lambda: _draft_replicas() == 1, timeout=60, what="the drafts to scale back down")
+    _wait(lambda: handle.stats.remote().result()["draft_live"] == 1, timeout=30, what="the engine to drop it")
+    out = stub.Generate(pb.GenerateRequest(prompt=TINY_PROMPTS[0], max_new_tokens=8), metadata=META)
+    assert len(out.token_ids) == 8 or out.finish_reason == "eos"
