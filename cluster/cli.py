@@ -1,4 +1,4 @@
-"""`specserve generate` and `specserve bench`."""
+"""`specserve generate`, `specserve bench` and `specserve serve`."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specserve", description="Exact speculative decoding.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="run one generation locally")
+    gen = sub.add_parser("generate", help="run one generation (locally, --distributed, or against --address)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
@@ -35,6 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.add_argument("--distributed", action="store_true",
                      help="run on Ray: tensor-parallel target, draft replicas, coordinator (the config's cluster section)")
+    gen.add_argument("--address", default=None, metavar="HOST:PORT", help="a running service's gRPC endpoint")
+    gen.add_argument("--stream", action="store_true", help="with --address: print tokens as they are accepted")
+    gen.add_argument("--app", default="specserve", help="with --address: the Serve application's name")
+    gen.add_argument("--timeout", type=float, default=None, help="with --address: the call's deadline in seconds")
+
+    srv = sub.add_parser("serve", help="start a local Ray cluster and the service; stay up until interrupted")
+    srv.add_argument("--config", default=None, help="YAML config; default: the embedded default (configs/local.yaml)")
+    srv.add_argument("--grpc-port", type=int, default=None, help="default: the config's serve.grpc_port (9000)")
+    srv.add_argument("--http-port", type=int, default=None, help="default: the config's serve.http_port (8000)")
 
     bench = sub.add_parser("bench", help="speculation off vs on, per drafter and K, on the project's prompts")
     bench.add_argument("--config", default=None)
@@ -51,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
-            return _generate(args)
+            return _remote_generate(args) if args.address else _generate(args)
         config = load_config(args.config)
+        if args.command == "serve":
+            return _serve(config, args)
         if args.distributed or config.cluster.enabled:
             if args.plot:
                 raise InvalidRequest("plot", "--plot draws the in-process bench; --distributed writes --json only")
@@ -124,6 +135,91 @@ def _generate(args) -> int:
             f"{stats['target_calls']} target calls, {stats['accepted_tokens']}/{stats['draft_tokens']} drafts accepted]",
             file=sys.stderr,
         )
+    return 0
+
+
+def _serve(config, args) -> int:
+    import signal
+    import threading
+
+    from .config import parse_config
+
+    data = config.model_dump()
+    for key, value in (("grpc_port", args.grpc_port), ("http_port", args.http_port)):
+        if value is not None:
+            data["serve"][key] = value
+    config = parse_config(data, "serve options")  # the ports are checked like the config's own
+    import ray
+    from ray import serve
+
+    from . import app
+    from .launcher import check_resources
+
+    s = config.serve
+    ray.init(address=config.cluster.address, include_dashboard=False, log_to_driver=False)
+    try:
+        check_resources(config, ray.cluster_resources())
+        print(f"specserve: starting {config.target.model} (tp_size {config.cluster.tp_size}, drafter "
+              f"{config.draft.drafter}); models load before the endpoints answer", file=sys.stderr, flush=True)
+        app.start(config)
+        print(f"specserve: serving\n  gRPC  localhost:{s.grpc_port}  (specserve.v1.SpeculativeGeneration, "
+              f"metadata application={s.app_name})\n  HTTP  http://localhost:{s.http_port}/v1/completions  "
+              f"(health: /healthz)\n  try:  specserve generate --address localhost:{s.grpc_port} --prompt \"Hello\"\n"
+              "Ctrl-C stops it.", flush=True)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        print("specserve: shutting down", file=sys.stderr, flush=True)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    return 0
+
+
+def _remote_generate(args) -> int:
+    import grpc
+
+    from .client import Client, proto_request
+
+    if args.distributed or args.drafter or args.config:
+        raise InvalidRequest("address", "--address talks to a running service: --distributed, --drafter and --config "
+                             "are the server's")
+    client = Client(args.address, args.app, args.timeout)
+    request = proto_request(args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                            args.num_draft_tokens, args.stop)
+    token_ids, text, result = [], "", None
+    try:
+        if args.stream:
+            for result in client.stream(request):
+                token_ids += result.token_ids
+                text += result.text
+                if not args.json:
+                    print(result.text, end="", flush=True)
+            if not args.json:
+                print()
+        else:
+            result = client.generate(request)
+            token_ids, text = list(result.token_ids), result.text
+            if not args.json:
+                print(result.text)
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.INVALID_ARGUMENT and ": " in e.details():
+            raise InvalidRequest(*e.details().split(": ", 1)) from None
+        print(f"specserve: {args.address}: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    stats = {"target_calls": result.stats.target_calls, "draft_tokens": result.stats.draft_tokens,
+             "accepted_tokens": result.stats.accepted_tokens}
+    if args.json:
+        print(json.dumps({"text": text, "token_ids": token_ids, "finish_reason": result.finish_reason,
+                          "prompt_tokens": result.prompt_tokens, "stats": stats}))
+    else:
+        print(f"[{len(token_ids)} tokens, {result.finish_reason}, {stats['target_calls']} target calls, "
+              f"{stats['accepted_tokens']}/{stats['draft_tokens']} drafts accepted]", file=sys.stderr)
     return 0
 
 
