@@ -160,6 +160,7 @@ class Coordinator:
                 continue
             sink.seq_id = self.engine.add_request(request, ids)
             self._sinks[sink.seq_id] = sink
+        self.metrics.gauges(len(self._pending), len(self._sinks), sum(self.pool.alive) if self.pool else 0)
         if not self.engine.has_unfinished():
             return []
         before = self._wire_bytes()

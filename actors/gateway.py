@@ -18,6 +18,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from specserve.v1 import generation_pb2 as pb
 
+from .metrics import RequestMetrics
 from cluster.api import completion_json, fill_proto, request_from_json, request_from_proto
 from cluster.runtime.engine import check_request_fields
 from cluster.speculation import InvalidRequest
@@ -47,6 +48,7 @@ class Gateway:
         self.config = parse_config(config_data, "gateway config")
         self.max_k = self.config.speculation.max_draft_tokens
         self.default_max_new = self.config.serve.max_new_tokens
+        self.metrics = RequestMetrics()
 
     def _check(self, request):
         check_request_fields(request, self.max_k)
@@ -54,20 +56,24 @@ class Gateway:
 
     # -- gRPC: specserve.v1.SpeculativeGeneration ---------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
-        try:
-            r = self._check(request_from_proto(request, self.default_max_new))
-            result = await self.engine.generate.remote(r)
-        except Exception as e:  # noqa: BLE001 - mapped to a status, or raised as INTERNAL
-            self._grpc_error(e, grpc_context)
-        return fill_proto(pb.GenerateResponse(), result.token_ids, result.text, result)
+        with self.metrics.request("grpc", "Generate", grpc_context) as m:
+            try:
+                r = self._check(request_from_proto(request, self.default_max_new))
+                result = await self.engine.generate.remote(r)
+            except Exception as e:  # noqa: BLE001 - mapped to a status, or raised as INTERNAL
+                self._grpc_error(e, grpc_context)
+            m.tokens(len(result.token_ids))
+            return fill_proto(pb.GenerateResponse(), result.token_ids, result.text, result)
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context):
-        try:
-            r = self._check(request_from_proto(request, self.default_max_new))
-            async for out in self.engine.options(stream=True).stream.remote(r):
-                yield fill_proto(pb.GenerateResponse(), out["token_ids"], out["text"], out["result"])
-        except Exception as e:  # noqa: BLE001
-            self._grpc_error(e, grpc_context)
+        with self.metrics.request("grpc", "GenerateStream", grpc_context) as m:
+            try:
+                r = self._check(request_from_proto(request, self.default_max_new))
+                async for out in self.engine.options(stream=True).stream.remote(r):
+                    m.tokens(len(out["token_ids"]))
+                    yield fill_proto(pb.GenerateResponse(), out["token_ids"], out["text"], out["result"])
+            except Exception as e:  # noqa: BLE001
+                self._grpc_error(e, grpc_context)
 
     async def Health(self, request: pb.HealthRequest, grpc_context) -> pb.HealthResponse:
         return pb.HealthResponse(**await self.engine.health.remote())
@@ -87,6 +93,12 @@ class Gateway:
     # -- HTTP: OpenAI-compatible -------------------------------------------------------------
     @http.post("/v1/completions")
     async def completions(self, raw: Request):
+        with self.metrics.request("http", "completions") as m:
+            response = await self._completions(raw, m)
+            m.code = str(response.status_code)
+            return response
+
+    async def _completions(self, raw, m):
         try:
             body = json.loads(await raw.body() or b"null")
         except ValueError as e:
@@ -103,11 +115,13 @@ class Gateway:
             result = await self.engine.generate.remote(request)
         except Exception as e:  # noqa: BLE001
             return self._http_exception(e)
+        m.tokens(len(result.token_ids))
         return JSONResponse(completion_json(rid, created, model, result.text, result))
 
     async def _events(self, request, rid, created, model):
         try:
             async for out in self.engine.options(stream=True).stream.remote(request):
+                self.metrics.stream_tokens(len(out["token_ids"]))
                 chunk = completion_json(rid, created, model, out["text"], out["result"], chunk=True)
                 yield f"data: {json.dumps(chunk)}\n\n"
         except Exception as e:  # noqa: BLE001 - the status is sent already: report in the stream

@@ -29,7 +29,18 @@ class RoundMetrics:
         )
         self._tokens = metrics.Counter("specserve_tokens", "Tokens drafted, accepted and generated", tag_keys=("kind",))
         self._batch = metrics.Gauge("specserve_batch_size", "Sequences verified in the latest round")
+        self._target_calls = metrics.Counter(
+            "specserve_target_calls", "Target calls per sequence (one per sequence per round): tokens / calls is "
+            "the tokens per target call")
+        self._queue = metrics.Gauge("specserve_queue_depth", "Requests waiting to join the running batch")
+        self._active = metrics.Gauge("specserve_active_sequences", "Sequences in the running batch")
+        self._drafts = metrics.Gauge("specserve_draft_replicas", "Live draft replicas this coordinator uses")
         self.reset()
+
+    def gauges(self, queued: int, active: int, draft_replicas: int) -> None:
+        self._queue.set(queued)
+        self._active.set(active)
+        self._drafts.set(draft_replicas)
 
     def reset(self) -> None:
         self.rounds = 0
@@ -52,6 +63,7 @@ class RoundMetrics:
                 self._tokens.inc(n, tags={"kind": kind})
             self.totals[f"{kind}_tokens"] += n
         self._batch.set(batch)
+        self._target_calls.inc(batch)
         self.totals["batch"] += batch
 
     def summary(self) -> dict:
@@ -61,4 +73,67 @@ class RoundMetrics:
         out["per_round"] = {k: v / n for k, v in self.totals.items() if k.endswith(("_s", "_bytes"))}
         out["per_round"]["batch"] = self.totals["batch"] / n
         out["per_round"]["wire_bytes"] = sum(self.totals[f"{w}_bytes"] for w in WIRE) / n
+        calls, drafted = self.totals["batch"], self.totals["drafted_tokens"]
+        out["tokens_per_target_call"] = self.totals["generated_tokens"] / calls if calls else 0.0
+        out["acceptance_rate"] = self.totals["accepted_tokens"] / drafted if drafted else 0.0
         return out
+
+
+class RequestMetrics:
+    """Per-request metrics of the public API: requests by api/method/status code, latency, time to
+    the first token and tokens returned (their rate is tokens/s)."""
+
+    def __init__(self):
+        from ray.util import metrics
+
+        self._requests = metrics.Counter("specserve_requests", "Requests by API, method and status code",
+                                         tag_keys=("api", "method", "code"))
+        self._latency = metrics.Histogram("specserve_request_seconds", "Time from request to last token",
+                                          boundaries=_LATENCY, tag_keys=("api", "method"))
+        self._first = metrics.Histogram("specserve_time_to_first_token_seconds", "Time from request to first token",
+                                        boundaries=_LATENCY, tag_keys=("api", "method"))
+        self._tokens = metrics.Counter("specserve_response_tokens", "Tokens returned to clients", tag_keys=("api",))
+
+    def request(self, api: str, method: str, grpc_context=None) -> "_Request":
+        return _Request(self, api, method, grpc_context)
+
+    def stream_tokens(self, n: int) -> None:
+        if n:
+            self._tokens.inc(n, tags={"api": "http"})
+
+
+_LATENCY = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0]
+
+
+class _Request:
+    def __init__(self, owner: RequestMetrics, api: str, method: str, grpc_context):
+        self.owner, self.api, self.method, self.grpc_context = owner, api, method, grpc_context
+        self.code = "OK" if api == "grpc" else "200"
+        self.first = None
+
+    def __enter__(self):
+        import time
+
+        self.start = time.perf_counter()
+        return self
+
+    def tokens(self, n: int) -> None:
+        import time
+
+        if n and self.first is None:
+            self.first = time.perf_counter() - self.start
+            self.owner._first.observe(self.first, tags={"api": self.api, "method": self.method})
+        if n:
+            self.owner._tokens.inc(n, tags={"api": self.api})
+
+    def __exit__(self, kind, error, tb):
+        import asyncio
+        import time
+
+        if error is not None:
+            set_code = self.grpc_context.code() if self.grpc_context is not None else None
+            self.code = set_code.name if set_code else ("CANCELLED" if kind in (asyncio.CancelledError, GeneratorExit) else "INTERNAL")
+        tags = {"api": self.api, "method": self.method}
+        self.owner._latency.observe(time.perf_counter() - self.start, tags=tags)
+        self.owner._requests.inc(1, tags=tags | {"code": self.code})
+        return False

@@ -259,3 +259,26 @@ def test_overload_is_resource_exhausted_and_drafts_scale_up_then_down(service):
     _wait(lambda: handle.stats.remote().result()["draft_live"] == 1, timeout=30, what="the engine to drop it")
     out = stub.Generate(pb.GenerateRequest(prompt=TINY_PROMPTS[0], max_new_tokens=8), metadata=META)
     assert len(out.token_ids) == 8 or out.finish_reason == "eos"
+
+
+def test_metrics_reach_prometheus(service):
+    """Ray's metrics agent exports the service's metrics in Prometheus format (names prefixed ray_)."""
+    import ray
+
+    _, stub, handle = service
+    stub.Generate(pb.GenerateRequest(prompt=TINY_PROMPTS[0], max_new_tokens=12, num_draft_tokens=3), metadata=META)
+    stats = handle.stats.remote().result()
+    assert stats["tokens_per_target_call"] > 1.0 and 0 < stats["acceptance_rate"] <= 1
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    wanted = ["specserve_requests", "specserve_request_seconds", "specserve_time_to_first_token_seconds",
+              "specserve_response_tokens", "specserve_tokens", "specserve_target_calls", "specserve_round_seconds",
+              "specserve_queue_depth", "specserve_active_sequences", "specserve_draft_replicas"]
+    seen = set()
+
+    def exported():
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        seen.update(name for name in wanted if f"ray_{name}" in text)
+        return seen == set(wanted)
+
+    _wait(exported, timeout=60, what=f"metrics {sorted(set(wanted) - seen)}")
