@@ -128,18 +128,21 @@ class TargetGroup:
         self._own_pg = placement_group is None
         if self._own_pg:
             bundle = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
-            placement_group = new_placement_group([bundle] * tp_size, strategy="STRICT_PACK")
+            placement_group, first_bundle = new_placement_group([bundle] * tp_size, strategy="STRICT_PACK"), 0
             ray.get(placement_group.ready())
         self._pg = placement_group
-        self.ranks = [
-            TargetRank.options(
-                num_cpus=cpus, num_gpus=gpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=first_bundle + i),
-            ).remote(i, tp_size, threads)
-            for i in range(tp_size)
-        ]
-        master = ray.get(self.ranks[0].address.remote())
-        self.vocab_size = ray.get([r.setup.remote(model, dtype, master) for r in self.ranks])[0]
+        self.ranks = []
+        try:
+            for i in range(tp_size):
+                where = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=first_bundle + i)
+                self.ranks.append(
+                    TargetRank.options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=where).remote(i, tp_size, threads)
+                )
+            master = ray.get(self.ranks[0].address.remote())
+            self.vocab_size = ray.get([r.setup.remote(model, dtype, master) for r in self.ranks])[0]
+        except BaseException:
+            self.shutdown()  # a failed start holds no resources
+            raise
         self._handles = itertools.count()
         self._rollbacks: list[tuple[int, int]] = []  # (cache, n) not yet applied on the ranks
         self.calls = 0  # Ray calls broadcast to the ranks
