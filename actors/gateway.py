@@ -18,10 +18,11 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from specserve.v1 import generation_pb2 as pb
 
-from .metrics import RequestMetrics
 from cluster.api import completion_json, fill_proto, request_from_json, request_from_proto
 from cluster.runtime.engine import check_request_fields
 from cluster.speculation import InvalidRequest
+
+from .metrics import RequestMetrics
 
 http = FastAPI(title="specserve")
 
