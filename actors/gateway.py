@@ -46,6 +46,7 @@ class Gateway:
         from cluster.config import parse_config
 
         self.engine = engine
+        self.engine_stream = engine.options(stream=True)  # unary and streaming calls queue apart
         self.config = parse_config(config_data, "gateway config")
         self.max_k = self.config.speculation.max_draft_tokens
         self.default_max_new = self.config.serve.max_new_tokens
@@ -70,7 +71,7 @@ class Gateway:
         with self.metrics.request("grpc", "GenerateStream", grpc_context) as m:
             try:
                 r = self._check(request_from_proto(request, self.default_max_new))
-                async for out in self.engine.options(stream=True).stream.remote(r):
+                async for out in self.engine_stream.stream.remote(r):
                     m.tokens(len(out["token_ids"]))
                     yield fill_proto(pb.GenerateResponse(), out["token_ids"], out["text"], out["result"])
             except Exception as e:  # noqa: BLE001
@@ -121,7 +122,7 @@ class Gateway:
 
     async def _events(self, request, rid, created, model):
         try:
-            async for out in self.engine.options(stream=True).stream.remote(request):
+            async for out in self.engine_stream.stream.remote(request):
                 self.metrics.stream_tokens(len(out["token_ids"]))
                 chunk = completion_json(rid, created, model, out["text"], out["result"], chunk=True)
                 yield f"data: {json.dumps(chunk)}\n\n"
