@@ -59,7 +59,16 @@ def hf_greedy(model, prompt_ids, max_new_tokens, eos_token_id):
     return new[: new.index(eos_token_id)] if eos_token_id in new else new
 
 
-__all__ = ["TINY_PROMPTS", "tiny_config", "hf_greedy", "make_engine"]
+def free_port() -> int:
+    """A loopback port free right now (for a server under test)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+__all__ = ["TINY_PROMPTS", "tiny_config", "hf_greedy", "make_engine", "free_port"]
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ is exit 2 naming it, and Ctrl-C shuts everything down cleanly."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,14 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 SPECSERVE = [sys.executable, "-m", "cluster.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +25,7 @@ def server(tmp_path_factory):
     config["cluster"]["draft_replicas"] = 1
     path = tmp_path_factory.mktemp("serve") / "tiny-serve.yaml"
     path.write_text(yaml.safe_dump(config))
-    grpc_port, http_port = _free_port(), _free_port()
+    grpc_port, http_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(
         SPECSERVE + ["serve", "--config", str(path), "--grpc-port", str(grpc_port), "--http-port", str(http_port)],

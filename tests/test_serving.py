@@ -4,7 +4,6 @@ HTTP client, as users integrate."""
 
 import concurrent.futures
 import json
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -17,18 +16,12 @@ from specserve.v1 import generation_pb2 as pb
 from specserve.v1 import generation_pb2_grpc as pb_grpc
 
 from cluster.config import parse_config
-from conftest import TINY_PROMPTS
+from conftest import TINY_PROMPTS, free_port
 
 pytestmark = pytest.mark.ray
 
 TINY_YAML = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 APP = "specserve-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +32,7 @@ def service(ray_cluster):
 
     data = yaml.safe_load(TINY_YAML.read_text())
     data["serve"] = {
-        "app_name": APP, "grpc_port": _free_port(), "http_port": _free_port(), "host": "127.0.0.1",
+        "app_name": APP, "grpc_port": free_port(), "http_port": free_port(), "host": "127.0.0.1",
         "max_new_tokens": 24, "max_ongoing_requests": 6, "max_queued_requests": 6,
         "drafts": {"min_replicas": 1, "max_replicas": 2, "target": 1, "upscale_delay_s": 0, "downscale_delay_s": 8},
         "draft_refresh_s": 0.5,
