@@ -160,7 +160,7 @@ class Coordinator:
                 continue
             sink.seq_id = self.engine.add_request(request, ids)
             self._sinks[sink.seq_id] = sink
-        self.metrics.gauges(len(self._pending), len(self._sinks), sum(self.pool.alive) if self.pool else 0)
+        self.metrics.gauges(len(self._pending), len(self._sinks), self.live_drafts)
         if not self.engine.has_unfinished():
             return []
         before = self._wire_bytes()
@@ -205,7 +205,7 @@ class Coordinator:
         out = self.metrics.summary()
         if self.pool is not None:
             out["draft_load"] = self.pool.load()
-            out["draft_live"] = sum(self.pool.alive)
+            out["draft_live"] = self.live_drafts
             out["draft_blocks"] = list(self.pool.served)
             out["moved"] = self.pool.moved
             out["fallbacks"] = self.pool.fallbacks
@@ -220,6 +220,10 @@ class Coordinator:
 
     async def draft_replicas(self) -> list:
         return list(self.replicas)
+
+    @property
+    def live_drafts(self) -> int:
+        return sum(self.pool.alive) if self.pool is not None else 0
 
     async def set_draft_addresses(self, addresses: list[str]) -> None:
         """Follows a scaling draft deployment (between rounds): new replicas join the pool; the

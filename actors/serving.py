@@ -39,7 +39,6 @@ class DraftServer:
         return {"sequences": float(self.host.sequences())}
 
 
-
 @serve.deployment
 class Engine:
     async def __init__(self, config_data: dict, drafts=None):
@@ -51,6 +50,7 @@ class Engine:
         pg = ray.util.get_current_placement_group()
         # model loading blocks: keep it off the replica's event loop
         self.core = await asyncio.to_thread(Coordinator, config_data, addresses, pg)
+        # held so the task is not garbage-collected
         self._follow = asyncio.get_running_loop().create_task(self._follow_drafts()) if drafts is not None else None
 
     async def _draft_addresses(self) -> list[str]:
@@ -85,14 +85,10 @@ class Engine:
     async def health(self) -> dict:
         c = self.config
         return {"status": "SERVING", "target": c.target.model, "drafter": c.draft.drafter,
-                "tp_size": c.cluster.tp_size, "draft_replicas": sum(self.core.pool.alive) if self.core.pool else 0}
+                "tp_size": c.cluster.tp_size, "draft_replicas": self.core.live_drafts}
 
     async def stats(self) -> dict:
         return await self.core.stats()
 
     async def target_sequences(self) -> int:
         return await self.core.target_sequences()
-
-    async def check_health(self) -> None:
-        if not self.core.group.ranks:
-            raise RuntimeError("engine: no target ranks")
