@@ -47,13 +47,12 @@ class Coordinator:
         torch.set_num_threads(c.coordinator.threads)
         self.config = config
         self.group = TargetGroup(
-            t.model, t.dtype, c.tp_size, c.target_rank.cpus, c.target_rank.gpus, c.target_rank.threads,
-            placement_group=placement_group, first_bundle=1,
+            t.model, t.dtype, c.tp_size, c.target_rank, placement_group=placement_group, first_bundle=1,
         )
         self.replicas = []
         if draft_addresses is None:
             self.replicas = [
-                DraftReplica.options(num_cpus=c.draft_replica.cpus, num_gpus=c.draft_replica.gpus).remote(
+                DraftReplica.options(**c.draft_replica.options()).remote(
                     config_data, None, c.draft_replica.threads, "0.0.0.0"
                 )
                 for _ in range(c.draft_replicas)

@@ -20,6 +20,8 @@ from ray.util.placement_group import placement_group as new_placement_group
 from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.config import ActorResources
+
 
 def check_tp_size(config, tp_size: int) -> None:
     """A tp_size that does not divide the attention heads is an error before any actor starts."""
@@ -114,21 +116,21 @@ class TargetRank:
 
 class TargetGroup:
     """tp_size TargetRank actors reserved together: one placement-group bundle per rank, packed
-    on one node. Resources per rank: `cpus` CPUs and `gpus` GPUs. Given a placement group (a
+    on one node. Resources per rank: `rank` (ActorResources). Given a placement group (a
     Serve replica's), rank i takes its bundle first_bundle + i instead of a group of its own."""
 
-    def __init__(self, model: str, dtype: str = "float32", tp_size: int = 2, cpus: float = 1.0,
-                 gpus: float = 0.0, threads: int = 1, placement_group=None, first_bundle: int = 0):
+    def __init__(self, model: str, dtype: str = "float32", tp_size: int = 2, rank: ActorResources | None = None,
+                 placement_group=None, first_bundle: int = 0):
         from cluster.runtime.models import load_model_config
 
+        rank = rank or ActorResources()
         self.model_name = model
         config = load_model_config(model)
         check_tp_size(config, tp_size)
         self.max_context = int(getattr(config, "max_position_embeddings", 2048))
         self._own_pg = placement_group is None
         if self._own_pg:
-            bundle = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
-            placement_group, first_bundle = new_placement_group([bundle] * tp_size, strategy="STRICT_PACK"), 0
+            placement_group, first_bundle = new_placement_group([rank.bundle()] * tp_size, strategy="STRICT_PACK"), 0
             ray.get(placement_group.ready())
         self._pg = placement_group
         self.ranks = []
@@ -136,7 +138,7 @@ class TargetGroup:
             for i in range(tp_size):
                 where = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=first_bundle + i)
                 self.ranks.append(
-                    TargetRank.options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=where).remote(i, tp_size, threads)
+                    TargetRank.options(**rank.options(), scheduling_strategy=where).remote(i, tp_size, rank.threads)
                 )
             master = ray.get(self.ranks[0].address.remote())
             self.vocab_size = ray.get([r.setup.remote(model, dtype, master) for r in self.ranks])[0]

@@ -51,20 +51,17 @@ def build_app(args=None):
     if c.draft_replicas:
         drafts = DraftServer.options(
             name="drafts",
-            ray_actor_options={"num_cpus": c.draft_replica.cpus, "num_gpus": c.draft_replica.gpus},
+            ray_actor_options=c.draft_replica.options(),
             autoscaling_config=_autoscaling(s.drafts, policy={
                 "policy_function": "cluster.autoscaling:DraftReplicaPolicy",
                 "policy_kwargs": {"target_sequences": s.drafts.target},
             }),
         ).bind(data)
 
-    def bundle(r):
-        return {"CPU": r.cpus} | ({"GPU": r.gpus} if r.gpus else {})
-
     engine = Engine.options(
         name="engine",
-        ray_actor_options={"num_cpus": c.coordinator.cpus, "num_gpus": c.coordinator.gpus},
-        placement_group_bundles=[bundle(c.coordinator)] + [bundle(c.target_rank)] * c.tp_size,
+        ray_actor_options=c.coordinator.options(),
+        placement_group_bundles=[c.coordinator.bundle()] + [c.target_rank.bundle()] * c.tp_size,
         placement_group_strategy="STRICT_PACK",
         max_ongoing_requests=s.max_ongoing_requests,
         max_queued_requests=s.max_queued_requests,

@@ -71,6 +71,22 @@ class ActorResources(_Strict):
     cpus: float = Field(1.0, ge=0)  # Ray num_cpus of each actor
     gpus: float = Field(0.0, ge=0)  # Ray num_gpus of each actor (CUDA and NCCL are used when > 0)
     threads: int = Field(1, ge=1)  # torch intra-op threads of each actor
+    resources: dict[str, float] = {}  # custom Ray resources of each actor (pins it to nodes that have them)
+
+    @model_validator(mode="after")
+    def _check(self):
+        for name, amount in self.resources.items():
+            if name in ("CPU", "GPU", "memory") or amount < 0:
+                raise ValueError(f"resources: {name!r}: custom Ray resources only (not CPU/GPU/memory), amounts >= 0")
+        return self
+
+    def options(self) -> dict:
+        """Ray actor options: num_cpus, num_gpus and the custom resources."""
+        return {"num_cpus": self.cpus, "num_gpus": self.gpus} | ({"resources": dict(self.resources)} if self.resources else {})
+
+    def bundle(self) -> dict[str, float]:
+        """One placement-group bundle that holds this actor."""
+        return {"CPU": self.cpus} | ({"GPU": self.gpus} if self.gpus else {}) | self.resources
 
 
 class ClusterConfig(_Strict):

@@ -64,3 +64,14 @@ def test_bench_distributed_rejects_plot_before_starting_anything(capsys):
     assert "invalid plot" in capsys.readouterr().err
     assert main(["bench", "--distributed", "--concurrency", "0"]) == 2
     assert "invalid concurrency" in capsys.readouterr().err
+
+
+def test_custom_ray_resources_pin_actors_to_nodes():
+    r = parse_config({"cluster": {"target_rank": {"cpus": 4, "gpus": 1, "resources": {"specserve_target": 1}}}}).cluster.target_rank
+    assert r.options() == {"num_cpus": 4, "num_gpus": 1, "resources": {"specserve_target": 1}}
+    assert r.bundle() == {"CPU": 4, "GPU": 1, "specserve_target": 1}
+    plain = parse_config({}).cluster.draft_replica
+    assert plain.options() == {"num_cpus": 0.25, "num_gpus": 0.0} and plain.bundle() == {"CPU": 0.25}
+    for bad in ({"GPU": 1}, {"x": -1}):
+        with pytest.raises(ConfigError, match="cluster.draft_replica: .*custom Ray resources only"):
+            parse_config({"cluster": {"draft_replica": {"resources": bad}}})

@@ -3,6 +3,7 @@
 import pytest
 
 from actors.remote_drafter import RemoteDrafter
+from cluster.config import ActorResources
 from cluster.runtime.engine import GenerationRequest, SpeculativeEngine
 from cluster.speculation import SamplingParams
 from conftest import TINY_PROMPTS
@@ -49,7 +50,7 @@ def test_tp2_target_with_a_remote_ngram_replica(replicas, tiny_llama, ray_cluste
     from actors.target import TargetGroup
 
     _, (_, ngram_address) = replicas
-    group = TargetGroup("tiny-llama", "float32", tp_size=2, cpus=0.5)
+    group = TargetGroup("tiny-llama", "float32", tp_size=2, rank=ActorResources(cpus=0.5))
     try:
         remote = RemoteDrafter(ngram_address)
         distributed = SpeculativeEngine(group, tiny_llama.tokenizer, remote, num_draft_tokens=4)

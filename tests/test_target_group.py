@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from cluster.config import ActorResources
 from cluster.runtime.engine import GenerationRequest, SpeculativeEngine
 from cluster.runtime.kv import CausalLM
 from cluster.runtime.models import tiny_config
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.ray
 def groups(request, ray_cluster):
     from actors.target import TargetGroup
 
-    group = TargetGroup(request.param, "float32", tp_size=2, cpus=0.5)
+    group = TargetGroup(request.param, "float32", tp_size=2, rank=ActorResources(cpus=0.5))
     yield request.param, group
     group.shutdown()
 
