@@ -3,11 +3,15 @@ Serve's gRPC proxy: methods named as the RPCs) and the OpenAI-style HTTP API (th
 proxy), both over the engine deployment.
 
 Errors at the boundary: a bad field is INVALID_ARGUMENT / HTTP 400 naming it; a full queue is
-RESOURCE_EXHAUSTED / HTTP 503. A client that goes away (cancel, deadline) cancels the engine call,
+RESOURCE_EXHAUSTED / HTTP 503. With an API token set (env SPECSERVE_API_TOKEN, from a Secret),
+every call but /healthz needs "authorization: Bearer <token>": else UNAUTHENTICATED / HTTP 401.
+A client that goes away (cancel, deadline) cancels the engine call,
 which frees the sequence on the coordinator, the target ranks and its draft replica."""
 
 
+import hmac
 import json
+import os
 import time
 import uuid
 
@@ -35,8 +39,17 @@ def _invalid(e: BaseException) -> "InvalidRequest | None":
     return None
 
 
-def _http_error(status: int, field: str | None, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": field}}, status_code=status)
+def _http_error(status: int, field: str | None, message: str, kind: str = "invalid_request_error",
+                headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": field}}, status_code=status, headers=headers)
+
+
+API_TOKEN_ENV = "SPECSERVE_API_TOKEN"
+_UNAUTHENTICATED = "missing or wrong API token: send 'authorization: Bearer <token>'"
+
+
+class _Unauthenticated(Exception):
+    pass
 
 
 @serve.deployment
@@ -51,6 +64,22 @@ class Gateway:
         self.max_k = self.config.speculation.max_draft_tokens
         self.default_max_new = self.config.serve.max_new_tokens
         self.metrics = RequestMetrics()
+        self._bearer = f"Bearer {os.environ[API_TOKEN_ENV]}".encode() if os.environ.get(API_TOKEN_ENV) else None
+
+    def _authorized(self, header: str | None) -> bool:
+        return self._bearer is None or (header is not None and hmac.compare_digest(header.encode(), self._bearer))
+
+    def _grpc_auth(self, grpc_context):
+        header = next((v for k, v in grpc_context.invocation_metadata() if k == "authorization"), None)
+        if not self._authorized(header):
+            grpc_context.set_code(grpc.StatusCode.UNAUTHENTICATED)
+            grpc_context.set_details(_UNAUTHENTICATED)
+            raise _Unauthenticated(_UNAUTHENTICATED)
+
+    def _http_auth(self, raw: Request) -> JSONResponse | None:
+        if self._authorized(raw.headers.get("authorization")):
+            return None
+        return _http_error(401, "authorization", _UNAUTHENTICATED, "authentication_error", {"WWW-Authenticate": "Bearer"})
 
     def _check(self, request):
         check_request_fields(request, self.max_k)
@@ -59,6 +88,7 @@ class Gateway:
     # -- gRPC: specserve.v1.SpeculativeGeneration ---------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         with self.metrics.request("grpc", "Generate", grpc_context) as m:
+            self._grpc_auth(grpc_context)
             try:
                 r = self._check(request_from_proto(request, self.default_max_new))
                 result = await self.engine.generate.remote(r)
@@ -69,6 +99,7 @@ class Gateway:
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context):
         with self.metrics.request("grpc", "GenerateStream", grpc_context) as m:
+            self._grpc_auth(grpc_context)
             try:
                 r = self._check(request_from_proto(request, self.default_max_new))
                 async for out in self.engine_stream.stream.remote(r):
@@ -78,6 +109,7 @@ class Gateway:
                 self._grpc_error(e, grpc_context)
 
     async def Health(self, request: pb.HealthRequest, grpc_context) -> pb.HealthResponse:
+        self._grpc_auth(grpc_context)
         return pb.HealthResponse(**await self.engine.health.remote())
 
     @staticmethod
@@ -96,7 +128,7 @@ class Gateway:
     @http.post("/v1/completions")
     async def completions(self, raw: Request):
         with self.metrics.request("http", "completions") as m:
-            response = await self._completions(raw, m)
+            response = self._http_auth(raw) or await self._completions(raw, m)
             m.code = str(response.status_code)
             return response
 
@@ -143,7 +175,9 @@ class Gateway:
         raise e
 
     @http.get("/v1/models")
-    async def models(self):
+    async def models(self, raw: Request):
+        if (denied := self._http_auth(raw)) is not None:
+            return denied
         return {"object": "list", "data": [{"id": self.config.target.model, "object": "model", "owned_by": "specserve"}]}
 
     @http.get("/healthz")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .config import ConfigError, load_config
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stream", action="store_true", help="with --address: print tokens as they are accepted")
     gen.add_argument("--app", default="specserve", help="with --address: the Serve application's name")
     gen.add_argument("--timeout", type=float, default=None, help="with --address: the call's deadline in seconds")
+    gen.add_argument("--token", default=os.environ.get("SPECSERVE_API_TOKEN"),
+                     help="with --address: the service's API token (default: env SPECSERVE_API_TOKEN)")
+    gen.add_argument("--tls", action="store_true", help="with --address: dial with TLS (e.g. through the Ingress)")
 
     srv = sub.add_parser("serve", help="start a local Ray cluster and the service; stay up until interrupted")
     srv.add_argument("--config", default=None, help="YAML config; default: the embedded default (configs/local.yaml)")
@@ -165,7 +169,8 @@ def _serve(config, args) -> int:
         print(f"specserve: serving\n  gRPC  localhost:{s.grpc_port}  (specserve.v1.SpeculativeGeneration, "
               f"metadata application={s.app_name})\n  HTTP  http://localhost:{s.http_port}/v1/completions  "
               f"(health: /healthz)\n  try:  specserve generate --address localhost:{s.grpc_port} --prompt \"Hello\"\n"
-              "Ctrl-C stops it.", flush=True)
+              + ("  auth: an API token is required (env SPECSERVE_API_TOKEN is set)\n" if os.environ.get("SPECSERVE_API_TOKEN") else "")
+              + "Ctrl-C stops it.", flush=True)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
@@ -187,7 +192,7 @@ def _remote_generate(args) -> int:
     if args.distributed or args.drafter or args.config:
         raise InvalidRequest("address", "--address talks to a running service: --distributed, --drafter and --config "
                              "are the server's")
-    client = Client(args.address, args.app, args.timeout)
+    client = Client(args.address, args.app, args.timeout, token=args.token, tls=args.tls)
     request = proto_request(args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                             args.num_draft_tokens, args.stop)
     token_ids, text, result = [], "", None

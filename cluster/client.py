@@ -10,10 +10,15 @@ from specserve.v1 import generation_pb2_grpc as pb_grpc
 
 
 class Client:
-    def __init__(self, address: str, app_name: str = "specserve", timeout_s: float | None = None):
-        self.channel = grpc.insecure_channel(address)
+    def __init__(self, address: str, app_name: str = "specserve", timeout_s: float | None = None,
+                 token: str | None = None, tls: bool = False):
+        """token: the service's API token (sent as a bearer token); tls: dial with TLS (an Ingress
+        that terminates it), verified against the system's root certificates."""
+        self.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials()) if tls else grpc.insecure_channel(address)
         self.stub = pb_grpc.SpeculativeGenerationStub(self.channel)
         self.metadata = (("application", app_name),)  # Serve's gRPC proxy routes by app name
+        if token:
+            self.metadata += (("authorization", f"Bearer {token}"),)
         self.timeout_s = timeout_s
 
     def generate(self, request: pb.GenerateRequest) -> pb.GenerateResponse:
