@@ -67,7 +67,9 @@ class TargetRank:
             # DeepSpeed builds a shared-memory all-reduce op on CPU; plain gloo gives the same sums.
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
-        loaded = load_model(model, dtype, "cuda" if gpu else "cpu")
+        # loaded on the host: AutoTP shards it, then moves this rank's shard to its device (the whole
+        # model never sits on one GPU; the host holds one full copy per rank while loading)
+        loaded = load_model(model, dtype, "cpu")
         engine = deepspeed.init_inference(
             loaded.model, tensor_parallel={"tp_size": self.world_size}, dtype=DTYPES[dtype],
             replace_with_kernel_inject=False,
