@@ -1,9 +1,9 @@
 # The specserve image for the Helm chart's Ray pods: Ray, DeepSpeed, transformers and specserve on
 # a CUDA base, run as the non-root user ray (uid 1000), with SmolLM2 converted in the model cache.
 #   docker build -t ghcr.io/specserve/specserve:0.1.0 .
-# torch's wheels carry their own CUDA libraries; the base supplies the CUDA user space and driver
-# compatibility. Pick a tag the cluster's driver supports.
-ARG BASE_IMAGE=nvidia/cuda:12.9.1-cudnn-runtime-ubuntu24.04
+# torch 2.13.0 from PyPI carries its own CUDA 13.0 libraries (cuda-toolkit, cuDNN, NCCL wheels); the
+# base supplies the matching CUDA user space. Nodes need an NVIDIA driver for CUDA 13 (580 or later).
+ARG BASE_IMAGE=nvidia/cuda:13.0.0-runtime-ubuntu24.04
 FROM ${BASE_IMAGE}
 
 ENV DEBIAN_FRONTEND=noninteractive \

@@ -76,6 +76,8 @@ def ray_cluster():
     """One local Ray cluster for every integration test (unit tests never start Ray)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # plus the Helm chart's custom resources, so an app rendered by the chart deploys here too
+    ray.init(num_cpus=2, resources={"specserve_target": 4, "specserve_draft": 4}, include_dashboard=False,
+             log_to_driver=False)
     yield ray
     ray.shutdown()

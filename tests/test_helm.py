@@ -10,6 +10,7 @@ import importlib
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import helm_python
@@ -19,6 +20,7 @@ import yaml
 
 from cluster import app
 from cluster.config import load_config, parse_config
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "specserve"
@@ -210,6 +212,44 @@ def test_serve_config_is_valid_for_ray_serve_and_the_project(rendered):
     assert config.cluster.target_rank.resources["specserve_target"] == 1
     assert config.cluster.draft_replica.resources["specserve_draft"] == 1
     assert application.name == config.serve.app_name and application.route_prefix == "/"
+
+
+@pytest.mark.ray
+def test_rendered_serve_config_deploys_and_serves(chart, ray_cluster):
+    """The chart's serveConfigV2 deployed as KubeRay deploys it (Serve's config API) on a real local
+    Ray: build_app from its args, the custom resources, the gRPC servicer and port all work, and
+    greedy output with speculation equals plain decoding."""
+    from ray import serve
+    from ray.serve._private import api as serve_api
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
+    from cluster.client import Client, proto_request
+
+    small = {"cpus": 0.25, "gpus": 0, "threads": 1}  # the CI shape, scaled to this machine's 2 CPUs
+    values = _deep_merge(CI_VALUES, {
+        "cluster": {"target_rank": small, "draft_replica": small, "coordinator": small},
+        "serve": {"app_name": "helm-rendered", "grpc_port": free_port(), "http_port": free_port(), "host": "127.0.0.1"},
+    })
+    config = ServeDeploySchema.model_validate(render(chart, values).serve_config)
+    client = serve_api.serve_start(http_options=config.http_options.model_dump(),
+                                   grpc_options=gRPCOptions(**config.grpc_options.model_dump()))
+    try:
+        client.deploy_apps(config, _blocking=False)
+        deadline = time.time() + 240
+        while (status := serve.status().applications.get("helm-rendered")) is None or status.status != "RUNNING":
+            assert status is None or status.status not in ("DEPLOY_FAILED", "UNHEALTHY"), status.message
+            assert time.time() < deadline, "the rendered app did not start in 240 s"
+            time.sleep(1)
+        api = Client(f"127.0.0.1:{values['serve']['grpc_port']}", "helm-rendered", timeout_s=120)
+        spec = api.generate(proto_request("hello world, this is a test", 16, num_draft_tokens=3))
+        plain = api.generate(proto_request("hello world, this is a test", 16, num_draft_tokens=0))
+        assert list(spec.token_ids) == list(plain.token_ids) and spec.stats.accepted_tokens > 0
+        health = api.health()
+        assert (health.tp_size, health.draft_replicas) == (2, 1)
+        api.close()
+    finally:
+        serve.shutdown()
 
 
 def test_a_bad_config_in_values_is_rejected_by_the_project_schema(chart):
