@@ -4,9 +4,9 @@ proxy), both over the engine deployment.
 
 Errors at the boundary: a bad field is INVALID_ARGUMENT / HTTP 400 naming it; a full queue is
 RESOURCE_EXHAUSTED / HTTP 503. With an API token set (env SPECSERVE_API_TOKEN, from a Secret),
-every call but /healthz needs "authorization: Bearer <token>": else UNAUTHENTICATED / HTTP 401.
-A client that goes away (cancel, deadline) cancels the engine call,
-which frees the sequence on the coordinator, the target ranks and its draft replica."""
+every call but /healthz needs "authorization: Bearer <token>", else UNAUTHENTICATED / HTTP 401.
+A client that goes away (cancel, deadline) cancels the engine call, which frees the sequence on
+the coordinator, the target ranks and its draft replica."""
 
 
 import hmac
@@ -23,6 +23,7 @@ from ray.serve.exceptions import BackPressureError
 from specserve.v1 import generation_pb2 as pb
 
 from cluster.api import completion_json, fill_proto, request_from_json, request_from_proto
+from cluster.client import API_TOKEN_ENV
 from cluster.runtime.engine import check_request_fields
 from cluster.speculation import InvalidRequest
 
@@ -44,7 +45,6 @@ def _http_error(status: int, field: str | None, message: str, kind: str = "inval
     return JSONResponse({"error": {"message": message, "type": kind, "param": field}}, status_code=status, headers=headers)
 
 
-API_TOKEN_ENV = "SPECSERVE_API_TOKEN"
 _UNAUTHENTICATED = "missing or wrong API token: send 'authorization: Bearer <token>'"
 
 

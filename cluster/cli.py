@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from .client import API_TOKEN_ENV
 from .config import ConfigError, load_config
 from .speculation import InvalidRequest, SamplingParams
 
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stream", action="store_true", help="with --address: print tokens as they are accepted")
     gen.add_argument("--app", default="specserve", help="with --address: the Serve application's name")
     gen.add_argument("--timeout", type=float, default=None, help="with --address: the call's deadline in seconds")
-    gen.add_argument("--token", default=os.environ.get("SPECSERVE_API_TOKEN"),
+    gen.add_argument("--token", default=os.environ.get(API_TOKEN_ENV),
                      help="with --address: the service's API token (default: env SPECSERVE_API_TOKEN)")
     gen.add_argument("--tls", action="store_true", help="with --address: dial with TLS (e.g. through the Ingress)")
 
@@ -169,7 +170,7 @@ def _serve(config, args) -> int:
         print(f"specserve: serving\n  gRPC  localhost:{s.grpc_port}  (specserve.v1.SpeculativeGeneration, "
               f"metadata application={s.app_name})\n  HTTP  http://localhost:{s.http_port}/v1/completions  "
               f"(health: /healthz)\n  try:  specserve generate --address localhost:{s.grpc_port} --prompt \"Hello\"\n"
-              + ("  auth: an API token is required (env SPECSERVE_API_TOKEN is set)\n" if os.environ.get("SPECSERVE_API_TOKEN") else "")
+              + ("  auth: an API token is required (env SPECSERVE_API_TOKEN is set)\n" if os.environ.get(API_TOKEN_ENV) else "")
               + "Ctrl-C stops it.", flush=True)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):

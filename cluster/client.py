@@ -8,6 +8,8 @@ import grpc
 from specserve.v1 import generation_pb2 as pb
 from specserve.v1 import generation_pb2_grpc as pb_grpc
 
+API_TOKEN_ENV = "SPECSERVE_API_TOKEN"  # where the service (and the CLI's --token) read the API token
+
 
 class Client:
     def __init__(self, address: str, app_name: str = "specserve", timeout_s: float | None = None,
