@@ -106,8 +106,8 @@ def test_api_token_is_required_over_grpc_and_http(server):
         assert status == 401 and body["error"]["param"] == "authorization"
     status, _ = _http(http_port, "/v1/models")
     assert status == 401
-    status, body = _http(http_port, "/v1/completions", TOKEN, {"prompt": "hello", "max_tokens": 4})
-    assert status == 200 and body["usage"]["completion_tokens"] == 4
+    status, body = _http(http_port, "/v1/completions", TOKEN, {"prompt": "hello", "max_tokens": 4, "temperature": 0})
+    assert status == 200 and 1 <= body["usage"]["completion_tokens"] <= 4
     status, _ = _http(http_port, "/healthz")  # probes need no token
     assert status == 200
 
