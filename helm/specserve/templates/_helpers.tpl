@@ -64,14 +64,44 @@ the custom Ray resources that pin ranks to target pods and draft replicas to dra
 {{- toJson (dict "cpus" $cpus "gpus" $gpus "custom" $n) -}}
 {{- end -}}
 
-{{/* Worker group sizes: (min, max, replicas) from the Serve autoscaling ranges. */}}
-{{- define "specserve.groupSize" -}}
+{{/*
+One worker group: its size from a Serve autoscaling range (pods = replicas / perPod; fixed at
+the max without the autoscaler), its Ray resources (CPU, GPU and the group's custom resource)
+and its pod.
+*/}}
+{{- define "specserve.workerGroup" -}}
+{{- $v := .root.Values -}}
 {{- $min := int (ceil (divf .range.min_replicas .perPod)) -}}
 {{- $max := int (ceil (divf .range.max_replicas .perPod)) -}}
-{{- if not .autoscaling -}}{{- $min = $max -}}{{- end -}}
-minReplicas: {{ $min }}
-maxReplicas: {{ $max }}
-replicas: {{ $min }}
+{{- if not $v.autoscaling.enabled }}{{ $min = $max }}{{ end -}}
+- groupName: {{ .name }}
+  minReplicas: {{ $min }}
+  maxReplicas: {{ $max }}
+  replicas: {{ $min }}
+  rayStartParams: {}
+  resources:
+    CPU: {{ .pod.cpus | quote }}
+    GPU: {{ .pod.gpus | quote }}
+    {{ .customKey }}: {{ .pod.custom | quote }}
+  template:
+    metadata:
+      {{- include "specserve.podMetadata" (dict "root" .root "group" .name) | nindent 6 }}
+    spec:
+      {{- include "specserve.podSpec" (dict "root" .root "placement" .workers) | nindent 6 }}
+      containers:
+        - name: ray-worker
+          image: {{ include "specserve.image" .root }}
+          imagePullPolicy: {{ $v.image.pullPolicy }}
+          securityContext:
+            {{- toYaml $v.securityContext | nindent 12 }}
+          resources:
+            {{- include "specserve.workerResources" (dict "resources" .workers.resources "pod" .pod "gpuResource" .workers.gpuResource "group" .workersKey "why" .why) | nindent 12 }}
+          env:
+            {{- include "specserve.env" .root | nindent 12 }}
+          ports:
+            {{- include "specserve.ports" .root | nindent 12 }}
+          volumeMounts:
+            {{- include "specserve.volumeMounts" .root | nindent 12 }}
 {{- end -}}
 
 {{/* The parts of every Ray pod: security, volumes, env, ports, placement. */}}
