@@ -208,6 +208,7 @@ class Coordinator:
             out["draft_blocks"] = list(self.pool.served)
             out["moved"] = self.pool.moved
             out["fallbacks"] = self.pool.fallbacks
+            out["rejoined"] = self.pool.rejoined
         out["active"] = len(self._sinks)
         cost = self.engine.cost_model if self.engine.drafter is not None else None
         if cost is not None:

@@ -2,9 +2,12 @@
 failover. A failed replica's sequences move to a live one (their context is re-prefilled there:
 the first request carries it whole) or, with none left, fall back to K = 0 (plain decoding).
 Either way the output distribution is unchanged and no request is lost: the same context and
-seed give the same block on any replica, and an empty block is exact by construction."""
+seed give the same block on any replica, and an empty block is exact by construction. A failed
+replica that is still listed (a missed deadline under load) rejoins once it answers a probe."""
 
 from __future__ import annotations
+
+import time
 
 import grpc
 
@@ -13,6 +16,7 @@ from cluster.runtime.drafters import DraftBlock, Drafter
 from .remote_drafter import RemoteDrafter
 
 _EMPTY = DraftBlock([], None)
+PROBE_INTERVAL_S = 1.0  # how often a failed, still listed replica is asked whether it is back
 FAILURES = {
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
     grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -31,6 +35,10 @@ class DraftPool(Drafter):
         self.fallbacks = 0  # blocks given up (K = 0) because no replica was left
         self.last_compute_s = 0.0  # drafting time of the last round, without the network
         self.served = [0] * len(addresses)  # blocks each replica has drafted
+        self.rejoined = 0  # failed replicas back in the pool
+        self._listed = set(addresses)
+        self._probes: dict[int, grpc.Future] = {}  # failed, still listed replica -> its health probe
+        self._probe_at: dict[int, float] = {}  # no new probe before this time
 
     @property
     def parallelism(self) -> int:
@@ -65,16 +73,49 @@ class DraftPool(Drafter):
     def set_addresses(self, addresses: list[str]) -> None:
         """The replicas now running: new addresses join; a missing one counts as failed (its
         sequences move on their next block). With none, blocks are empty (K = 0)."""
-        known = {r.address: i for i, r in enumerate(self.replicas)}
+        self._listed = set(addresses)
+        known = {r.address for r in self.replicas}
         for i, r in enumerate(self.replicas):
-            if self.alive[i] and r.address not in addresses:
-                self._fail(i)
+            if r.address not in self._listed:
+                if self.alive[i]:
+                    self._fail(i)
+                self._probes.pop(i, None)
                 r.close()
         for a in addresses:
             if a not in known:
                 self.replicas.append(RemoteDrafter(a, self.timeout_s))
                 self.alive.append(True)
                 self.served.append(0)
+        self._probe_failed()
+
+    def _probe_failed(self) -> None:
+        """Without waiting: starts a health probe of each failed, still listed replica (at most one
+        per PROBE_INTERVAL_S) and lets in those whose probe answered."""
+        now = time.monotonic()
+        for i, r in enumerate(self.replicas):
+            if self.alive[i] or r.address not in self._listed:
+                continue
+            probe = self._probes.get(i)
+            if probe is None:
+                if now >= self._probe_at.get(i, 0.0):
+                    self._probes[i] = r.probe()
+                    self._probe_at[i] = now + PROBE_INTERVAL_S
+            elif probe.done():
+                del self._probes[i]
+                if probe.exception() is None:
+                    self._rejoin(i)
+
+    def _rejoin(self, i: int) -> None:
+        """Frees the contexts it still holds of sequences that moved away, then takes new work."""
+        r = self.replicas[i]
+        try:
+            for seq_id in r.held():
+                if self.placement.get(seq_id) != i:
+                    r.release(seq_id)
+        except grpc.RpcError:
+            return  # probed again on the next refresh
+        self.alive[i] = True
+        self.rejoined += 1
 
     def propose(self, seq_id, context, k, params, seed) -> DraftBlock:
         return self.propose_many([(seq_id, context, k, params, seed)])[0]
@@ -84,6 +125,7 @@ class DraftPool(Drafter):
         return sum(r.bytes_sent for r in self.replicas), sum(r.bytes_received for r in self.replicas)
 
     def propose_many(self, calls: list[tuple]) -> list[DraftBlock]:
+        self._probe_failed()
         before = [r.compute_s for r in self.replicas]
         blocks = self._propose_many(calls)
         # replicas draft in parallel: the round's drafting time is the busiest replica's

@@ -18,12 +18,16 @@ class RemoteDrafter(Drafter):
         self.address = address
         self.name = name
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address)
-        self._stub = pb_grpc.DraftServiceStub(self._channel)
+        self._channel = None
+        self._open()
         self._sent: dict[int, int] = {}  # context length the service holds per sequence
         self.bytes_sent = 0
         self.bytes_received = 0
         self.compute_s = 0.0  # the service's drafting time, summed over blocks
+
+    def _open(self) -> None:
+        self._channel = grpc.insecure_channel(self.address)
+        self._stub = pb_grpc.DraftServiceStub(self._channel)
 
     def propose(self, seq_id, context, k, params, seed) -> DraftBlock:
         return self.finish(self.start(seq_id, context, k, params, seed))
@@ -71,12 +75,25 @@ class RemoteDrafter(Drafter):
         """Drops local bookkeeping only (the sequence moved away or the service died)."""
         self._sent.pop(seq_id, None)
 
+    def held(self) -> list[int]:
+        """The sequences whose context the service may hold (sent, not released)."""
+        return list(self._sent)
+
     def release(self, seq_id: int) -> None:
-        if self._sent.pop(seq_id, None) is not None:
+        if seq_id in self._sent:
             self._stub.Release(pb.ReleaseRequest(seq_id=seq_id), timeout=self.timeout_s)
+            del self._sent[seq_id]  # kept on failure: a later release may still free it
 
     def health(self) -> pb.HealthResponse:
         return self._stub.Health(pb.HealthRequest(), timeout=self.timeout_s)
 
+    def probe(self) -> grpc.Future:
+        """A health call without waiting (reopens a closed channel)."""
+        if self._channel is None:
+            self._open()
+        return self._stub.Health.future(pb.HealthRequest(), timeout=self.timeout_s)
+
     def close(self) -> None:
-        self._channel.close()
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None

@@ -1,5 +1,7 @@
 """Load balancing and failover across draft replicas (Ray actors over gRPC)."""
 
+import time
+
 import pytest
 
 from actors.draft_pool import DraftPool
@@ -104,3 +106,59 @@ def test_failover_keeps_sampled_outputs_identical(ray_cluster, tiny_llama):
         pool.close()
         for a in actors[1:]:
             ray_cluster.kill(a)
+
+
+def _until(predicate, timeout=30.0) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_replica_that_missed_a_deadline_rejoins_once_it_answers(ray_cluster, tiny_llama):
+    actors, addresses = _replicas(ray_cluster, 2)
+    pool = DraftPool(addresses, timeout_s=5)
+    try:
+        engine = SpeculativeEngine(tiny_llama.model, tiny_llama.tokenizer, pool, num_draft_tokens=3)
+        greedy = [GenerationRequest(p, 24) for p in PROMPTS]
+        ids = [engine.add_request(r) for r in greedy]
+        results = {}
+
+        def step():
+            for out in engine.step():
+                if out.result is not None:
+                    results[out.seq_id] = out.result
+
+        step()
+        assert pool.load() == [6, 6] and pool.replicas[0].health().sequences == 6
+        pool.replicas[0].timeout_s = 1e-6  # its next blocks miss their deadline
+        step()
+        pool.replicas[0].timeout_s = 5
+        assert pool.alive == [False, True] and pool.moved == 6 and pool.load() == [0, 12]
+        assert pool.replicas[0].health().sequences == 6  # stale contexts of the moved sequences
+
+        for _ in range(5):  # rounds probe it (so does set_addresses, from a Serve engine's refresh)
+            if pool.alive[0]:
+                break
+            step()
+        assert pool.alive == [True, True] and pool.rejoined == 1 and engine.has_unfinished()
+        assert pool.replicas[0].health().sequences == 0  # the stale contexts were freed
+        served = pool.served[0]
+        late = GenerationRequest(PROMPTS[0] + " late", 24)
+        ids.append(engine.add_request(late))
+        while engine.has_unfinished():
+            step()
+        assert pool.placement == {} and pool.served[0] > served  # the late sequence went to the rejoined one
+        assert [results[i].token_ids for i in ids] == _plain(tiny_llama, greedy + [late])
+        assert [pool.replicas[i].health().sequences for i in range(2)] == [0, 0]
+
+        ray_cluster.kill(actors[1])  # a replica that does not answer stays out
+        engine.generate([GenerationRequest(p, 4) for p in PROMPTS[:2]])  # one placed on each: 1 fails
+        assert pool.alive == [True, False]
+        assert not _until(lambda: pool.set_addresses(addresses) or pool.alive[1], timeout=3)
+        assert pool.alive == [True, False] and pool.rejoined == 1
+    finally:
+        pool.close()
+        ray_cluster.kill(actors[0])

@@ -190,7 +190,7 @@ def test_http_body_must_be_json(service):
 
 def _wait(predicate, timeout=60.0, what=""):
     """Polls until predicate() holds. A replica that is stopping (scale-down) may refuse a
-    probe: that counts as not yet."""
+    probe: that counts as not yet. `what` may be a callable, for state read at the time out."""
     deadline, last = time.time() + timeout, None
     while time.time() < deadline:
         try:
@@ -199,7 +199,7 @@ def _wait(predicate, timeout=60.0, what=""):
         except Exception as e:  # noqa: BLE001
             last = e
         time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what} (last probe error: {last!r})")
+    raise AssertionError(f"timed out waiting for {what() if callable(what) else what} (last probe error: {last!r})")
 
 
 def _sequences(handle) -> tuple[int, int, int]:
@@ -236,34 +236,47 @@ def _draft_replicas() -> int:
     return sum(n for state, n in app.deployments["drafts"].replica_states.items() if state == "RUNNING")
 
 
+def _stats(handle) -> dict:
+    return handle.stats.remote().result(timeout_s=10)
+
+
 def test_overload_is_resource_exhausted_and_drafts_scale_up_then_down(service):
     _, stub, handle = service
     assert _draft_replicas() == 1
     request = pb.GenerateRequest(prompt=TINY_PROMPTS[3], max_new_tokens=2000)  # greedy: no EOS for 2,000 tokens
-    streams = [stub.GenerateStream(request, metadata=META) for _ in range(6)]  # max_ongoing_requests 6
-    for s in streams:
+    running = [stub.GenerateStream(request, metadata=META) for _ in range(6)]  # max_ongoing_requests 6
+    for s in running:
         next(s)
-    queued = [stub.GenerateStream(request, metadata=META) for _ in range(6)]  # max_queued_requests 6
+    # 7 more: 6 queue (max_queued_requests 6) and whichever reaches the queue last is refused
+    waiting = [stub.GenerateStream(request, metadata=META) for _ in range(7)]
+    _wait(lambda: any(s.done() for s in waiting), timeout=60, what="one of 7 waiting streams to be refused")
+    refused = [s for s in waiting if s.done()]
+    assert len(refused) == 1 and refused[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED, [s.code() for s in refused]
+    queued = [s for s in waiting if not s.done()]
+    with pytest.raises(grpc.RpcError) as e:  # the queue is full: the next is refused at once
+        next(stub.GenerateStream(request, metadata=META, timeout=30))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert not any(s.done() for s in queued + running)
 
-    def refused() -> bool:  # once the 6 have reached the gateway's stream queue, the next is refused
-        try:
-            next(stub.GenerateStream(request, metadata=META, timeout=3))
-        except grpc.RpcError as e:
-            assert e.code() in {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}, e
-            return e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        return False
-
-    _wait(refused, timeout=30, what="RESOURCE_EXHAUSTED with 6 running and 6 queued")
     # 6 sequences, target 1 sequence per draft replica: Serve scales the drafts to their max, 2
     _wait(lambda: _draft_replicas() == 2, timeout=120, what="a second draft replica")
-    for s in streams + queued:
+    # with 5 sequences left the drafts stay at 2, and the engine has a free slot for stats()
+    for s in queued + running[:1]:
         s.cancel()
-    # (the engine is at max_ongoing_requests until now: a stats() call would queue behind them)
+    _wait(lambda: _sequences(handle) == (5, 5, 5), what="the 6 queued and 1 running to be dropped")
+    last = {}
+
+    def engine_finds_it() -> bool:  # it looks every 0.5 s
+        last.update(_stats(handle))
+        return last["draft_live"] == 2
+
+    _wait(engine_finds_it, timeout=30, what=lambda: f"the engine to find the new draft replica (stats {last})")
+    assert _draft_replicas() == 2
+    for s in running[1:]:
+        s.cancel()
     _wait(lambda: _sequences(handle) == (0, 0, 0), what="every sequence freed")
-    # the engine found the new replica (it looks every 0.5 s; scale-down waits 8 s)
-    _wait(lambda: handle.stats.remote().result()["draft_live"] == 2, timeout=30, what="the engine to find it")
     _wait(lambda: _draft_replicas() == 1, timeout=120, what="the drafts to scale back down")
-    _wait(lambda: handle.stats.remote().result()["draft_live"] == 1, what="the engine to drop it")
+    _wait(lambda: _stats(handle)["draft_live"] == 1, what="the engine to drop it")
     out = stub.Generate(pb.GenerateRequest(prompt=TINY_PROMPTS[0], max_new_tokens=8), metadata=META)
     assert len(out.token_ids) == 8 or out.finish_reason == "eos"
 
