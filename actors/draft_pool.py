@@ -113,7 +113,7 @@ class DraftPool(Drafter):
                 if self.placement.get(seq_id) != i:
                     r.release(seq_id)
         except grpc.RpcError:
-            return  # probed again on the next refresh
+            return  # probed again later
         self.alive[i] = True
         self.rejoined += 1
 
