@@ -68,7 +68,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-__all__ = ["TINY_PROMPTS", "tiny_config", "hf_greedy", "make_engine", "free_port"]
+def wait_until(predicate, timeout=60.0, what="", interval=0.2) -> None:
+    """Polls until predicate() holds, else AssertionError. A probe that raises (a replica that is
+    stopping) counts as not yet. `what` may be a callable, for state read at the time out."""
+    import time
+
+    deadline, last = time.time() + timeout, None
+    while time.time() < deadline:
+        try:
+            if predicate():
+                return
+        except Exception as e:  # noqa: BLE001
+            last = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what() if callable(what) else what} (last probe error: {last!r})")
+
+
+__all__ = ["TINY_PROMPTS", "tiny_config", "hf_greedy", "make_engine", "free_port", "wait_until"]
 
 
 @pytest.fixture(scope="session")

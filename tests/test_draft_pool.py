@@ -1,13 +1,11 @@
 """Load balancing and failover across draft replicas (Ray actors over gRPC)."""
 
-import time
-
 import pytest
 
 from actors.draft_pool import DraftPool
 from cluster.runtime.engine import GenerationRequest, SpeculativeEngine
 from cluster.speculation import SamplingParams
-from conftest import TINY_PROMPTS
+from conftest import TINY_PROMPTS, wait_until
 
 pytestmark = pytest.mark.ray
 
@@ -108,15 +106,6 @@ def test_failover_keeps_sampled_outputs_identical(ray_cluster, tiny_llama):
             ray_cluster.kill(a)
 
 
-def _until(predicate, timeout=30.0) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_a_replica_that_missed_a_deadline_rejoins_once_it_answers(ray_cluster, tiny_llama):
     actors, addresses = _replicas(ray_cluster, 2)
     pool = DraftPool(addresses, timeout_s=5)
@@ -157,7 +146,8 @@ def test_a_replica_that_missed_a_deadline_rejoins_once_it_answers(ray_cluster, t
         ray_cluster.kill(actors[1])  # a replica that does not answer stays out
         engine.generate([GenerationRequest(p, 4) for p in PROMPTS[:2]])  # one placed on each: 1 fails
         assert pool.alive == [True, False]
-        assert not _until(lambda: pool.set_addresses(addresses) or pool.alive[1], timeout=3)
+        with pytest.raises(AssertionError, match="timed out"):
+            wait_until(lambda: pool.set_addresses(addresses) or pool.alive[1], timeout=3, interval=0.05)
         assert pool.alive == [True, False] and pool.rejoined == 1
     finally:
         pool.close()

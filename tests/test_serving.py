@@ -4,7 +4,6 @@ HTTP client, as users integrate."""
 
 import concurrent.futures
 import json
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -16,7 +15,7 @@ from specserve.v1 import generation_pb2 as pb
 from specserve.v1 import generation_pb2_grpc as pb_grpc
 
 from cluster.config import parse_config
-from conftest import TINY_PROMPTS, free_port
+from conftest import TINY_PROMPTS, free_port, wait_until
 
 pytestmark = pytest.mark.ray
 
@@ -188,20 +187,6 @@ def test_http_body_must_be_json(service):
     assert e.value.code == 400 and json.loads(e.value.read())["error"]["param"] == "body"
 
 
-def _wait(predicate, timeout=60.0, what=""):
-    """Polls until predicate() holds. A replica that is stopping (scale-down) may refuse a
-    probe: that counts as not yet. `what` may be a callable, for state read at the time out."""
-    deadline, last = time.time() + timeout, None
-    while time.time() < deadline:
-        try:
-            if predicate():
-                return
-        except Exception as e:  # noqa: BLE001
-            last = e
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what() if callable(what) else what} (last probe error: {last!r})")
-
-
 def _sequences(handle) -> tuple[int, int, int]:
     """(coordinator, target ranks, draft replicas): sequences each holds."""
     from ray import serve
@@ -221,12 +206,12 @@ def test_cancelled_stream_and_expired_deadline_free_the_sequence(service):
     next(stream), next(stream)  # it is running
     assert _sequences(handle)[0] == 1
     stream.cancel()
-    _wait(lambda: _sequences(handle) == (0, 0, 0), what="the cancelled sequence to be freed everywhere")
+    wait_until(lambda: _sequences(handle) == (0, 0, 0), what="the cancelled sequence to be freed everywhere")
 
     with pytest.raises(grpc.RpcError) as e:
         stub.Generate(request, metadata=META, timeout=1.0)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    _wait(lambda: _sequences(handle) == (0, 0, 0), what="the expired sequence to be freed everywhere")
+    wait_until(lambda: _sequences(handle) == (0, 0, 0), what="the expired sequence to be freed everywhere")
 
 
 def _draft_replicas() -> int:
@@ -249,7 +234,7 @@ def test_overload_is_resource_exhausted_and_drafts_scale_up_then_down(service):
         next(s)
     # 7 more: 6 queue (max_queued_requests 6) and whichever reaches the queue last is refused
     waiting = [stub.GenerateStream(request, metadata=META) for _ in range(7)]
-    _wait(lambda: any(s.done() for s in waiting), timeout=60, what="one of 7 waiting streams to be refused")
+    wait_until(lambda: any(s.done() for s in waiting), timeout=60, what="one of 7 waiting streams to be refused")
     refused = [s for s in waiting if s.done()]
     assert len(refused) == 1 and refused[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED, [s.code() for s in refused]
     queued = [s for s in waiting if not s.done()]
@@ -259,24 +244,24 @@ def test_overload_is_resource_exhausted_and_drafts_scale_up_then_down(service):
     assert not any(s.done() for s in queued + running)
 
     # 6 sequences, target 1 sequence per draft replica: Serve scales the drafts to their max, 2
-    _wait(lambda: _draft_replicas() == 2, timeout=120, what="a second draft replica")
+    wait_until(lambda: _draft_replicas() == 2, timeout=120, what="a second draft replica")
     # with 5 sequences left the drafts stay at 2, and the engine has a free slot for stats()
     for s in queued + running[:1]:
         s.cancel()
-    _wait(lambda: _sequences(handle) == (5, 5, 5), what="the 6 queued and 1 running to be dropped")
+    wait_until(lambda: _sequences(handle) == (5, 5, 5), what="the 6 queued and 1 running to be dropped")
     last = {}
 
     def engine_finds_it() -> bool:  # it looks every 0.5 s
         last.update(_stats(handle))
         return last["draft_live"] == 2
 
-    _wait(engine_finds_it, timeout=30, what=lambda: f"the engine to find the new draft replica (stats {last})")
+    wait_until(engine_finds_it, timeout=30, what=lambda: f"the engine to find the new draft replica (stats {last})")
     assert _draft_replicas() == 2
     for s in running[1:]:
         s.cancel()
-    _wait(lambda: _sequences(handle) == (0, 0, 0), what="every sequence freed")
-    _wait(lambda: _draft_replicas() == 1, timeout=120, what="the drafts to scale back down")
-    _wait(lambda: _stats(handle)["draft_live"] == 1, what="the engine to drop it")
+    wait_until(lambda: _sequences(handle) == (0, 0, 0), what="every sequence freed")
+    wait_until(lambda: _draft_replicas() == 1, timeout=120, what="the drafts to scale back down")
+    wait_until(lambda: _stats(handle)["draft_live"] == 1, what="the engine to drop it")
     out = stub.Generate(pb.GenerateRequest(prompt=TINY_PROMPTS[0], max_new_tokens=8), metadata=META)
     assert len(out.token_ids) == 8 or out.finish_reason == "eos"
 
@@ -301,4 +286,4 @@ def test_metrics_reach_prometheus(service):
         seen.update(name for name in wanted if f"ray_{name}" in text)
         return seen == set(wanted)
 
-    _wait(exported, timeout=60, what=f"metrics {sorted(set(wanted) - seen)}")
+    wait_until(exported, timeout=60, what=lambda: f"metrics {sorted(set(wanted) - seen)}")
