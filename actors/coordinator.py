@@ -81,7 +81,8 @@ class Coordinator:
 
     # -- requests -------------------------------------------------------------------------
     async def ready(self) -> dict:
-        return {"vocab_size": self.group.vocab_size, "tp_size": len(self.group.ranks), "draft_replicas": len(self.replicas)}
+        return {"vocab_size": self.group.vocab_size, "tp_size": len(self.group.ranks), "draft_replicas": len(self.replicas),
+                "dtype": self.group.dtype}
 
     async def generate(self, request):
         """The whole result of one request; joins the running batch."""

@@ -85,7 +85,7 @@ class Engine:
     async def health(self) -> dict:
         c = self.config
         return {"status": "SERVING", "target": c.target.model, "drafter": c.draft.drafter,
-                "tp_size": c.cluster.tp_size, "draft_replicas": self.core.live_drafts}
+                "tp_size": c.cluster.tp_size, "draft_replicas": self.core.live_drafts, "dtype": self.core.group.dtype}
 
     async def stats(self) -> dict:
         return await self.core.stats()

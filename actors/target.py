@@ -47,17 +47,20 @@ class TargetRank:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def setup(self, model: str, dtype: str, master: tuple[str, int]) -> int:
+    def setup(self, model: str, dtype: str, master: tuple[str, int]) -> tuple[int, str]:
+        """Loads this rank's shard; returns the vocabulary size and the dtype chosen (`auto` resolved here,
+        on the rank's own hardware)."""
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
         from cluster.runtime.kv import CausalLM
-        from cluster.runtime.models import DTYPES, load_model
+        from cluster.runtime.models import DTYPES, choose_dtype, load_model
 
         gpu = torch.cuda.is_available()
+        dtype = choose_dtype(dtype, torch.device("cuda" if gpu else "cpu"))
         if self.world_size == 1:  # nothing to shard: the plain model, no process group
             self.lm = CausalLM(load_model(model, dtype, "cuda" if gpu else "cpu").model)
-            return self.lm.vocab_size
+            return self.lm.vocab_size, dtype
         os.environ.update(
             MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(self.rank),
             WORLD_SIZE=str(self.world_size), LOCAL_SIZE=str(self.world_size),
@@ -75,7 +78,7 @@ class TargetRank:
             replace_with_kernel_inject=False,
         )
         self.lm = CausalLM(engine.module)
-        return self.lm.vocab_size
+        return self.lm.vocab_size, dtype
 
     def call(self, rollbacks: list[tuple[int, int]], method: str, *args):
         """Applies the group's deferred rollbacks, then one method: a single Ray call."""
@@ -143,7 +146,7 @@ class TargetGroup:
                     TargetRank.options(**rank.options(), scheduling_strategy=where).remote(i, tp_size, rank.threads)
                 )
             master = ray.get(self.ranks[0].address.remote())
-            self.vocab_size = ray.get([r.setup.remote(model, dtype, master) for r in self.ranks])[0]
+            self.vocab_size, self.dtype = ray.get([r.setup.remote(model, dtype, master) for r in self.ranks])[0]
         except BaseException:
             self.shutdown()  # a failed start holds no resources
             raise

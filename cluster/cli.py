@@ -92,7 +92,7 @@ def _generate(args) -> int:
     import time
 
     from .runtime.engine import GenerationRequest, check_request_fields
-    from .runtime.factory import build_engine, check_drafter_name
+    from .runtime.factory import check_drafter_name, load_target, make_engine
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     config = load_config(args.config)
@@ -109,8 +109,11 @@ def _generate(args) -> int:
         if args.drafter is not None:
             config = config.model_copy(update={"draft": config.draft.model_copy(update={"drafter": args.drafter})})
         engine = DistributedEngine(config)  # measures step costs for adaptive K while starting
+        _print_dtype(config, engine.info["dtype"])
     else:
-        engine = build_engine(config, drafter=args.drafter)
+        target = load_target(config)
+        _print_dtype(config, target.dtype)
+        engine = make_engine(config, target, drafter=args.drafter)
         engine.prepare()  # one-time measurements for adaptive K, outside the timing below
 
     try:
@@ -143,6 +146,11 @@ def _generate(args) -> int:
     return 0
 
 
+def _print_dtype(config, chosen: str) -> None:
+    print(f"specserve: target {config.target.model} in {chosen} (target.dtype: {config.target.dtype})",
+          file=sys.stderr, flush=True)
+
+
 def _serve(config, args) -> int:
     import signal
     import threading
@@ -167,6 +175,7 @@ def _serve(config, args) -> int:
         print(f"specserve: starting {config.target.model} (tp_size {config.cluster.tp_size}, drafter "
               f"{config.draft.drafter}); models load before the endpoints answer", file=sys.stderr, flush=True)
         app.start(config)
+        _print_dtype(config, serve.get_deployment_handle("engine", s.app_name).health.remote().result()["dtype"])
         print(f"specserve: serving\n  gRPC  localhost:{s.grpc_port}  (specserve.v1.SpeculativeGeneration, "
               f"metadata application={s.app_name})\n  HTTP  http://localhost:{s.http_port}/v1/completions  "
               f"(health: /healthz)\n  try:  specserve generate --address localhost:{s.grpc_port} --prompt \"Hello\"\n"

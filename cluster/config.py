@@ -8,7 +8,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-Dtype = Literal["float32", "bfloat16"]
+Dtype = Literal["auto", "float32", "bfloat16"]  # auto: bfloat16 on GPUs and CPUs with native bf16, else float32
 
 
 class _Strict(BaseModel):
@@ -17,7 +17,7 @@ class _Strict(BaseModel):
 
 class TargetConfig(_Strict):
     model: str = "smollm2-135m-instruct"  # built-in name or a Hugging Face folder
-    dtype: Dtype = "bfloat16"
+    dtype: Dtype = "auto"
     device: str = "auto"  # auto: cuda when available, else cpu
     chat_template: bool = True  # wrap a prompt as one user turn when the tokenizer has a template
 
@@ -159,7 +159,7 @@ def parse_config(data: dict, source: str = "config") -> SpecserveConfig:
 
 # The embedded default: the same values as configs/local.yaml (tests/test_config.py checks).
 DEFAULT_CONFIG = {
-    "target": {"model": "smollm2-135m-instruct", "dtype": "bfloat16", "device": "auto", "chat_template": True},
+    "target": {"model": "smollm2-135m-instruct", "dtype": "auto", "device": "auto", "chat_template": True},
     "draft": {
         "drafter": "ngram",
         "model": {"layers": [*range(16), *range(18, 30)]},

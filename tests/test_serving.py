@@ -112,6 +112,7 @@ def test_health_over_grpc_and_http(service):
     config, stub, _ = service
     health = stub.Health(pb.HealthRequest(), metadata=META)
     assert health.status == "SERVING" and health.tp_size == 2 and health.target == "tiny-llama"
+    assert health.dtype == "float32"  # configs/tiny.yaml names it; `auto` is resolved on the rank (test_dtype.py)
     status, body = _http(config, "/healthz")
     assert status == 200 and json.loads(body)["status"] == "SERVING"
     status, _ = _http(config, "/-/healthz")  # Serve's own proxy health

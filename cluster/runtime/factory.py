@@ -6,7 +6,7 @@ from ..config import DraftConfig, SpecserveConfig
 from ..speculation import CostModel, InvalidRequest
 from .drafters import DRAFTERS, Drafter, ModelDrafter, NgramDrafter
 from .engine import SpeculativeEngine
-from .models import DTYPES, LoadedModel, int8_copy, layer_subset, load_model, select_device
+from .models import DTYPES, LoadedModel, choose_dtype, int8_copy, layer_subset, load_model, select_device
 
 
 def check_drafter_name(name: str, draft: DraftConfig) -> None:
@@ -25,7 +25,7 @@ def build_drafter(name: str, draft: DraftConfig, target: LoadedModel | None, tar
             raise ValueError("drafter 'int8' uses torch's dynamic quantisation, which runs on the CPU only")
         return ModelDrafter(int8_copy(target.model), name="int8")
     spec = draft.model
-    dtype = spec.dtype or target_dtype
+    dtype = choose_dtype(spec.dtype or target_dtype, select_device(device))
     if spec.name is None:
         base = target.model
     else:
