@@ -1,7 +1,7 @@
 """The tensor-parallel target: one Ray actor per rank, DeepSpeed AutoTP, a KV cache per sequence.
 
-TargetGroup has the interface of the in-process CausalLM (new_cache / forward / rollback /
-cached_length / release), so the engine runs on it unchanged. Each call is broadcast to every
+TargetGroup has the interface of the in-process CausalLM (new_cache / forward / forward_batch /
+rollback / keep / cached_length / release), so the engine runs on it unchanged. Each call is broadcast to every
 rank in the same order (the collectives inside a forward need that) and rank 0's result is kept.
 """
 
@@ -80,10 +80,10 @@ class TargetRank:
         self.lm = CausalLM(engine.module)
         return self.lm.vocab_size, dtype
 
-    def call(self, rollbacks: list[tuple[int, int]], method: str, *args):
-        """Applies the group's deferred rollbacks, then one method: a single Ray call."""
-        for handle, n in rollbacks:
-            self.lm.rollback(self._caches[handle], n)
+    def call(self, edits: list[tuple[int, str, object]], method: str, *args):
+        """Applies the group's deferred cache edits (rollback or keep), then one method: a single Ray call."""
+        for handle, edit, arg in edits:
+            getattr(self.lm, edit)(self._caches[handle], arg)
         return getattr(self, method)(*args)
 
     def new_cache(self, handle: int) -> None:
@@ -93,12 +93,13 @@ class TargetRank:
         logits = self.lm.forward(self._caches[handle], input_ids, last_only)
         return logits if self.rank == 0 else None
 
-    def forward_batch(self, handles: list[int], inputs: list[list[int]], argmax_only: list[bool]):
-        """One padded forward for all sequences. Rank 0 returns the logits of the sequences that
+    def forward_batch(self, handles: list[int], inputs: list[list[int]], argmax_only: list[bool],
+                      last: list[int] | None = None, parents: list | None = None):
+        """One flattened forward for all sequences. Rank 0 returns the logits of the sequences that
         sample, in the model's own dtype (bf16 logits are exactly what the model computed), and
         only the argmax of each greedy row: that is all greedy verification reads."""
         start = time.perf_counter()
-        logits = self.lm.forward_batch([self._caches[h] for h in handles], inputs, raw=True)
+        logits = self.lm.forward_batch([self._caches[h] for h in handles], inputs, raw=True, last=last, parents=parents)
         if self.rank != 0:
             return None
         dense = [x for x, a in zip(logits, argmax_only) if not a]
@@ -151,15 +152,15 @@ class TargetGroup:
             self.shutdown()  # a failed start holds no resources
             raise
         self._handles = itertools.count()
-        self._rollbacks: list[tuple[int, int]] = []  # (cache, n) not yet applied on the ranks
+        self._edits: list[tuple[int, str, object]] = []  # (cache, "rollback" or "keep", arg) not yet sent
         self.calls = 0  # Ray calls broadcast to the ranks
         self.bytes_received = 0  # logits bytes returned by rank 0
         self.last_compute_s = 0.0  # rank 0's time inside the last forward_batch
 
     def _all(self, method: str, *args):
-        rollbacks, self._rollbacks = self._rollbacks, []
+        edits, self._edits = self._edits, []
         self.calls += 1
-        return ray.get([r.call.remote(rollbacks, method, *args) for r in self.ranks])[0]
+        return ray.get([r.call.remote(edits, method, *args) for r in self.ranks])[0]
 
     def new_cache(self) -> int:
         handle = next(self._handles)
@@ -170,25 +171,28 @@ class TargetGroup:
         return self._all("forward", cache, input_ids, last_only)
 
     def forward_batch(self, caches: list[int], inputs: list[list[int]], raw: bool = False,
-                      argmax_only: list[bool] | None = None) -> list[torch.Tensor]:
-        """Logits [n_i, V] per sequence, float32. A row marked argmax_only comes back as its argmax
-        alone and is rebuilt as 0 there and -inf elsewhere: warped greedily, the same one-hot."""
+                      argmax_only: list[bool] | None = None, last: list[int] | None = None,
+                      parents: list | None = None) -> list[torch.Tensor]:
+        """Logits per sequence as CausalLM.forward_batch gives them, float32. A row marked argmax_only
+        comes back as its argmax alone and is rebuilt as 0 there and -inf elsewhere: warped greedily,
+        the same one-hot."""
         argmax_only = argmax_only or [False] * len(inputs)
-        dense, dtype, ids, self.last_compute_s = self._all("forward_batch", caches, inputs, argmax_only)
+        dense, dtype, ids, self.last_compute_s = self._all("forward_batch", caches, inputs, argmax_only, last, parents)
+        rows = [len(x) for x in inputs] if last is None else [min(k, len(x)) for k, x in zip(last, inputs)]
         self.bytes_received += dense.nbytes + (ids.nbytes if ids is not None else 0)
         with warnings.catch_warnings():  # read-only (zero-copy from Ray's store): only read, then copied
             warnings.simplefilter("ignore", UserWarning)
-            rows = torch.from_numpy(dense)
-        rows = (rows.view(torch.bfloat16) if dtype == "bfloat16" else rows).float()
-        dense_rows = iter(rows.split([len(x) for x, a in zip(inputs, argmax_only) if not a]))
-        greedy_ids = iter(torch.from_numpy(ids.copy()).split([len(x) for x, a in zip(inputs, argmax_only) if a])
+            values = torch.from_numpy(dense)
+        values = (values.view(torch.bfloat16) if dtype == "bfloat16" else values).float()
+        dense_rows = iter(values.split([n for n, a in zip(rows, argmax_only) if not a]))
+        greedy_ids = iter(torch.from_numpy(ids.copy()).split([n for n, a in zip(rows, argmax_only) if a])
                           if ids is not None else [])
         out = []
-        for x, a in zip(inputs, argmax_only):
+        for n, a in zip(rows, argmax_only):
             if a:
                 row_ids = next(greedy_ids)
-                logits = torch.full((len(x), self.vocab_size), float("-inf"))
-                logits[torch.arange(len(x)), row_ids] = 0.0
+                logits = torch.full((n, self.vocab_size), float("-inf"))
+                logits[torch.arange(n), row_ids] = 0.0
                 out.append(logits)
             else:
                 out.append(next(dense_rows))
@@ -197,7 +201,11 @@ class TargetGroup:
     def rollback(self, cache: int, n: int) -> None:
         """Deferred: sent with the next call, so a round costs one Ray call (forward_batch)."""
         if n > 0:
-            self._rollbacks.append((cache, n))
+            self._edits.append((cache, "rollback", n))
+
+    def keep(self, cache: int, positions: list[int]) -> None:
+        """Commits a subset of cached positions (CausalLM.keep); deferred like rollback."""
+        self._edits.append((cache, "keep", list(positions)))
 
     def cached_length(self, cache: int) -> int:
         return self._all("cached_length", cache)

@@ -6,6 +6,7 @@ import torch
 from cluster.runtime.drafters import ModelDrafter
 from cluster.runtime.engine import GenerationRequest
 from cluster.runtime.factory import make_engine
+from cluster.runtime import kv
 from cluster.runtime.kv import CausalLM
 from cluster.speculation import SamplingParams
 from conftest import TINY_PROMPTS, tiny_config
@@ -75,49 +76,106 @@ def test_engine_keeps_target_cache_one_behind(tiny_llama):
     assert rounds > 1
 
 
-def _ragged_rounds(lm, forward_batch):
-    """Three rounds of ragged verify blocks with rollbacks, one sequence without a prefill."""
-    prompts = [list(b"left padding"), [3], list(b"a longer prompt than the others"), [40, 41]]
-    blocks = [[1, 2, 3], [4], [5, 6, 7, 8, 9], [10, 11]]
-    caches = [lm.new_cache() for _ in prompts]
-    for p, c in zip(prompts, caches):
+def _reference(model, ids: list[int]) -> torch.Tensor:
+    """The model's own forward over the whole sequence, no cache: logits [len(ids), V]."""
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids])).logits[0].float()
+
+
+def _flattened_rounds(lm):
+    """Rounds of one flattened forward each: ragged verify blocks with rollbacks, a prompt prefilled
+    in chunks beside them, a sequence joining mid-run. Yields (logits, the sequence's tokens so far)
+    for every returned row block, so each can be checked against a fresh forward."""
+    long_prompt = list(b"a prompt long enough to be prefilled in three chunks of ten")
+    seqs = {"a": list(b"left"), "b": [3], "c": list(b"a longer prompt than the others")}
+    caches = {name: lm.new_cache() for name in seqs}
+    for name, p in seqs.items():
         if len(p) > 1:
-            lm.forward(c, p[:-1], last_only=True)
+            lm.forward(caches[name], p[:-1], last_only=True)
+    blocks = {"a": [1, 2, 3], "b": [4], "c": [5, 6, 7, 8, 9], "long": [10, 11]}
+    body = long_prompt[:-1]  # the last prompt token starts the first verify block
+    chunks = [body[i : i + 24] for i in range(0, len(body), 24)]
     out = []
-    for _ in range(3):
-        out.append(forward_batch(caches, [[p[-1]] + b for p, b in zip(prompts, blocks)]))
-        for c, b in zip(caches, blocks):
-            lm.rollback(c, len(b) // 2)
-        prompts = [p + b[: len(b) - len(b) // 2] for p, b in zip(prompts, blocks)]
-    return out, [lm.cached_length(c) for c in caches]
+    for round_ in range(5):  # the chunked sequence decodes in the last round
+        names = list(seqs)
+        inputs = [[seqs[n][-1]] + blocks[n] for n in names]
+        last = [len(x) for x in inputs]
+        if round_ == 1:  # joins mid-run: its prompt is prefilled in chunks while the others decode
+            caches["long"] = lm.new_cache()
+        if 1 <= round_ <= len(chunks):
+            names.append("prefill")
+            inputs.append(chunks[round_ - 1])
+            last.append(1)
+        got = lm.forward_batch([caches["long" if n == "prefill" else n] for n in names], inputs, last=last)
+        for n, x, logits in zip(names, inputs, got):
+            if n == "prefill":
+                done = sum(len(c) for c in chunks[:round_])
+                out.append((logits, long_prompt[:done]))
+                if round_ == len(chunks):
+                    seqs["long"] = long_prompt
+                continue
+            out.append((logits, seqs[n] + blocks[n]))
+            keep = len(blocks[n]) - len(blocks[n]) // 2  # a rejection after half the drafts; the
+            lm.rollback(caches[n], len(blocks[n]) - keep + 1)  # last kept token starts the next block
+            seqs[n] = seqs[n] + blocks[n][:keep]
+    lengths_ok = {n: lm.cached_length(caches[n]) == len(seqs[n]) - 1 for n in seqs}
+    for cache in caches.values():
+        lm.release(cache)
+    return out, lengths_ok
 
 
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen2"])
-def test_padded_batch_forward_equals_one_forward_per_sequence(request, name):
-    lm = CausalLM(request.getfixturevalue(name).model)
-    one_by_one = lambda caches, inputs: [lm.forward(c, x) for c, x in zip(caches, inputs)]  # noqa: E731
-    want, want_lengths = _ragged_rounds(lm, one_by_one)
-    got, got_lengths = _ragged_rounds(lm, lm.forward_batch)
-    assert got_lengths == want_lengths
-    for w_round, g_round in zip(want, got):
-        for w, g in zip(w_round, g_round):
-            assert w.shape == g.shape
-            assert (w - g).abs().max() <= 1e-5, (w - g).abs().max()
-    # negative control: a batch without the padding mask sees other rows' padding as context
-    unmasked = lambda caches, inputs: _unmasked(lm, caches, inputs)  # noqa: E731
-    bad, _ = _ragged_rounds(lm, unmasked)
-    assert max((w - b).abs().max() for w, b in zip(want[0], bad[0])) > 1e-3
+def test_flattened_batch_equals_one_forward_per_sequence(request, name, monkeypatch):
+    model = request.getfixturevalue(name).model
+    lm = CausalLM(model)
+    out, lengths_ok = _flattened_rounds(lm)
+    assert all(lengths_ok.values()) and len(lengths_ok) == 4
+    for logits, tokens in out:
+        want = _reference(model, tokens)[-len(logits):]
+        assert logits.shape == want.shape
+        assert (logits - want).abs().max() <= 1e-5, (logits - want).abs().max()
+    # negative control: without the per-sequence mask a block's tokens see the ones after them
+    monkeypatch.setattr(kv, "attention_mask", lambda start, parents, device: None)
+    bad, _ = _flattened_rounds(CausalLM(model))
+    assert max((logits - _reference(model, tokens)[-len(logits):]).abs().max() for logits, tokens in bad) > 1e-3
 
 
-def _unmasked(lm, caches, inputs):
-    real = lm.model.forward
+def _tree_then_keep(lm, prompt, keep_subset: bool):
+    """A tree of two branches after the prompt, then only the second branch is kept."""
+    cache = lm.new_cache()
+    lm.forward(cache, prompt[:-1], last_only=True)
+    n = len(prompt) - 1  # the block starts at position n: [last, x, y, x2, y2] with parents below
+    lm.forward_batch([cache], [[prompt[-1], 10, 11, 12, 13]], parents=[[-1, 0, 0, 1, 2]])
+    if keep_subset:
+        lm.keep(cache, [*range(n + 1), n + 2, n + 4])  # the path last -> 11 -> 13
+    else:
+        lm.rollback(cache, 2)  # negative control: a crop keeps 10 and 11, not 11 and 13
+    logits, length = lm.forward(cache, [20, 21]), lm.cached_length(cache)
+    lm.release(cache)
+    return logits, length
 
-    def no_mask(**kw):
-        kw.pop("attention_mask")
-        return real(**kw)
 
-    lm.model.forward = no_mask
-    try:
-        return lm.forward_batch(caches, inputs)
-    finally:
-        del lm.model.forward
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen2"])
+def test_keeping_a_non_contiguous_subset_equals_a_fresh_prefill(request, name):
+    loaded = request.getfixturevalue(name)
+    prompt = loaded.tokenizer.encode("keep the accepted path of a tree")
+    want = _reference(loaded.model, prompt + [11, 13, 20, 21])[-2:]
+    got, length = _tree_then_keep(CausalLM(loaded.model), prompt, keep_subset=True)
+    assert length == len(prompt) + 4
+    assert (got - want).abs().max() <= 1e-5, (got - want).abs().max()
+    wrong, _ = _tree_then_keep(CausalLM(loaded.model), prompt, keep_subset=False)
+    assert (wrong - want).abs().max() > 1e-3
+
+
+@pytest.mark.smollm2
+def test_flattened_batch_and_keep_smollm2(smollm2_fp32):
+    model = smollm2_fp32.model
+    out, lengths_ok = _flattened_rounds(CausalLM(model))
+    assert all(lengths_ok.values())
+    for logits, tokens in out:
+        want = _reference(model, tokens)[-len(logits):]
+        assert (logits - want).abs().max() <= 1e-4 * want.abs().max(), (logits - want).abs().max()
+    prompt = smollm2_fp32.tokenizer.encode("Keep the accepted path of a tree.")
+    got, _ = _tree_then_keep(CausalLM(model), prompt, keep_subset=True)
+    want = _reference(model, prompt + [11, 13, 20, 21])[-2:]
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()

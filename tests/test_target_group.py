@@ -8,6 +8,7 @@ from cluster.runtime.engine import GenerationRequest, SpeculativeEngine
 from cluster.runtime.kv import CausalLM
 from cluster.runtime.models import tiny_config
 from conftest import TINY_PROMPTS
+from test_kv import _flattened_rounds, _reference, _tree_then_keep
 
 pytestmark = pytest.mark.ray
 
@@ -74,6 +75,23 @@ def test_tp2_batched_verify_matches_tp1(groups, request):
     assert [group.cached_length(x) for x in g] == [local.cached_length(x) for x in c]
     for x in g:
         group.release(x)
+
+
+def test_tp2_flattened_rounds_and_keep_match_fresh_forwards(groups, request):
+    """The flattened batch (ragged blocks, rollbacks, a chunked prefill joining mid-run) and keeping a
+    non-contiguous subset of positions, on the TP2 group, equal a fresh forward of each sequence."""
+    name, group = groups
+    loaded = request.getfixturevalue(name.replace("-", "_"))
+    out, lengths_ok = _flattened_rounds(group)
+    assert all(lengths_ok.values())
+    for logits, tokens in out:
+        _close(logits, _reference(loaded.model, tokens)[-len(logits):])
+    prompt = loaded.tokenizer.encode("keep the accepted path of a tree")
+    got, length = _tree_then_keep(group, prompt, keep_subset=True)
+    assert length == len(prompt) + 4
+    _close(got, _reference(loaded.model, prompt + [11, 13, 20, 21])[-2:])
+    wrong, _ = _tree_then_keep(group, prompt, keep_subset=False)  # negative control: a crop
+    assert (wrong - _reference(loaded.model, prompt + [11, 13, 20, 21])[-2:]).abs().max() > 1e-3
 
 
 def test_engine_on_tp2_equals_plain_greedy(groups, request):
