@@ -70,6 +70,7 @@ class Coordinator:
             num_draft_tokens=config.speculation.num_draft_tokens,
             max_draft_tokens=config.speculation.max_draft_tokens,
             chat_template=t.chat_template,
+            prefill_chunk=t.prefill_chunk,
         )
         self.engine.prepare()  # measures step costs for adaptive K before the first request
         self.metrics = RoundMetrics()

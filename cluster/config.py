@@ -20,6 +20,7 @@ class TargetConfig(_Strict):
     dtype: Dtype = "auto"
     device: str = "auto"  # auto: cuda when available, else cpu
     chat_template: bool = True  # wrap a prompt as one user turn when the tokenizer has a template
+    prefill_chunk: int = Field(256, ge=1)  # prompt tokens prefilled per round, batched with the running decodes
 
 
 class ModelDrafterConfig(_Strict):
@@ -159,7 +160,8 @@ def parse_config(data: dict, source: str = "config") -> SpecserveConfig:
 
 # The embedded default: the same values as configs/local.yaml (tests/test_config.py checks).
 DEFAULT_CONFIG = {
-    "target": {"model": "smollm2-135m-instruct", "dtype": "auto", "device": "auto", "chat_template": True},
+    "target": {"model": "smollm2-135m-instruct", "dtype": "auto", "device": "auto", "chat_template": True,
+               "prefill_chunk": 256},
     "draft": {
         "drafter": "ngram",
         "model": {"layers": [*range(16), *range(18, 30)]},

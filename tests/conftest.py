@@ -15,9 +15,10 @@ TINY_PROMPTS = [
 ]
 
 
-def tiny_config(model="tiny-llama", drafter="model", layers=(0, 1, 3), k="adaptive", max_k=8, dtype="float32"):
+def tiny_config(model="tiny-llama", drafter="model", layers=(0, 1, 3), k="adaptive", max_k=8, dtype="float32",
+                prefill_chunk=256):
     return parse_config({
-        "target": {"model": model, "dtype": dtype, "chat_template": False},
+        "target": {"model": model, "dtype": dtype, "chat_template": False, "prefill_chunk": prefill_chunk},
         "draft": {"drafter": drafter, "model": {"layers": list(layers)}},
         "speculation": {"num_draft_tokens": k, "max_draft_tokens": max_k},
     })

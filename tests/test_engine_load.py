@@ -15,7 +15,8 @@ ROOFLINE = CostModel(0.01, _roofline(1), {4: _roofline(4), 16: _roofline(16)})
 
 
 def test_k_drops_to_zero_under_load_and_output_is_unchanged(tiny_llama):
-    engine = make_engine(tiny_config(), tiny_llama, cost_model=ROOFLINE, prior_alpha=0.7)
+    # every prompt prefilled in the first round, so the first verify round holds all 16
+    engine = make_engine(tiny_config(prefill_chunk=4096), tiny_llama, cost_model=ROOFLINE, prior_alpha=0.7)
     plain = make_engine(tiny_config(k=0), tiny_llama)
     requests = [GenerationRequest(TINY_PROMPTS[i % len(TINY_PROMPTS)] + str(i), 12) for i in range(16)]
     loaded = engine.generate(requests)
@@ -32,3 +33,29 @@ def test_calibration_measures_batched_verification(tiny_llama):
     assert len(cost.verify_s) == 4 and set(cost.batch_verify_s) == {4, 16}
     assert all(len(v) == 4 and min(v) > 0 for v in cost.batch_verify_s.values())
     assert cost.draft_parallelism == 1 and cost.draft_step_s > 0
+
+
+def test_chunked_prefill_joins_the_running_decodes(tiny_llama):
+    """A long prompt arriving mid-run is prefilled in chunks inside the rounds of the running
+    sequence, one target call per round, and changes no output."""
+    engine = make_engine(tiny_config(k=0, prefill_chunk=16), tiny_llama)
+    short = GenerationRequest(TINY_PROMPTS[0], 64)
+    long = GenerationRequest(" ".join(TINY_PROMPTS) * 2, 8)
+    first = engine.add_request(short)
+    engine.step()  # the short prompt is prefilled in this round
+    engine.step()
+    late = engine.add_request(long)
+    chunks_needed = -(-(len(engine._seqs[late].prompt_ids) - 1) // 16)
+    emitted, results = [], {}
+    for _ in range(chunks_needed):
+        outputs = engine.step()
+        assert engine.last_round.prefill_s > 0 and engine.last_round.batch == 1
+        emitted += [o for o in outputs if o.seq_id == first and o.new_token_ids]
+        results |= {o.seq_id: o.result for o in outputs if o.result is not None}
+    assert len(emitted) == chunks_needed  # the running sequence decoded in every prefill round
+    assert engine._seqs[late].ready
+    while engine.has_unfinished():
+        results |= {o.seq_id: o.result for o in engine.step() if o.result is not None}
+    plain = make_engine(tiny_config(k=0, prefill_chunk=4096), tiny_llama)
+    assert results[late].token_ids == plain.generate([long])[0].token_ids
+    assert results[first].token_ids == plain.generate([short])[0].token_ids

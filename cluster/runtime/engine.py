@@ -115,12 +115,17 @@ class _Sequence:
     tracker: AcceptanceTracker | None  # alpha of an adaptive-K sequence
     output: list[int] = field(default_factory=list)
     stats: SpeculationStats = field(default_factory=SpeculationStats)
-    prefilled: bool = False
+    prefilled: int = 0  # prompt tokens in the target's cache; all but the last when ready to decode
     result: GenerationResult | None = None
 
     @property
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output
+
+    @property
+    def ready(self) -> bool:
+        """Prefilled: the last prompt token starts its first verify block."""
+        return self.prefilled >= len(self.prompt_ids) - 1
 
 
 def check_request_fields(request: GenerationRequest, max_draft_tokens: int) -> None:
@@ -148,6 +153,7 @@ class SpeculativeEngine:
         num_draft_tokens: int | str = "adaptive",
         max_draft_tokens: int = 8,
         chat_template: bool = False,
+        prefill_chunk: int = 256,
         cost_model: CostModel | None = None,
         prior_alpha: float | None = None,
         clock: Callable[[], float] = time.perf_counter,
@@ -159,6 +165,7 @@ class SpeculativeEngine:
         self.num_draft_tokens = num_draft_tokens
         self.max_draft_tokens = max_draft_tokens
         self.chat_template = chat_template and getattr(tokenizer, "has_chat_template", False)
+        self.prefill_chunk = prefill_chunk
         self.clock = clock
         self._cost_model = cost_model
         self._learn_costs = cost_model is None  # a given cost model stays as given (deterministic K)
@@ -227,18 +234,14 @@ class SpeculativeEngine:
 
     # -- one round ------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        seqs = [s for s in self._seqs.values() if s.result is None]
-        if not seqs:
+        """One round: prompt chunks of new sequences and the verify blocks of the ready ones go
+        through the target in one flattened forward; the ready ones then accept and emit."""
+        active = [s for s in self._seqs.values() if s.result is None]
+        if not active:
             return []
+        chunks = self._prefill_chunks([s for s in active if not s.ready])
+        seqs = [s for s in active if s.ready]
         timing = RoundTiming(batch=len(seqs))
-        for s in seqs:
-            if not s.prefilled:
-                t = self.clock()
-                if len(s.prompt_ids) > 1:
-                    self.target.forward(s.cache, s.prompt_ids[:-1], last_only=True)
-                s.prefilled = True
-                s.stats.prefill_s = self.clock() - t
-                timing.prefill_s += s.stats.prefill_s
 
         round_k = self._round_k(seqs)
         ks = [self._choose_k(s, round_k) for s in seqs]
@@ -254,14 +257,25 @@ class SpeculativeEngine:
         for s, k in zip(seqs, ks):
             s.stats.draft_s += draft_s if k else 0.0
 
-        t = self.clock()  # one target call verifies every block: [K_i + 1, V] logits each
+        t = self.clock()  # one target call verifies every block ([K_i + 1, V] logits each) and prefills the chunks
+        blocks_in = [[s.tokens[-1]] + b.token_ids for s, b in zip(seqs, blocks)]
         logits = self.target.forward_batch(
-            [s.cache for s in seqs], [[s.tokens[-1]] + b.token_ids for s, b in zip(seqs, blocks)],
-            argmax_only=[s.request.sampling.greedy for s in seqs],
-        )
-        timing.verify_s = self.clock() - t
+            [s.cache for s in seqs] + [s.cache for s, _ in chunks], blocks_in + [ids for _, ids in chunks],
+            argmax_only=[s.request.sampling.greedy for s in seqs] + [True] * len(chunks),
+            last=[len(x) for x in blocks_in] + [0] * len(chunks),
+        )[: len(seqs)]
+        forward_s = self.clock() - t
+        prefill_tokens = sum(len(ids) for _, ids in chunks)
+        timing.prefill_s = forward_s * prefill_tokens / (prefill_tokens + sum(map(len, blocks_in)))
+        timing.verify_s = forward_s - timing.prefill_s
+        for s, ids in chunks:
+            s.prefilled += len(ids)
+            s.stats.prefill_s += timing.prefill_s * len(ids) / prefill_tokens
+        if not seqs:
+            self.last_round = timing
+            return []
         verify_s = timing.verify_s / len(seqs)
-        if self._policy is not None and self._learn_costs:  # real rounds refine the calibration
+        if self._policy is not None and self._learn_costs and not chunks:  # real rounds refine the calibration
             padded = max(len(b) for b in blocks) + 1
             self._policy.cost = self._policy.cost.observed(len(seqs), padded, timing.verify_s)
 
@@ -289,6 +303,17 @@ class SpeculativeEngine:
             outputs.append(self._append(s, out.tokens(i)))
         self.last_round = timing
         return outputs
+
+    def _prefill_chunks(self, waiting: list[_Sequence]) -> list[tuple[_Sequence, list[int]]]:
+        """The next prompt chunks, prefill_chunk tokens in all, oldest sequences first."""
+        budget, chunks = self.prefill_chunk, []
+        for s in waiting:
+            if budget <= 0:
+                break
+            ids = s.prompt_ids[s.prefilled : min(len(s.prompt_ids) - 1, s.prefilled + budget)]
+            chunks.append((s, ids))
+            budget -= len(ids)
+        return chunks
 
     def _round_k(self, seqs: list[_Sequence]) -> int:
         """One K for every adaptive sequence of the round: the padded verify pays for the

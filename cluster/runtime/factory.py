@@ -68,6 +68,7 @@ def make_engine(
         num_draft_tokens=config.speculation.num_draft_tokens,
         max_draft_tokens=config.speculation.max_draft_tokens,
         chat_template=t.chat_template,
+        prefill_chunk=t.prefill_chunk,
         cost_model=cost_model,
         prior_alpha=prior_alpha,
     )
