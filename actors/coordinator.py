@@ -34,6 +34,7 @@ class Coordinator:
 
     def __init__(self, config_data: dict, draft_addresses: list[str] | None = None, placement_group=None):
         from cluster.config import parse_config
+        from cluster.runtime.calibration import calibration_key
         from cluster.runtime.engine import SpeculativeEngine
         from cluster.runtime.factory import build_drafter, load_target
         from cluster.runtime.models import load_tokenizer
@@ -71,6 +72,11 @@ class Coordinator:
             max_draft_tokens=config.speculation.max_draft_tokens,
             chat_template=t.chat_template,
             prefill_chunk=t.prefill_chunk,
+            calibration_key=calibration_key(
+                model=t.model, dtype=self.group.dtype, tp_size=c.tp_size, target_rank=c.target_rank.model_dump(),
+                draft_replicas=c.draft_replicas, drafter=config.draft.drafter, draft=config.draft.model_dump(),
+                max_k=config.speculation.max_draft_tokens, gpu=torch.cuda.is_available(),
+            ),
         )
         self.engine.prepare()  # measures step costs for adaptive K before the first request
         self.metrics = RoundMetrics()
@@ -178,7 +184,7 @@ class Coordinator:
                 "draft": r.draft_s,
                 "draft_network": max(r.draft_s - draft_compute, 0.0),
                 "verify": r.verify_s,
-                "verify_network": max(r.verify_s - self.group.last_compute_s, 0.0),
+                "verify_network": max(r.prefill_s + r.verify_s - self.group.last_compute_s, 0.0),  # one forward
                 "sample": r.sample_s,
             },
             wire={k: after[k] - before[k] for k in after},

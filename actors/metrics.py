@@ -63,7 +63,8 @@ class RoundMetrics:
                 self._tokens.inc(n, tags={"kind": kind})
             self.totals[f"{kind}_tokens"] += n
         self._batch.set(batch)
-        self._target_calls.inc(batch)
+        if batch:  # a round that only prefilled verified no sequence
+            self._target_calls.inc(batch)
         self.totals["batch"] += batch
 
     def summary(self) -> dict:

@@ -31,7 +31,7 @@ def distributed(ray_cluster, config):
     from cluster.launcher import DistributedEngine
 
     engine = DistributedEngine(config)
-    assert engine.info == {"vocab_size": 258, "tp_size": 2, "draft_replicas": 2}
+    assert engine.info == {"vocab_size": 258, "tp_size": 2, "draft_replicas": 2, "dtype": "float32"}
     yield engine
     engine.shutdown()
 

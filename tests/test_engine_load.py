@@ -1,5 +1,6 @@
 """Load-adaptive K in the engine: the batch a round verifies sets the per-sequence cost of K."""
 
+from cluster.runtime.calibration import measure_costs
 from cluster.runtime.engine import GenerationRequest
 from cluster.runtime.factory import make_engine
 from cluster.speculation import CostModel
@@ -29,7 +30,7 @@ def test_k_drops_to_zero_under_load_and_output_is_unchanged(tiny_llama):
 
 def test_calibration_measures_batched_verification(tiny_llama):
     engine = make_engine(tiny_config(max_k=3), tiny_llama)
-    cost = engine.calibrate(context_len=16, reps=1, batch_sizes=(4, 16))
+    cost = measure_costs(engine.target, engine.drafter, 256, 3, context_len=16, reps=1, batch_sizes=(4, 16))
     assert len(cost.verify_s) == 4 and set(cost.batch_verify_s) == {4, 16}
     assert all(len(v) == 4 and min(v) > 0 for v in cost.batch_verify_s.values())
     assert cost.draft_parallelism == 1 and cost.draft_step_s > 0

@@ -3,7 +3,6 @@ the whole ragged batch at once, roll back both caches. New sequences join betwee
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -21,17 +20,12 @@ from ..speculation import (
     rejection_sample,
     warp_probs,
 )
+from .calibration import Calibration, load_or_measure, measure_agreement, measure_costs
 from .drafters import DraftBlock, Drafter, ModelDrafter
 from .kv import CausalLM
 from .tokenizer import Tokenizer
 
 _NO_DRAFT = DraftBlock([], None)
-CALIBRATION_TEXT = (
-    "The committee meets every Tuesday in the small library on the second floor. Each member brings a short "
-    "report on the progress of their project, and the group discusses any problems that come up.\n"
-    "def mean(values):\n    return sum(values) / len(values)\n"
-    "Spring arrived early that year, and the river rose quickly as the snow melted in the hills."
-)
 
 
 @dataclass(frozen=True)
@@ -156,6 +150,7 @@ class SpeculativeEngine:
         prefill_chunk: int = 256,
         cost_model: CostModel | None = None,
         prior_alpha: float | None = None,
+        calibration_key: dict | None = None,  # where measured costs are cached (calibration.py); None: not cached
         clock: Callable[[], float] = time.perf_counter,
     ):
         # an nn.Module runs in process; anything with CausalLM's interface (a TargetGroup) as is
@@ -170,6 +165,8 @@ class SpeculativeEngine:
         self._cost_model = cost_model
         self._learn_costs = cost_model is None  # a given cost model stays as given (deterministic K)
         self._prior_alpha = prior_alpha
+        self.calibration_key = calibration_key
+        self._calibration: Calibration | None = None
         self._seqs: dict[int, _Sequence] = {}
         self.last_round = RoundTiming()
         self._policy: AdaptiveK | None = None  # the round's K for adaptive sequences
@@ -387,77 +384,27 @@ class SpeculativeEngine:
 
     # -- costs for adaptive K ------------------------------------------------------------
     def prepare(self) -> None:
-        """Takes the one-time measurements adaptive K needs now rather than on the first request."""
+        """Takes (or loads) the one-time measurements adaptive K needs now rather than on the first request."""
         if self.drafter is not None and self.num_draft_tokens == "adaptive":
             _ = self.cost_model, self.prior_alpha
 
     @property
     def cost_model(self) -> CostModel:
-        if self._cost_model is None:
-            self._cost_model = self.calibrate()
-        return self._cost_model
+        return self._cost_model or self._calibrated().cost
 
     @property
     def prior_alpha(self) -> float:
         """The acceptance rate new sequences start from (the drafter's, measured once)."""
-        if self._prior_alpha is None:
-            self._prior_alpha = self.measure_agreement()
-        return self._prior_alpha
+        return self._prior_alpha if self._prior_alpha is not None else self._calibrated().prior_alpha
 
-    def measure_agreement(self) -> float:
-        """Greedy agreement of a draft model with the target on a fixed text, teacher-forced:
-        two forward passes, deterministic for given weights. Model-free drafters get 0.5."""
-        if not isinstance(self.drafter, ModelDrafter):
-            return 0.5
-        ids = self.tokenizer.encode(CALIBRATION_TEXT)[: self.target.max_context - 1]
-        draft = self.drafter.lm
-        cache = self.target.new_cache()
-        with torch.inference_mode():
-            want = self.target.forward(cache, ids).argmax(dim=-1)
-            got = draft.forward(draft.new_cache(), ids).argmax(dim=-1)
-        self.target.release(cache)
-        return float((want == got).float().mean())
+    def _calibrated(self) -> Calibration:
+        if self._calibration is None:
+            def measure() -> Calibration:
+                vocab = min(self.target.vocab_size, getattr(self.tokenizer, "vocab_size", self.target.vocab_size))
+                return Calibration(
+                    measure_costs(self.target, self.drafter, vocab, self.max_draft_tokens, self.clock),
+                    measure_agreement(self.target, self.drafter, self.tokenizer),
+                )
 
-    def calibrate(self, context_len: int = 128, reps: int = 3, batch_sizes: tuple[int, ...] = (4, 16)) -> CostModel:
-        """Measures one target call verifying 1..max_K+1 tokens for 1 and for each of batch_sizes
-        sequences at once, and one draft step, after a prefix of context_len tokens."""
-        vocab = min(self.target.vocab_size, getattr(self.tokenizer, "vocab_size", self.target.vocab_size))
-        ctx = [(7 * i + 3) % vocab for i in range(context_len)]
-        caches = []
-        for _ in range(max((1, *batch_sizes))):
-            caches.append(self.target.new_cache())
-            self.target.forward(caches[-1], ctx[:-1], last_only=True)
-
-        def timed(fn) -> float:
-            fn()  # warm-up
-            times = []
-            for _ in range(reps):
-                t = self.clock()
-                fn()
-                times.append(self.clock() - t)
-            return statistics.median(times)
-
-        def verify(b, n):
-            self.target.forward_batch(caches[:b], [ctx[-n:]] * b)
-            for c in caches[:b]:
-                self.target.rollback(c, n)
-
-        def table(b):
-            return tuple(timed(lambda n=n: verify(b, n)) for n in range(1, self.max_draft_tokens + 2))
-
-        verify_s = table(1)
-        batch_verify_s = {b: table(b) for b in batch_sizes if b > 1}
-        for c in caches:
-            self.target.release(c)
-        draft_step_s = 0.0
-        if self.drafter is not None:
-            greedy, k, probe_id = SamplingParams(temperature=0.0), 4, 2**63 - 1  # no request gets this id
-            self.drafter.propose(probe_id, ctx, k, greedy, 0)  # prefill the probe's draft cache
-
-            def draft():
-                self.drafter.propose(probe_id, ctx, k, greedy, 0)
-
-            draft_step_s = timed(draft) / k
-            self.drafter.release(probe_id)
-        parallelism = getattr(self.drafter, "parallelism", 1)
-        return CostModel(draft_step_s, verify_s, batch_verify_s, draft_parallelism=parallelism)
+            self._calibration = load_or_measure(self.calibration_key, measure)
+        return self._calibration

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..config import DraftConfig, SpecserveConfig
 from ..speculation import CostModel, InvalidRequest
 from .drafters import DRAFTERS, Drafter, ModelDrafter, NgramDrafter
+from .calibration import calibration_key
 from .engine import SpeculativeEngine
 from .models import DTYPES, LoadedModel, choose_dtype, int8_copy, layer_subset, load_model, select_device
 
@@ -61,6 +62,8 @@ def make_engine(
     """An engine over an already loaded target; `drafter` overrides config.draft.drafter by name."""
     name = drafter or config.draft.drafter
     t = config.target
+    key = calibration_key(model=t.model, dtype=target.dtype, device=str(select_device(t.device)), drafter=name,
+                          draft=config.draft.model_dump(), max_k=config.speculation.max_draft_tokens)
     return SpeculativeEngine(
         target.model,
         target.tokenizer,
@@ -71,6 +74,7 @@ def make_engine(
         prefill_chunk=t.prefill_chunk,
         cost_model=cost_model,
         prior_alpha=prior_alpha,
+        calibration_key=key,
     )
 
 

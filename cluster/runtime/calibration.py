@@ -1,0 +1,157 @@
+"""What adaptive K starts from: step costs measured on a few shapes (the rest interpolated) and
+the drafter's prior acceptance, cached on disk per model, dtype, device, threads and torch
+version so that a restart answers at once. Real rounds refine the costs online (CostModel.observed)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..speculation import CostModel, SamplingParams
+from .drafters import Drafter, ModelDrafter
+from .models import cache_dir
+
+CALIBRATION_TEXT = (
+    "The committee meets every Tuesday in the small library on the second floor. Each member brings a short "
+    "report on the progress of their project, and the group discusses any problems that come up.\n"
+    "def mean(values):\n    return sum(values) / len(values)\n"
+    "Spring arrived early that year, and the river rose quickly as the snow melted in the hills."
+)
+FORMAT = 1  # bump when what is measured changes: older cache files are then ignored
+
+
+@dataclass(frozen=True)
+class Calibration:
+    cost: CostModel
+    prior_alpha: float  # the acceptance rate new sequences start from
+
+
+def measured_lengths(max_k: int, batch: int) -> list[int]:
+    """Block lengths (1..max_k + 1) measured at this batch size; the others are interpolated."""
+    top = max_k + 1
+    points = {1, top} if batch > 1 else {1, 2, (top + 1) // 2, top}
+    return sorted(points)
+
+
+def interpolate(measured: dict[int, float], top: int) -> tuple[float, ...]:
+    """Costs for block lengths 1..top, linear between measured lengths, never decreasing."""
+    xs = sorted(measured)
+    out = []
+    for n in range(1, top + 1):
+        lo = max(x for x in xs if x <= n)
+        hi = min(x for x in xs if x >= n)
+        w = 0.0 if hi == lo else (n - lo) / (hi - lo)
+        out.append(max(measured[lo] + w * (measured[hi] - measured[lo]), out[-1] if out else 0.0))
+    return tuple(out)
+
+
+def measure_costs(target, drafter: Drafter | None, vocab: int, max_k: int, clock: Callable[[], float] = time.perf_counter,
+                  context_len: int = 64, reps: int = 2, batch_sizes: tuple[int, ...] = (4, 16)) -> CostModel:
+    """One target call verifying blocks of 1..max_k + 1 tokens for 1 and for each of batch_sizes
+    sequences at once after context_len tokens (a few lengths measured, see measured_lengths),
+    and one draft step. `target` has CausalLM's interface."""
+    ctx = [(7 * i + 3) % vocab for i in range(context_len)]
+    caches = [target.new_cache() for _ in range(max((1, *batch_sizes)))]
+    target.forward_batch(caches, [ctx[:-1]] * len(caches), last=[0] * len(caches))  # one flattened prefill
+
+    def timed(fn) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(reps):
+            t = clock()
+            fn()
+            times.append(clock() - t)
+        return statistics.median(times)
+
+    def verify(b: int, n: int) -> None:
+        target.forward_batch(caches[:b], [ctx[-n:]] * b)
+        for c in caches[:b]:
+            target.rollback(c, n)
+
+    def table(b: int) -> tuple[float, ...]:
+        return interpolate({n: timed(lambda n=n: verify(b, n)) for n in measured_lengths(max_k, b)}, max_k + 1)
+
+    verify_s = table(1)
+    batch_verify_s = {b: table(b) for b in batch_sizes if b > 1}
+    for c in caches:
+        target.release(c)
+    draft_step_s = 0.0
+    if drafter is not None:
+        greedy, k, probe_id = SamplingParams(temperature=0.0), 4, 2**63 - 1  # no request gets this id
+        drafter.propose(probe_id, ctx, k, greedy, 0)  # prefill the probe's draft cache
+        draft_step_s = timed(lambda: drafter.propose(probe_id, ctx, k, greedy, 0)) / k
+        drafter.release(probe_id)
+    return CostModel(draft_step_s, verify_s, batch_verify_s, draft_parallelism=getattr(drafter, "parallelism", 1))
+
+
+def measure_agreement(target, drafter: Drafter | None, tokenizer) -> float:
+    """Greedy agreement of a draft model with the target on a fixed text, teacher-forced: two
+    forward passes, deterministic for given weights. Model-free drafters get 0.5."""
+    if not isinstance(drafter, ModelDrafter):
+        return 0.5
+    ids = tokenizer.encode(CALIBRATION_TEXT)[: target.max_context - 1]
+    cache, draft = target.new_cache(), drafter.lm
+    with torch.inference_mode():
+        want = target.forward(cache, ids).argmax(dim=-1)
+        got = draft.forward(draft.new_cache(), ids).argmax(dim=-1)
+    target.release(cache)
+    return float((want == got).float().mean())
+
+
+def calibration_key(**parts) -> dict:
+    """What a calibration depends on: the caller's parts plus this process's torch version and threads."""
+    return {"format": FORMAT, "torch": torch.__version__, "threads": torch.get_num_threads()} | parts
+
+
+def _path(key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return cache_dir() / "calibration" / f"{digest}.json"
+
+
+def _to_json(c: Calibration) -> dict:
+    cost = c.cost
+    return {"draft_step_s": cost.draft_step_s, "verify_s": list(cost.verify_s),
+            "batch_verify_s": {str(b): list(v) for b, v in cost.batch_verify_s.items()},
+            "draft_parallelism": cost.draft_parallelism, "prior_alpha": c.prior_alpha}
+
+
+def _from_json(d: dict) -> Calibration:
+    cost = CostModel(float(d["draft_step_s"]), tuple(map(float, d["verify_s"])),
+                     {int(b): tuple(map(float, v)) for b, v in d["batch_verify_s"].items()}, int(d["draft_parallelism"]))
+    return Calibration(cost, float(d["prior_alpha"]))
+
+
+def load_or_measure(key: dict | None, measure: Callable[[], Calibration]) -> Calibration:
+    """The cached calibration for `key`, else a fresh measurement, saved for next time. key None: no cache."""
+    if key is None:
+        return measure()
+    path = _path(key)
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("key") == json.loads(json.dumps(key, default=str)):
+            return _from_json(saved["calibration"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # missing or unreadable: measure again
+    start = time.perf_counter()
+    calibration = measure()
+    print(f"specserve: calibrated step costs in {time.perf_counter() - start:.1f} s (cached in {path})",
+          file=sys.stderr, flush=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".calibration-")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"key": key, "calibration": _to_json(calibration)}, f, default=str)
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only cache only costs the next start a measurement
+        print(f"specserve: calibration not cached: {e}", file=sys.stderr)
+    return calibration

@@ -1,0 +1,60 @@
+"""Calibration: a few measured shapes, interpolated; cached on disk and reused; a change of what
+it depends on (here the thread count) measures again."""
+
+import torch
+
+from cluster.runtime import calibration
+from cluster.runtime import engine as engine_module
+from cluster.runtime.calibration import Calibration, calibration_key, interpolate, load_or_measure, measured_lengths
+from cluster.runtime.factory import make_engine
+from cluster.speculation import CostModel
+from conftest import tiny_config
+
+
+def test_a_few_lengths_are_measured_and_the_rest_interpolated():
+    assert measured_lengths(8, 1) == [1, 2, 5, 9] and measured_lengths(8, 16) == [1, 9]
+    assert interpolate({1: 1.0, 5: 3.0}, 5) == (1.0, 1.5, 2.0, 2.5, 3.0)
+    assert interpolate({1: 2.0, 2: 1.0, 3: 4.0}, 3) == (2.0, 2.0, 4.0)  # more tokens never cost less
+
+
+def test_a_cached_calibration_is_reused_and_a_changed_thread_count_invalidates_it(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECSERVE_CACHE", str(tmp_path))
+    measured = []
+    real = calibration.measure_costs
+
+    def counting(*args, **kwargs):
+        measured.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "measure_costs", counting)
+    first = make_engine(tiny_config(max_k=3), tiny_llama)
+    first.prepare()
+    assert len(measured) == 1 and len(list((tmp_path / "calibration").glob("*.json"))) == 1
+
+    again = make_engine(tiny_config(max_k=3), tiny_llama)
+    again.prepare()
+    assert len(measured) == 1  # loaded, not measured
+    assert again.cost_model == first.cost_model and again.prior_alpha == first.prior_alpha
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        other = make_engine(tiny_config(max_k=3), tiny_llama)
+        other.prepare()
+    finally:
+        torch.set_num_threads(threads)
+    assert measured == [threads, threads + 1]
+    assert len(list((tmp_path / "calibration").glob("*.json"))) == 2
+
+
+def test_an_unreadable_cache_file_is_measured_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECSERVE_CACHE", str(tmp_path))
+    key = calibration_key(model="m")
+    fixed = Calibration(CostModel(0.1, (1.0, 2.0), {4: (3.0, 4.0)}, 2), 0.7)
+    assert load_or_measure(key, lambda: fixed) == fixed
+    path = next((tmp_path / "calibration").glob("*.json"))
+    assert load_or_measure(key, lambda: None) == fixed  # round trip through the file
+    path.write_text("{not json")
+    assert load_or_measure(key, lambda: fixed) == fixed
+    other = Calibration(CostModel(0.2, (1.0, 2.0)), 0.5)
+    assert load_or_measure(calibration_key(model="other"), lambda: other) == other  # another key, another file
