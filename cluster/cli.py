@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--distributed", action="store_true",
                        help="the distributed path against the in-process engine: time per round, bytes, throughput under load")
     bench.add_argument("--concurrency", type=int, default=16, help="sequences at once in the --distributed load test")
+    bench.add_argument("--load", action="store_true",
+                       help="prompts of 50-1,000 tokens at 1-64 concurrent sequences against the raw model forward")
     return parser
 
 
@@ -69,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         if args.command == "serve":
             return _serve(config, args)
+        if args.load:
+            if args.plot or args.distributed:
+                raise InvalidRequest("load", "--load runs in process and writes --json only (no --plot, --distributed)")
+            from .bench_load import run_load_bench
+
+            return run_load_bench(config, json_out=args.json_out, quick=args.quick)
         if args.distributed or config.cluster.enabled:
             if args.plot:
                 raise InvalidRequest("plot", "--plot draws the in-process bench; --distributed writes --json only")

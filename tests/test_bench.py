@@ -26,3 +26,23 @@ def test_bench_quick_rows(tmp_path, capsys):
             assert r["speedup"] == 1.0 and r["tokens_per_target_call"] <= 1.0  # < 1 only when EOS ends a prompt
         if r["k"] == 4:
             assert r["tokens_per_target_call"] >= 1.0
+
+
+def test_bench_load_quick_rows(tmp_path, capsys):
+    out = tmp_path / "load.json"
+    assert main(["bench", "--load", "--config", "configs/tiny.yaml", "--quick", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert "plain/raw" in capsys.readouterr().out  # the table
+    assert {(r["context"], r["concurrency"]) for r in data["rows"]} == {(50, 1), (50, 16), (250, 1), (250, 16)}
+    for r in data["rows"]:
+        b = r["concurrency"]
+        assert r["raw_step_s_batch1"] > 0 and r[f"raw_step_s_batch{b}"] > 0
+        for run in (r["plain"], r["adaptive"]):
+            assert run["sequences"] == b and run["tokens"] > 0 and run["ttft_p50_s"] > 0
+            assert 0 < run["token_latency_p50_s"] <= run["token_latency_p99_s"]
+        assert r["plain_vs_raw"] > 0 and r["adaptive_vs_plain"] > 0
+
+
+def test_bench_load_refuses_plot(capsys):
+    assert main(["bench", "--load", "--plot", "x.png"]) == 2
+    assert "invalid load" in capsys.readouterr().err

@@ -35,7 +35,8 @@ def pool(replicas):
 
 
 def _engine(tiny_llama, pool):
-    return SpeculativeEngine(tiny_llama.model, tiny_llama.tokenizer, pool, num_draft_tokens=3)
+    # every prompt in the first round, so all 12 sequences draft from the first step on
+    return SpeculativeEngine(tiny_llama.model, tiny_llama.tokenizer, pool, num_draft_tokens=3, prefill_chunk=4096)
 
 
 def _step(engine, results: dict) -> None:

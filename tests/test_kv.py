@@ -72,7 +72,7 @@ def test_engine_keeps_target_cache_one_behind(tiny_llama):
         for i in ids:
             s = engine._seqs.get(i)
             if s is not None:
-                assert CausalLM.cached_length(s.cache) == len(s.tokens) - 1
+                assert CausalLM.cached_length(s.cache) == s.cached == len(s.tokens) - 1
     assert rounds > 1
 
 
@@ -179,3 +179,19 @@ def test_flattened_batch_and_keep_smollm2(smollm2_fp32):
     got, _ = _tree_then_keep(CausalLM(model), prompt, keep_subset=True)
     want = _reference(model, prompt + [11, 13, 20, 21])[-2:]
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_a_layer_subset_draft_attends_through_its_store(tiny_llama):
+    """A copy of some of the target's layers runs the flattened path too: its logits after a prefix
+    equal a fresh forward of the same copy. (An int8 copy cannot be checked so: dynamic
+    quantisation scales activations per call, so its logits depend on what else is in the call.)"""
+    from cluster.runtime.models import layer_subset
+
+    model = layer_subset(tiny_llama.model, [0, 1, 3])
+    lm = CausalLM(model)
+    ids = tiny_llama.tokenizer.encode("a draft continues the context")
+    cache = lm.new_cache()
+    lm.forward(cache, ids[:-3], last_only=True)
+    got = lm.forward(cache, ids[-3:])
+    want = _reference(model, ids)[-3:]
+    assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max())

@@ -109,7 +109,7 @@ class _Sequence:
     tracker: AcceptanceTracker | None  # alpha of an adaptive-K sequence
     output: list[int] = field(default_factory=list)
     stats: SpeculationStats = field(default_factory=SpeculationStats)
-    prefilled: int = 0  # prompt tokens in the target's cache; all but the last when ready to decode
+    cached: int = 0  # tokens in the target's cache: all but the last one while decoding
     result: GenerationResult | None = None
 
     @property
@@ -117,9 +117,9 @@ class _Sequence:
         return self.prompt_ids + self.output
 
     @property
-    def ready(self) -> bool:
-        """Prefilled: the last prompt token starts its first verify block."""
-        return self.prefilled >= len(self.prompt_ids) - 1
+    def uncached(self) -> list[int]:
+        """What the next verify block starts with: the rest of the prompt, or the last token."""
+        return self.tokens[self.cached :]
 
 
 def check_request_fields(request: GenerationRequest, max_draft_tokens: int) -> None:
@@ -236,8 +236,8 @@ class SpeculativeEngine:
         active = [s for s in self._seqs.values() if s.result is None]
         if not active:
             return []
-        chunks = self._prefill_chunks([s for s in active if not s.ready])
-        seqs = [s for s in active if s.ready]
+        chunks, joining = self._admit([s for s in active if len(s.uncached) > 1])
+        seqs = [s for s in active if len(s.uncached) == 1] + joining
         timing = RoundTiming(batch=len(seqs))
 
         round_k = self._round_k(seqs)
@@ -254,25 +254,29 @@ class SpeculativeEngine:
         for s, k in zip(seqs, ks):
             s.stats.draft_s += draft_s if k else 0.0
 
-        t = self.clock()  # one target call verifies every block ([K_i + 1, V] logits each) and prefills the chunks
-        blocks_in = [[s.tokens[-1]] + b.token_ids for s, b in zip(seqs, blocks)]
+        # one target call: every sequence's uncached tokens and drafts ([K_i + 1, V] logits each), and the chunks
+        t = self.clock()
+        heads = [s.uncached for s in seqs]
         logits = self.target.forward_batch(
-            [s.cache for s in seqs] + [s.cache for s, _ in chunks], blocks_in + [ids for _, ids in chunks],
+            [s.cache for s in seqs] + [s.cache for s, _ in chunks],
+            [h + b.token_ids for h, b in zip(heads, blocks)] + [ids for _, ids in chunks],
             argmax_only=[s.request.sampling.greedy for s in seqs] + [True] * len(chunks),
-            last=[len(x) for x in blocks_in] + [0] * len(chunks),
+            last=[len(b) + 1 for b in blocks] + [0] * len(chunks),
         )[: len(seqs)]
         forward_s = self.clock() - t
-        prefill_tokens = sum(len(ids) for _, ids in chunks)
-        timing.prefill_s = forward_s * prefill_tokens / (prefill_tokens + sum(map(len, blocks_in)))
-        timing.verify_s = forward_s - timing.prefill_s
+        prompt_tokens = [len(ids) for _, ids in chunks] + [len(h) - 1 for h in heads]  # prefilled, not verified
+        prefill_share = sum(prompt_tokens) / (sum(prompt_tokens) + len(seqs) + sum(map(len, blocks)))
+        timing.prefill_s, timing.verify_s = forward_s * prefill_share, forward_s * (1 - prefill_share)
+        per_token = timing.prefill_s / sum(prompt_tokens) if any(prompt_tokens) else 0.0
+        for s, n in zip([s for s, _ in chunks] + seqs, prompt_tokens):
+            s.stats.prefill_s += per_token * n
         for s, ids in chunks:
-            s.prefilled += len(ids)
-            s.stats.prefill_s += timing.prefill_s * len(ids) / prefill_tokens
+            s.cached += len(ids)
         if not seqs:
             self.last_round = timing
             return []
         verify_s = timing.verify_s / len(seqs)
-        if self._policy is not None and self._learn_costs and not chunks:  # real rounds refine the calibration
+        if self._policy is not None and self._learn_costs and not any(prompt_tokens):  # real rounds refine the costs
             padded = max(len(b) for b in blocks) + 1
             self._policy.cost = self._policy.cost.observed(len(seqs), padded, timing.verify_s)
 
@@ -285,6 +289,7 @@ class SpeculativeEngine:
         for i, (s, block) in enumerate(zip(seqs, blocks)):
             k, n = len(block), int(out.num_accepted[i])
             self.target.rollback(s.cache, k - n)
+            s.cached += len(heads[i]) + n
             st = s.stats
             st.sample_s += sample_s
             st.verify_s += verify_s
@@ -301,16 +306,21 @@ class SpeculativeEngine:
         self.last_round = timing
         return outputs
 
-    def _prefill_chunks(self, waiting: list[_Sequence]) -> list[tuple[_Sequence, list[int]]]:
-        """The next prompt chunks, prefill_chunk tokens in all, oldest sequences first."""
-        budget, chunks = self.prefill_chunk, []
+    def _admit(self, waiting: list[_Sequence]) -> tuple[list[tuple[_Sequence, list[int]]], list[_Sequence]]:
+        """This round's prompt tokens, prefill_chunk in all, oldest sequences first. A sequence whose
+        whole uncached prompt fits joins the round's verification (its block starts with it and it
+        drafts at once); the first that does not fit prefills a chunk of what is left."""
+        budget, chunks, joining = self.prefill_chunk, [], []
         for s in waiting:
-            if budget <= 0:
+            rest = s.uncached
+            if len(rest) <= budget:
+                joining.append(s)
+                budget -= len(rest)
+            else:
+                if budget:
+                    chunks.append((s, rest[:budget]))
                 break
-            ids = s.prompt_ids[s.prefilled : min(len(s.prompt_ids) - 1, s.prefilled + budget)]
-            chunks.append((s, ids))
-            budget -= len(ids)
-        return chunks
+        return chunks, joining
 
     def _round_k(self, seqs: list[_Sequence]) -> int:
         """One K for every adaptive sequence of the round: the padded verify pays for the

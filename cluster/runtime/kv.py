@@ -132,6 +132,8 @@ class CausalLM:
         self.vocab_size = int(model.config.vocab_size)
         self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
         self.layers = int(model.config.num_hidden_layers)
+        # every config the modules read their attention implementation from (copies may not share one)
+        self._configs = list({id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "_attn_implementation")}.values())
 
     @staticmethod
     def new_cache() -> SequenceKV:
@@ -173,7 +175,10 @@ class CausalLM:
                 input_ids=torch.tensor([ids], **to), position_ids=torch.tensor([positions], **to) - 1,
                 use_cache=False, logits_to_keep=torch.tensor(rows, **to), flat_batch=batch,
             )
-        for c, x in zip(caches, inputs):
+        for c, x, start in zip(caches, inputs, starts):
+            if c.capacity < start + len(x):  # flat_attention reserves room: it did not run
+                raise RuntimeError("the model did not attend through specserve's flat attention (transformers "
+                                   "attention interface); its keys and values were not stored")
             c.length += len(x)
         logits = out.logits[0] if raw else out.logits[0].float().cpu()  # [rows, V]
         return list(logits.split(keep))
@@ -181,13 +186,14 @@ class CausalLM:
     @contextmanager
     def _flat_attention(self):
         """The model attends through flat_attention for this call only (it stays as loaded for anyone else)."""
-        config = self.model.config
-        saved = config._attn_implementation
-        config._attn_implementation = ATTENTION
+        saved = [c._attn_implementation for c in self._configs]
+        for c in self._configs:
+            c._attn_implementation = ATTENTION
         try:
             yield
         finally:
-            config._attn_implementation = saved
+            for c, implementation in zip(self._configs, saved):
+                c._attn_implementation = implementation
 
     @staticmethod
     def cached_length(cache: SequenceKV) -> int:

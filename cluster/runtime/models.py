@@ -180,10 +180,10 @@ def layer_subset(model: torch.nn.Module, layers: list[int]) -> torch.nn.Module:
     kept = torch.nn.ModuleList(model.model.layers[i] for i in layers)
     saved, model.model.layers = model.model.layers, torch.nn.ModuleList()
     try:
-        draft = copy.deepcopy(model)
+        draft, draft_layers = copy.deepcopy((model, kept))  # one copy: the layers share the draft's config
     finally:
         model.model.layers = saved
-    draft.model.layers = copy.deepcopy(kept)
+    draft.model.layers = draft_layers
     for new_idx, layer in enumerate(draft.model.layers):
         layer.self_attn.layer_idx = new_idx
     draft.config.num_hidden_layers = len(layers)

@@ -1,0 +1,155 @@
+"""`specserve bench --load`: the shapes users run, every overhead a ratio measured in one run.
+
+For prompts of about 50, 250 and 1,000 tokens and 1, 4, 16 and 64 concurrent sequences
+(`--quick`: 50 and 250 tokens, 1 and 16 sequences), in process:
+- reference rows: the raw Hugging Face forward with its own DynamicCache at the same context:
+  one step at batch 1 and at the concurrency, and a verify block of K + 1 tokens at batch 1;
+- the engine's plain decoding (K = 0) and adaptive speculation: aggregate tokens/s, time to
+  first token, p50/p99 per-token latency, and the decode rate of rounds without a prefill;
+- ratios: plain decode rate / raw step rate at the same batch, adaptive / plain.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from importlib import resources
+
+import torch
+
+from .config import SpecserveConfig
+from .runtime.engine import GenerationRequest
+from .runtime.factory import load_target, make_engine
+from .speculation import SamplingParams
+
+
+def corpus_ids(tokenizer) -> list[int]:
+    """The bench prompts' text as one token stream to cut prompts of any length from."""
+    data = json.loads(resources.files("cluster").joinpath("prompts/bench.json").read_text())
+    text = "\n\n".join(p for prompts in data.values() for p in prompts)
+    return tokenizer.encode(text)
+
+
+def prompt_ids(corpus: list[int], length: int, index: int) -> tuple[int, ...]:
+    """A prompt of `length` tokens, a different cut of the corpus for each index."""
+    start = (index * 37) % len(corpus)
+    ids = (corpus * (2 + length // len(corpus)))[start : start + length]
+    return tuple(ids)
+
+
+def raw_step_s(model, batch: int, context: int, new: int, reps: int = 3) -> float:
+    """Median time of one raw HF forward of `new` tokens for `batch` sequences after `context` tokens."""
+    from transformers import DynamicCache
+
+    ids = torch.randint(100, 1000, (batch, context))
+    times = []
+    with torch.inference_mode():
+        cache = DynamicCache()
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        for _ in range(reps + 1):
+            x = torch.randint(100, 1000, (batch, new))
+            t = time.perf_counter()
+            model(input_ids=x, past_key_values=cache, use_cache=True)
+            times.append(time.perf_counter() - t)
+            cache.crop(-new)
+    return statistics.median(times[1:])
+
+
+def run_engine(engine, requests: list[GenerationRequest]) -> dict:
+    """Runs the requests together; per-token latencies from the rounds' emission times."""
+    start = time.perf_counter()
+    ids = [engine.add_request(r) for r in requests]
+    first, last, gaps, tokens = {}, {}, [], 0
+    decode_s, decode_tokens = 0.0, 0
+    while engine.has_unfinished():
+        t = time.perf_counter()
+        outputs = engine.step()
+        now = time.perf_counter()
+        emitted = sum(len(o.new_token_ids) for o in outputs)
+        if engine.last_round.prefill_s == 0:
+            decode_s, decode_tokens = decode_s + now - t, decode_tokens + emitted
+        for o in outputs:
+            n = len(o.new_token_ids)
+            if not n:
+                continue
+            tokens += n
+            if o.seq_id not in first:
+                first[o.seq_id] = now - start
+            else:
+                gaps += [(now - last[o.seq_id]) / n] * n
+            last[o.seq_id] = now
+    wall = time.perf_counter() - start
+    q = statistics.quantiles(gaps, n=100) if len(gaps) > 1 else [gaps[0] if gaps else 0.0] * 99
+    return {
+        "sequences": len(ids), "tokens": tokens, "seconds": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 2),
+        "decode_tokens_per_s": round(decode_tokens / decode_s, 2) if decode_s else None,
+        "ttft_p50_s": round(statistics.median(first.values()), 4),
+        "token_latency_p50_s": round(q[49], 4), "token_latency_p99_s": round(q[98], 4),
+    }
+
+
+def run_load_bench(config: SpecserveConfig, json_out: str | None = None, quick: bool = False) -> int:
+    log = lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    contexts = (50, 250) if quick else (50, 250, 1000)
+    concurrency = (1, 16) if quick else (1, 4, 16, 64)
+    new_tokens = 16 if quick else 32
+    target = load_target(config)
+    log(f"{config.target.model} in {target.dtype}, drafter {config.draft.drafter}")
+    plain = make_engine(config, target)
+    spec = make_engine(config, target)
+    spec.prepare()
+    corpus = corpus_ids(target.tokenizer)
+    k = config.speculation.max_draft_tokens
+    rows = []
+    for context in contexts:
+        for b in concurrency:
+            log(f"context {context}, {b} sequences")
+            ctx = context + new_tokens // 2
+            raw = {"raw_step_s_batch1": raw_step_s(target.model, 1, ctx, 1),
+                   f"raw_step_s_batch{b}": raw_step_s(target.model, b, ctx, 1),
+                   f"raw_verify_s_{k + 1}_tokens": raw_step_s(target.model, 1, ctx, k + 1)}
+            greedy = SamplingParams(temperature=0.0)
+            requests = [GenerationRequest("", new_tokens, greedy, prompt_ids=prompt_ids(corpus, context, i))
+                        for i in range(b)]
+            run_engine(plain, [GenerationRequest("", 2, greedy, num_draft_tokens=0, prompt_ids=requests[0].prompt_ids)])
+            off = run_engine(plain, [GenerationRequest(r.prompt, r.max_new_tokens, greedy, 0, prompt_ids=r.prompt_ids)
+                                     for r in requests])
+            on = run_engine(spec, requests)
+            raw_rate = b / raw[f"raw_step_s_batch{b}"]
+            rows.append({
+                "context": context, "concurrency": b, **{key: round(v, 5) for key, v in raw.items()},
+                "plain": off, "adaptive": on,
+                "plain_vs_raw": round(off["decode_tokens_per_s"] / raw_rate, 3) if off["decode_tokens_per_s"] else None,
+                "adaptive_vs_plain": round(on["tokens_per_s"] / off["tokens_per_s"], 3),
+            })
+            log(f"  plain {off['tokens_per_s']} tok/s (decode {off['decode_tokens_per_s']}, raw forward "
+                f"{raw_rate:.1f} seq-steps/s: {rows[-1]['plain_vs_raw']}x), adaptive {on['tokens_per_s']} tok/s "
+                f"({rows[-1]['adaptive_vs_plain']}x)")
+    print(format_load_table(rows))
+    if json_out:
+        from .bench import machine
+
+        with open(json_out, "w") as f:
+            json.dump({"config": config.model_dump(), "dtype": target.dtype, "machine": machine(), "quick": quick,
+                       "new_tokens": new_tokens, "rows": rows}, f, indent=2)
+        log(f"wrote {json_out}")
+    return 0
+
+
+def format_load_table(rows: list[dict]) -> str:
+    head = ("context", "seqs", "plain tok/s", "decode tok/s", "raw seq-steps/s", "plain/raw", "adaptive tok/s",
+            "adaptive/plain", "TTFT p50 s", "tok p50 s", "tok p99 s")
+    lines = [head]
+    for r in rows:
+        b, off, on = r["concurrency"], r["plain"], r["adaptive"]
+        lines.append((r["context"], b, off["tokens_per_s"], off["decode_tokens_per_s"],
+                      round(b / r[f"raw_step_s_batch{b}"], 1), r["plain_vs_raw"], on["tokens_per_s"],
+                      r["adaptive_vs_plain"], on["ttft_p50_s"], on["token_latency_p50_s"], on["token_latency_p99_s"]))
+    cells = [[str(c) for c in line] for line in lines]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
