@@ -36,7 +36,7 @@ class Coordinator:
         from cluster.config import parse_config
         from cluster.runtime.calibration import calibration_key
         from cluster.runtime.engine import SpeculativeEngine
-        from cluster.runtime.factory import build_drafter, load_target
+        from cluster.runtime.factory import build_drafter, draft_sources
         from cluster.runtime.models import load_tokenizer
 
         from .draft_pool import DraftPool
@@ -64,8 +64,7 @@ class Coordinator:
             drafter = self.pool
         else:  # the drafter runs here, in the coordinator
             self.pool = None
-            weights = load_target(config) if config.draft.drafter != "ngram" else None
-            drafter = build_drafter(config.draft.drafter, config.draft, weights, t.dtype, t.device)
+            drafter = build_drafter(config.draft.drafter, config.draft, draft_sources(config))
         self.engine = SpeculativeEngine(
             self.group, load_tokenizer(t.model), drafter,
             num_draft_tokens=config.speculation.num_draft_tokens,

@@ -10,17 +10,15 @@ import torch
 class DraftHost:
     def __init__(self, config_data: dict, drafter: str | None = None, threads: int = 1, host: str = "127.0.0.1"):
         from cluster.config import parse_config
-        from cluster.runtime.factory import build_drafter, load_target
+        from cluster.runtime.factory import build_drafter, draft_sources
 
         from .draft_service import DraftServicer, create_server
 
         torch.set_num_threads(threads)
         config = parse_config(config_data, "draft replica config")
         name = drafter or config.draft.drafter
-        t = config.target
-        # int8 and layer-subset drafts are built from the target's weights, loaded here on the replica
-        target = load_target(config) if name != "ngram" else None
-        self.drafter = build_drafter(name, config.draft, target, t.dtype, t.device)
+        # int8 and layer-subset drafts load the target's weights here; a separate draft model never does
+        self.drafter = build_drafter(name, config.draft, draft_sources(config))
         self.servicer = DraftServicer(self.drafter)
         self.server, self.port = create_server(self.drafter, f"{host}:0", self.servicer)
         self.server.start()

@@ -17,6 +17,7 @@ from importlib import resources
 import torch
 
 from .config import SpecserveConfig
+from .registry import DRAFTERS
 from .runtime.engine import GenerationRequest
 from .runtime.factory import load_target, make_engine
 from .runtime.models import select_device
@@ -37,11 +38,9 @@ def run_bench(config: SpecserveConfig, json_out: str | None = None, plot: str | 
     reps = 3
     temperatures = [0.0] if quick else [0.0, 1.0]
     fixed_ks = [k for k in ([4] if quick else [2, 4, 8]) if k <= config.speculation.max_draft_tokens]
-    drafters = ["ngram"]
-    if select_device(config.target.device).type == "cpu":
-        drafters.append("int8")
-    if config.draft.model.usable:
-        drafters.append("model")
+    cpu = select_device(config.target.device).type == "cpu"
+    drafters = [name for name, kind in DRAFTERS.items()
+                if (cpu or not kind.cpu_only) and (name != "model" or config.draft.model.usable)]
     log = lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True)  # noqa: E731
 
     log(f"loading {config.target.model} ({config.target.dtype})")
@@ -132,7 +131,7 @@ def aggregate(runs: list[dict]) -> list[dict]:
     base = {(r["temperature"], r["prompts"]): r["tokens_per_s"] for r in rows if r["drafter"] == "none"}
     for row in rows:
         row["speedup"] = round(row["tokens_per_s"] / base[(row["temperature"], row["prompts"])], 3)
-    order = {"none": 0, "ngram": 1, "int8": 2, "model": 3}
+    order = {name: i for i, name in enumerate(("none", *DRAFTERS))}
     kkey = lambda k: 99 if k == "adaptive" else k  # noqa: E731
     prompt_order = {p: i for i, p in enumerate((*CATEGORIES, "all"))}
     rows.sort(key=lambda r: (r["temperature"], prompt_order[r["prompts"]], order[r["drafter"]], kkey(r["k"])))

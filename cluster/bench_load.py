@@ -43,13 +43,14 @@ def raw_step_s(model, batch: int, context: int, new: int, reps: int = 3) -> floa
     """Median time of one raw HF forward of `new` tokens for `batch` sequences after `context` tokens."""
     from transformers import DynamicCache
 
-    ids = torch.randint(100, 1000, (batch, context))
+    vocab = int(model.config.vocab_size)
+    ids = torch.randint(0, vocab, (batch, context))
     times = []
     with torch.inference_mode():
         cache = DynamicCache()
         model(input_ids=ids, past_key_values=cache, use_cache=True)
         for _ in range(reps + 1):
-            x = torch.randint(100, 1000, (batch, new))
+            x = torch.randint(0, vocab, (batch, new))
             t = time.perf_counter()
             model(input_ids=x, past_key_values=cache, use_cache=True)
             times.append(time.perf_counter() - t)

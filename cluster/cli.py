@@ -9,6 +9,7 @@ import sys
 
 from .client import API_TOKEN_ENV
 from .config import ConfigError, load_config
+from .registry import DRAFTERS
 from .speculation import InvalidRequest, SamplingParams
 
 
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]; 1: no truncation")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--num-draft-tokens", type=_k_arg, default=None, help="K; 0 is plain decoding; default: the config's")
-    gen.add_argument("--drafter", default=None, help="model, ngram or int8; default: the config's")
+    gen.add_argument("--drafter", default=None, help=f"{', '.join(DRAFTERS)}; default: the config's")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--config", default=None, help="YAML config; default: the embedded default (configs/local.yaml)")
     gen.add_argument("--json", action="store_true", help="print one JSON object")

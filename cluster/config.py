@@ -8,6 +8,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .registry import DRAFTER_NAMES
+
 Dtype = Literal["auto", "float32", "bfloat16"]  # auto: bfloat16 on GPUs and CPUs with native bf16, else float32
 
 
@@ -45,7 +47,7 @@ class NgramDrafterConfig(_Strict):
 
 
 class DraftConfig(_Strict):
-    drafter: Literal["model", "ngram", "int8"] = "ngram"  # the drafter that runs
+    drafter: Literal[DRAFTER_NAMES] = "ngram"  # the drafter that runs (cluster/registry.py)
     model: ModelDrafterConfig = ModelDrafterConfig()  # settings of drafter 'model'
     ngram: NgramDrafterConfig = NgramDrafterConfig()  # settings of drafter 'ngram'
 

@@ -56,4 +56,32 @@ def test_tokenizer_mismatch_is_an_error(tiny_llama):
             return {k: (v + 1) % 258 for k, v in super().vocab().items()}
 
     with pytest.raises(ValueError, match="different vocabulary"):
-        check_same_vocabulary(tiny_llama, LoadedModel(tiny_llama.model, Shifted(), "shifted"))
+        check_same_vocabulary("tiny-llama", tiny_llama.tokenizer, LoadedModel(tiny_llama.model, Shifted(), "shifted"))
+
+
+def test_a_draft_replica_with_a_separate_draft_model_never_loads_the_target(monkeypatch):
+    """The draft is its own model (tiny-qwen2 shares tiny-llama's byte vocabulary): the replica loads
+    the target's tokenizer to check the vocabulary, never the target's weights. A layer-subset
+    draft, made from the target, does load them."""
+    from actors.draft_replica import DraftHost
+    from cluster.runtime import factory
+
+    loaded = []
+    real = factory.load_model
+
+    def recording(name, *args, **kwargs):
+        loaded.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(factory, "load_model", recording)
+    separate = {"target": {"model": "tiny-llama", "dtype": "float32"},
+                "draft": {"drafter": "model", "model": {"name": "tiny-qwen2"}}}
+    host = DraftHost(separate)
+    try:
+        assert loaded == ["tiny-qwen2"] and isinstance(host.drafter, ModelDrafter)
+    finally:
+        host.stop()
+    subset = {"target": {"model": "tiny-llama", "dtype": "float32"}, "draft": {"drafter": "model", "model": {"layers": [0, 1]}}}
+    host = DraftHost(subset)
+    host.stop()
+    assert loaded == ["tiny-qwen2", "tiny-llama"]

@@ -11,8 +11,6 @@ import torch
 from ..speculation import SamplingParams, make_generator, sample_token, warp_probs
 from .kv import CausalLM
 
-DRAFTERS = ("model", "ngram", "int8")
-
 
 @dataclass(frozen=True)
 class DraftBlock:

@@ -1,13 +1,31 @@
-"""Config -> engine: loads the target, builds the configured drafter, checks they fit together."""
+"""Config -> engine: loads the target, builds the configured drafter from the registry, checks
+they fit together. A drafter loads the target's weights only when it is made from them."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cache
+from typing import Callable
+
 from ..config import DraftConfig, SpecserveConfig
+from ..registry import DRAFTERS
 from ..speculation import CostModel, InvalidRequest
-from .drafters import DRAFTERS, Drafter, ModelDrafter, NgramDrafter
 from .calibration import calibration_key
+from .drafters import Drafter, ModelDrafter, NgramDrafter
 from .engine import SpeculativeEngine
-from .models import DTYPES, LoadedModel, choose_dtype, int8_copy, layer_subset, load_model, select_device
+from .models import DTYPES, LoadedModel, choose_dtype, int8_copy, layer_subset, load_model, load_tokenizer, select_device
+from .tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class DraftSources:
+    """What a drafter may be built from. target_weights loads (once) only when called."""
+
+    target_name: str
+    tokenizer: Callable[[], Tokenizer]  # the target's tokenizer
+    target_weights: Callable[[], LoadedModel]
+    dtype: str  # the target's configured dtype ("auto" allowed)
+    device: str
 
 
 def check_drafter_name(name: str, draft: DraftConfig) -> None:
@@ -17,32 +35,49 @@ def check_drafter_name(name: str, draft: DraftConfig) -> None:
         raise InvalidRequest("drafter", "drafter 'model' needs draft.model.name or draft.model.layers in the config")
 
 
-def build_drafter(name: str, draft: DraftConfig, target: LoadedModel | None, target_dtype: str, device: str) -> Drafter:
+def draft_sources(config: SpecserveConfig, target: LoadedModel | None = None) -> DraftSources:
+    """Sources for the config's target: an already loaded target is used as is, else loaded on demand."""
+    t = config.target
+    weights = (lambda: target) if target is not None else cache(lambda: load_model(t.model, t.dtype, t.device))
+    tokenizer = (lambda: target.tokenizer) if target is not None else cache(lambda: load_tokenizer(t.model))
+    return DraftSources(t.model, tokenizer, weights, t.dtype, t.device)
+
+
+def build_drafter(name: str, draft: DraftConfig, sources: DraftSources) -> Drafter:
     check_drafter_name(name, draft)
-    if name == "ngram":
-        return NgramDrafter(max_n=draft.ngram.max_n, min_n=draft.ngram.min_n)
-    if name == "int8":
-        if select_device(device).type != "cpu":
-            raise ValueError("drafter 'int8' uses torch's dynamic quantisation, which runs on the CPU only")
-        return ModelDrafter(int8_copy(target.model), name="int8")
+    kind = DRAFTERS[name]
+    if kind.cpu_only and select_device(sources.device).type != "cpu":
+        raise ValueError(f"drafter {name!r} runs on the CPU only")
+    return kind.build(draft, sources)
+
+
+def build_ngram(draft: DraftConfig, sources: DraftSources) -> Drafter:
+    return NgramDrafter(max_n=draft.ngram.max_n, min_n=draft.ngram.min_n)
+
+
+def build_int8(draft: DraftConfig, sources: DraftSources) -> Drafter:
+    return ModelDrafter(int8_copy(sources.target_weights().model), name="int8")
+
+
+def build_model(draft: DraftConfig, sources: DraftSources) -> Drafter:
     spec = draft.model
-    dtype = choose_dtype(spec.dtype or target_dtype, select_device(device))
+    dtype = choose_dtype(spec.dtype or sources.dtype, select_device(sources.device))
     if spec.name is None:
-        base = target.model
-    else:
-        loaded = load_model(spec.name, dtype, device)
-        check_same_vocabulary(target, loaded)
+        base = sources.target_weights().model
+    else:  # a separate draft model: the target's weights are never loaded for it
+        loaded = load_model(spec.name, dtype, sources.device)
+        check_same_vocabulary(sources.target_name, sources.tokenizer(), loaded)
         base = loaded.model
     model = layer_subset(base, spec.layers) if spec.layers is not None else base
     return ModelDrafter(model.to(DTYPES[dtype]), name="model")
 
 
-def check_same_vocabulary(target: LoadedModel, draft: LoadedModel) -> None:
-    t, d = target.tokenizer.vocab(), draft.tokenizer.vocab()
+def check_same_vocabulary(target_name: str, target_tokenizer: Tokenizer, draft: LoadedModel) -> None:
+    t, d = target_tokenizer.vocab(), draft.tokenizer.vocab()
     if t != d:
         diff = len(set(t.items()) ^ set(d.items()))
         raise ValueError(
-            f"draft model {draft.name!r} has a different vocabulary from target {target.name!r} "
+            f"draft model {draft.name!r} has a different vocabulary from target {target_name!r} "
             f"({len(d)} vs {len(t)} tokens, {diff} entries differ): speculative decoding needs a shared tokenizer"
         )
 
@@ -67,7 +102,7 @@ def make_engine(
     return SpeculativeEngine(
         target.model,
         target.tokenizer,
-        build_drafter(name, config.draft, target, t.dtype, t.device),
+        build_drafter(name, config.draft, draft_sources(config, target)),
         num_draft_tokens=config.speculation.num_draft_tokens,
         max_draft_tokens=config.speculation.max_draft_tokens,
         chat_template=t.chat_template,

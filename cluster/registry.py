@@ -1,0 +1,39 @@
+"""The one registry of drafters. The config schema, the factory, the draft replicas and the bench
+all read it; a new drafter is one entry here and one builder. Imports nothing heavy (the schema
+reads it): builders are named as "module:function" and imported when a drafter is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class DrafterKind:
+    name: str
+    summary: str  # one line, for --help and the README
+    builder: str  # "module:function", called as function(draft_config, DraftSources)
+    q: str  # the distribution it drafts from: "one-hot" or "dense"
+    uses_target_weights: Callable[[object], bool]  # given the DraftConfig: is it made from the target's weights?
+    cpu_only: bool = False
+
+    def build(self, draft_config, sources):
+        import importlib
+
+        module, function = self.builder.split(":")
+        return getattr(importlib.import_module(module), function)(draft_config, sources)
+
+
+DRAFTERS: dict[str, DrafterKind] = {
+    kind.name: kind
+    for kind in (
+        DrafterKind("ngram", "prompt lookup: what followed the latest earlier occurrence of the context's last n tokens",
+                    "cluster.runtime.factory:build_ngram", "one-hot", lambda d: False),
+        DrafterKind("int8", "an int8 dynamically quantised copy of the target (torch quantize_dynamic)",
+                    "cluster.runtime.factory:build_int8", "dense", lambda d: True, cpu_only=True),
+        DrafterKind("model", "a Hugging Face causal LM with the target's tokenizer (draft.model.name), or a subset of "
+                    "the target's own layers (draft.model.layers)",
+                    "cluster.runtime.factory:build_model", "dense", lambda d: d.model.name is None),
+    )
+}
+DRAFTER_NAMES = tuple(DRAFTERS)
