@@ -99,13 +99,14 @@ class TargetRank:
         sample, in the model's own dtype (bf16 logits are exactly what the model computed), and
         only the argmax of each greedy row: that is all greedy verification reads."""
         start = time.perf_counter()
-        logits = self.lm.forward_batch([self._caches[h] for h in handles], inputs, raw=True, last=last, parents=parents)
+        out = self.lm.forward_batch([self._caches[h] for h in handles], inputs, raw=True, argmax_only=argmax_only,
+                                    last=last, parents=parents)
         if self.rank != 0:
             return None
-        dense = [x for x, a in zip(logits, argmax_only) if not a]
-        greedy = [x for x, a in zip(logits, argmax_only) if a]
-        rows = torch.cat(dense).cpu() if dense else logits[0].new_zeros(0, logits[0].shape[-1]).cpu()
-        ids = torch.cat(greedy).argmax(dim=-1).cpu().numpy() if greedy else None  # first index on ties
+        dense = [x for x, a in zip(out, argmax_only) if not a]
+        greedy = [x for x, a in zip(out, argmax_only) if a]
+        rows = torch.cat(dense).cpu() if dense else torch.zeros(0, self.lm.vocab_size)
+        ids = torch.cat(greedy).numpy() if greedy else None  # argmax ids, first index on ties
         # numpy crosses Ray without a copy (bf16 travels as its raw 16-bit patterns)
         raw = rows.view(torch.int16) if rows.dtype == torch.bfloat16 else rows
         return raw.numpy(), str(rows.dtype).removeprefix("torch."), ids, time.perf_counter() - start
@@ -173,9 +174,8 @@ class TargetGroup:
     def forward_batch(self, caches: list[int], inputs: list[list[int]], raw: bool = False,
                       argmax_only: list[bool] | None = None, last: list[int] | None = None,
                       parents: list | None = None) -> list[torch.Tensor]:
-        """Logits per sequence as CausalLM.forward_batch gives them, float32. A row marked argmax_only
-        comes back as its argmax alone and is rebuilt as 0 there and -inf elsewhere: warped greedily,
-        the same one-hot."""
+        """Per sequence what CausalLM.forward_batch gives: logits float32, or the argmax ids of a
+        sequence marked argmax_only (only those travel back from rank 0)."""
         argmax_only = argmax_only or [False] * len(inputs)
         dense, dtype, ids, self.last_compute_s = self._all("forward_batch", caches, inputs, argmax_only, last, parents)
         rows = [len(x) for x in inputs] if last is None else [min(k, len(x)) for k, x in zip(last, inputs)]
@@ -187,16 +187,7 @@ class TargetGroup:
         dense_rows = iter(values.split([n for n, a in zip(rows, argmax_only) if not a]))
         greedy_ids = iter(torch.from_numpy(ids.copy()).split([n for n, a in zip(rows, argmax_only) if a])
                           if ids is not None else [])
-        out = []
-        for n, a in zip(rows, argmax_only):
-            if a:
-                row_ids = next(greedy_ids)
-                logits = torch.full((n, self.vocab_size), float("-inf"))
-                logits[torch.arange(n), row_ids] = 0.0
-                out.append(logits)
-            else:
-                out.append(next(dense_rows))
-        return out
+        return [next(greedy_ids) if a else next(dense_rows) for a in argmax_only]
 
     def rollback(self, cache: int, n: int) -> None:
         """Deferred: sent with the next call, so a round costs one Ray call (forward_batch)."""

@@ -5,7 +5,8 @@ For prompts of about 50, 250 and 1,000 tokens and 1, 4, 16 and 64 concurrent seq
 - reference rows: the raw Hugging Face forward with its own DynamicCache at the same context:
   one step at batch 1 and at the concurrency, and a verify block of K + 1 tokens at batch 1;
 - the engine's plain decoding (K = 0) and adaptive speculation: aggregate tokens/s, time to
-  first token, p50/p99 per-token latency, and the decode rate of rounds without a prefill;
+  first token, p50/p99 per-token latency; and plain decoding's steady rate (every sequence
+  prefilled and decoding) against the raw forward at the same batch and mean context;
 - ratios: plain decode rate / raw step rate at the same batch, adaptive / plain.
 """
 
@@ -58,19 +59,37 @@ def raw_step_s(model, batch: int, context: int, new: int, reps: int = 3) -> floa
     return statistics.median(times[1:])
 
 
+def steady_decode(engine, prompts: list[tuple[int, ...]], num_draft_tokens: int | None,
+                  rounds: int) -> tuple[float, int, int]:
+    """Tokens/s of `rounds` rounds in which every live sequence decodes (all prompts prefilled),
+    the mean context then and how many sequences were live (one may end at EOS on the way).
+    The sequences are aborted afterwards."""
+    greedy = SamplingParams(temperature=0.0)
+    ids = [engine.add_request(GenerationRequest("", engine.target.max_context, greedy, num_draft_tokens, prompt_ids=p))
+           for p in prompts]
+    live = lambda: [engine._seqs[i] for i in ids if i in engine._seqs]  # noqa: E731
+    while any(not s.output for s in live()):
+        engine.step()
+    seqs = live()
+    context = round(statistics.mean(len(s.tokens) for s in seqs))
+    start, tokens = time.perf_counter(), 0
+    for _ in range(rounds):
+        tokens += sum(len(o.new_token_ids) for o in engine.step())
+    seconds = time.perf_counter() - start
+    for i in ids:
+        engine.abort(i)
+    return tokens / seconds, context, len(seqs)
+
+
 def run_engine(engine, requests: list[GenerationRequest]) -> dict:
-    """Runs the requests together; per-token latencies from the rounds' emission times."""
+    """Runs the requests together as users would send them at once; per-token latencies from
+    the rounds' emission times."""
     start = time.perf_counter()
     ids = [engine.add_request(r) for r in requests]
     first, last, gaps, tokens = {}, {}, [], 0
-    decode_s, decode_tokens = 0.0, 0
     while engine.has_unfinished():
-        t = time.perf_counter()
         outputs = engine.step()
         now = time.perf_counter()
-        emitted = sum(len(o.new_token_ids) for o in outputs)
-        if engine.last_round.prefill_s == 0:
-            decode_s, decode_tokens = decode_s + now - t, decode_tokens + emitted
         for o in outputs:
             n = len(o.new_token_ids)
             if not n:
@@ -86,7 +105,6 @@ def run_engine(engine, requests: list[GenerationRequest]) -> dict:
     return {
         "sequences": len(ids), "tokens": tokens, "seconds": round(wall, 3),
         "tokens_per_s": round(tokens / wall, 2),
-        "decode_tokens_per_s": round(decode_tokens / decode_s, 2) if decode_s else None,
         "ttft_p50_s": round(statistics.median(first.values()), 4),
         "token_latency_p50_s": round(q[49], 4), "token_latency_p99_s": round(q[98], 4),
     }
@@ -96,39 +114,39 @@ def run_load_bench(config: SpecserveConfig, json_out: str | None = None, quick: 
     log = lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True)  # noqa: E731
     contexts = (50, 250) if quick else (50, 250, 1000)
     concurrency = (1, 16) if quick else (1, 4, 16, 64)
-    new_tokens = 16 if quick else 32
+    new_tokens = 32 if quick else 64
+    steady_rounds = 6 if quick else 12
     target = load_target(config)
     log(f"{config.target.model} in {target.dtype}, drafter {config.draft.drafter}")
     plain = make_engine(config, target)
     spec = make_engine(config, target)
     spec.prepare()
+    steady_decode(plain, [prompt_ids(corpus_ids(target.tokenizer), 16, 0)], 0, rounds=2)  # warm-up
     corpus = corpus_ids(target.tokenizer)
     k = config.speculation.max_draft_tokens
     rows = []
     for context in contexts:
         for b in concurrency:
             log(f"context {context}, {b} sequences")
-            ctx = context + new_tokens // 2
+            prompts = [prompt_ids(corpus, context, i) for i in range(b)]
+            decode_rate, ctx, live = steady_decode(plain, prompts, 0, rounds=steady_rounds)
             raw = {"raw_step_s_batch1": raw_step_s(target.model, 1, ctx, 1),
-                   f"raw_step_s_batch{b}": raw_step_s(target.model, b, ctx, 1),
+                   f"raw_step_s_batch{b}": raw_step_s(target.model, live, ctx, 1),
                    f"raw_verify_s_{k + 1}_tokens": raw_step_s(target.model, 1, ctx, k + 1)}
             greedy = SamplingParams(temperature=0.0)
-            requests = [GenerationRequest("", new_tokens, greedy, prompt_ids=prompt_ids(corpus, context, i))
-                        for i in range(b)]
-            run_engine(plain, [GenerationRequest("", 2, greedy, num_draft_tokens=0, prompt_ids=requests[0].prompt_ids)])
-            off = run_engine(plain, [GenerationRequest(r.prompt, r.max_new_tokens, greedy, 0, prompt_ids=r.prompt_ids)
-                                     for r in requests])
-            on = run_engine(spec, requests)
-            raw_rate = b / raw[f"raw_step_s_batch{b}"]
+            off = run_engine(plain, [GenerationRequest("", new_tokens, greedy, 0, prompt_ids=p) for p in prompts])
+            on = run_engine(spec, [GenerationRequest("", new_tokens, greedy, prompt_ids=p) for p in prompts])
+            raw_rate = live / raw[f"raw_step_s_batch{b}"]
             rows.append({
-                "context": context, "concurrency": b, **{key: round(v, 5) for key, v in raw.items()},
-                "plain": off, "adaptive": on,
-                "plain_vs_raw": round(off["decode_tokens_per_s"] / raw_rate, 3) if off["decode_tokens_per_s"] else None,
+                "context": context, "concurrency": b, "steady_context": ctx, "steady_sequences": live,
+                **{key: round(v, 5) for key, v in raw.items()},
+                "plain": off | {"decode_tokens_per_s": round(decode_rate, 2)}, "adaptive": on,
+                "plain_vs_raw": round(decode_rate / raw_rate, 3),
                 "adaptive_vs_plain": round(on["tokens_per_s"] / off["tokens_per_s"], 3),
             })
-            log(f"  plain {off['tokens_per_s']} tok/s (decode {off['decode_tokens_per_s']}, raw forward "
-                f"{raw_rate:.1f} seq-steps/s: {rows[-1]['plain_vs_raw']}x), adaptive {on['tokens_per_s']} tok/s "
-                f"({rows[-1]['adaptive_vs_plain']}x)")
+            log(f"  plain {off['tokens_per_s']} tok/s (steady decode {decode_rate:.1f} tok/s at context {ctx}, raw "
+                f"forward {raw_rate:.1f} seq-steps/s: {rows[-1]['plain_vs_raw']}x), adaptive {on['tokens_per_s']} "
+                f"tok/s ({rows[-1]['adaptive_vs_plain']}x)")
     print(format_load_table(rows))
     if json_out:
         from .bench import machine
@@ -141,13 +159,13 @@ def run_load_bench(config: SpecserveConfig, json_out: str | None = None, quick: 
 
 
 def format_load_table(rows: list[dict]) -> str:
-    head = ("context", "seqs", "plain tok/s", "decode tok/s", "raw seq-steps/s", "plain/raw", "adaptive tok/s",
+    head = ("context", "seqs", "plain tok/s", "steady tok/s", "raw seq-steps/s", "plain/raw", "adaptive tok/s",
             "adaptive/plain", "TTFT p50 s", "tok p50 s", "tok p99 s")
     lines = [head]
     for r in rows:
         b, off, on = r["concurrency"], r["plain"], r["adaptive"]
         lines.append((r["context"], b, off["tokens_per_s"], off["decode_tokens_per_s"],
-                      round(b / r[f"raw_step_s_batch{b}"], 1), r["plain_vs_raw"], on["tokens_per_s"],
+                      round(r["steady_sequences"] / r[f"raw_step_s_batch{b}"], 1), r["plain_vs_raw"], on["tokens_per_s"],
                       r["adaptive_vs_plain"], on["ttft_p50_s"], on["token_latency_p50_s"], on["token_latency_p99_s"]))
     cells = [[str(c) for c in line] for line in lines]
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]

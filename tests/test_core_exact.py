@@ -237,3 +237,27 @@ def test_broken_variants_fail_one_hot_drafter(k, variant):
     lp, _ = tables(v, seed=7 + v + k)
     m = Model(lp, None, SamplingParams(), drafter=[(prev + 1) % v for prev in range(v)])
     assert max_diff(m, k, variant) > BROKEN
+
+
+def test_greedy_accept_equals_rejection_sampling_on_one_hot_p():
+    """The argmax-only greedy path gives rejection_sample's tokens on the same logits (ragged K,
+    K = 0, all accepted, first rejected), and a wrong variant (no bonus row offset) does not."""
+    from cluster.speculation import greedy_accept, rejection_sample
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        ks = [int(x) for x in torch.randint(0, 5, (4,), generator=gen)]
+        logits = torch.randn(sum(ks) + len(ks), 6, generator=gen)
+        argmax = logits.argmax(dim=-1)
+        drafts, row = [], 0
+        for k in ks:  # drafts agree with the argmax for a random prefix, then anything
+            agree = int(torch.randint(0, k + 1, (1,), generator=gen))
+            drafts += [int(argmax[row + j]) if j < agree else int(torch.randint(0, 6, (1,), generator=gen)) for j in range(k)]
+            row += k + 1
+        draft_ids = torch.tensor(drafts, dtype=torch.long)
+        p = warp_probs(logits, [SamplingParams(temperature=0.0)] * len(logits))
+        want = rejection_sample(p, draft_ids, None, ks, [True] * len(ks), [None] * len(ks))
+        got = greedy_accept(argmax, draft_ids, ks)
+        assert torch.equal(got.num_accepted, want.num_accepted) and torch.equal(got.token_ids, want.token_ids)
+    shifted = greedy_accept(torch.roll(argmax, 1), draft_ids, ks)  # negative control: rows misaligned
+    assert not torch.equal(shifted.token_ids, want.token_ids)

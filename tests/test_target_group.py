@@ -65,8 +65,7 @@ def test_tp2_batched_verify_matches_tp1(groups, request):
         for x, gi, ci, got_i, argmax_only in zip(inputs, g, c, got, greedy):
             want = local.forward(ci, x)
             if argmax_only:
-                assert got_i.shape == want.shape and (got_i == 0).sum() == len(x)
-                assert torch.equal(got_i.argmax(-1), want.argmax(-1))
+                assert got_i.dtype == torch.long and torch.equal(got_i, want.argmax(-1))
             else:
                 _close(got_i, want)
             group.rollback(gi, 1)

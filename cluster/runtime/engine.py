@@ -16,6 +16,7 @@ from ..speculation import (
     InvalidRequest,
     SamplingParams,
     draw_seed,
+    greedy_accept,
     make_generator,
     rejection_sample,
     warp_probs,
@@ -26,6 +27,10 @@ from .kv import CausalLM
 from .tokenizer import Tokenizer
 
 _NO_DRAFT = DraftBlock([], None)
+
+
+def _draft_ids(blocks: list[DraftBlock]) -> torch.Tensor:
+    return torch.tensor([t for b in blocks for t in b.token_ids], dtype=torch.long)  # [T]
 
 
 @dataclass(frozen=True)
@@ -276,18 +281,18 @@ class SpeculativeEngine:
             self.last_round = timing
             return []
         verify_s = timing.verify_s / len(seqs)
-        if self._policy is not None and self._learn_costs and not any(prompt_tokens):  # real rounds refine the costs
-            padded = max(len(b) for b in blocks) + 1
-            self._policy.cost = self._policy.cost.observed(len(seqs), padded, timing.verify_s)
 
         t = self.clock()
-        out = self._verify(seqs, blocks, logits)
+        accepted = self._accept(seqs, blocks, logits)
         timing.sample_s = self.clock() - t
         sample_s = timing.sample_s / len(seqs)
+        if self._policy is not None and self._learn_costs and not any(prompt_tokens):  # real rounds refine the costs
+            padded = max(len(b) for b in blocks) + 1
+            self._policy.cost = self._policy.cost.observed(len(seqs), padded, timing.verify_s + timing.sample_s)
 
         outputs = []
         for i, (s, block) in enumerate(zip(seqs, blocks)):
-            k, n = len(block), int(out.num_accepted[i])
+            (tokens, n), k = accepted[i], len(block)
             self.target.rollback(s.cache, k - n)
             s.cached += len(heads[i]) + n
             st = s.stats
@@ -302,7 +307,7 @@ class SpeculativeEngine:
                 s.tracker.update(k, n)
             timing.draft_tokens += k
             timing.accepted_tokens += n
-            outputs.append(self._append(s, out.tokens(i)))
+            outputs.append(self._append(s, tokens))
         self.last_round = timing
         return outputs
 
@@ -347,29 +352,38 @@ class SpeculativeEngine:
         room = self.target.max_context - len(s.tokens)  # positions left for [last] + drafts
         return max(0, min(k, remaining - 1, room - 1))
 
-    def _verify(self, seqs: list[_Sequence], blocks: list[DraftBlock], logits: list[torch.Tensor]):
+    def _accept(self, seqs: list[_Sequence], blocks: list[DraftBlock], scores: list[torch.Tensor]) -> list[tuple[list[int], int]]:
+        """Per sequence: the tokens it emits this round and how many drafts it accepted. Greedy
+        sequences are decided from their argmax ids ([K_i + 1] each), the others by modified
+        rejection sampling on their logits ([K_i + 1, V] each)."""
+        out: list[tuple[list[int], int]] = [([], 0)] * len(seqs)
+        greedy = [i for i, s in enumerate(seqs) if s.request.sampling.greedy]
+        sampled = [i for i, s in enumerate(seqs) if not s.request.sampling.greedy]
+        if greedy:
+            result = greedy_accept(torch.cat([scores[i] for i in greedy]), _draft_ids([blocks[i] for i in greedy]),
+                                   [len(blocks[i]) for i in greedy])
+            for j, i in enumerate(greedy):
+                out[i] = (result.tokens(j), int(result.num_accepted[j]))
+        if sampled:
+            result = self._rejection_sample([seqs[i] for i in sampled], [blocks[i] for i in sampled],
+                                            [scores[i] for i in sampled])
+            for j, i in enumerate(sampled):
+                out[i] = (result.tokens(j), int(result.num_accepted[j]))
+        return out
+
+    def _rejection_sample(self, seqs: list[_Sequence], blocks: list[DraftBlock], logits: list[torch.Tensor]):
         row_params = [s.request.sampling for s, b in zip(seqs, blocks) for _ in range(len(b) + 1)]
         p = warp_probs(torch.cat(logits), row_params)  # [T + B, V]
-        draft_ids = torch.tensor([t for b in blocks for t in b.token_ids], dtype=torch.long)  # [T]
         q = None  # [T, V]
         if any(b.probs is not None for b in blocks):
             vocab = p.shape[1]
-            q = torch.cat(
-                [
-                    b.probs if b.probs is not None else torch.nn.functional.one_hot(
-                        torch.tensor(b.token_ids, dtype=torch.long), vocab
-                    ).float()
-                    for b in blocks
-                ]
-            )
-        return rejection_sample(
-            p,
-            draft_ids,
-            q,
-            [len(b) for b in blocks],
-            [s.request.sampling.greedy for s in seqs],
-            [s.generator for s in seqs],
-        )
+            q = torch.cat([
+                b.probs if b.probs is not None
+                else torch.nn.functional.one_hot(torch.tensor(b.token_ids, dtype=torch.long), vocab).float()
+                for b in blocks
+            ])
+        return rejection_sample(p, _draft_ids(blocks), q, [len(b) for b in blocks], [False] * len(seqs),
+                                [s.generator for s in seqs])
 
     def _append(self, s: _Sequence, tokens: list[int]) -> StepOutput:
         req, new, reason = s.request, [], None

@@ -151,9 +151,10 @@ class CausalLM:
 
         Returns logits per sequence: [len(inputs[i]), V], or its last last[i] rows when `last` is
         given (0: none, as for a prefill chunk). float32 on the CPU; raw=True keeps the model's
-        dtype and device. parents[i] (optional) lays sequence i's tokens out as a tree (see
-        attention_mask); its positions are then the prefix length plus each token's depth.
-        argmax_only is a hint for remote targets; in process every row is returned whole."""
+        dtype and device. A sequence marked argmax_only gets its rows' argmax ids instead ([n]
+        int64 on the CPU, lowest index on ties): all that greedy acceptance reads. parents[i]
+        (optional) lays sequence i's tokens out as a tree (see attention_mask); its positions
+        are then the prefix length plus each token's depth."""
         parents = parents or [None] * len(inputs)
         starts = [c.length for c in caches]
         offsets, ids, positions, masks, rows = [0], [], [], [], []
@@ -180,8 +181,9 @@ class CausalLM:
                 raise RuntimeError("the model did not attend through specserve's flat attention (transformers "
                                    "attention interface); its keys and values were not stored")
             c.length += len(x)
-        logits = out.logits[0] if raw else out.logits[0].float().cpu()  # [rows, V]
-        return list(logits.split(keep))
+        rows_of = out.logits[0].split(keep)  # [rows_i, V] each, the model's dtype and device
+        argmax_only = argmax_only or [False] * len(inputs)
+        return [x.argmax(dim=-1).cpu() if a else x if raw else x.float().cpu() for x, a in zip(rows_of, argmax_only)]
 
     @contextmanager
     def _flat_attention(self):

@@ -5,6 +5,7 @@ No module here imports Ray, gRPC, DeepSpeed or transformers (tests/test_boundary
 
 from .adaptive import AcceptanceTracker, AdaptiveK, CostModel, best_k, expected_tokens, mean_expected_tokens
 from .errors import InvalidRequest
+from .greedy import greedy_accept
 from .params import SamplingParams
 from .rejection import RejectionOutput, acceptance_probs, recovered_probs, rejection_sample
 from .reference import reference_rejection_sample
@@ -22,6 +23,7 @@ __all__ = [
     "best_k",
     "draw_seed",
     "expected_tokens",
+    "greedy_accept",
     "make_generator",
     "mean_expected_tokens",
     "recovered_probs",
