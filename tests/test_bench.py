@@ -32,7 +32,7 @@ def test_bench_load_quick_rows(tmp_path, capsys):
     out = tmp_path / "load.json"
     assert main(["bench", "--load", "--config", "configs/tiny.yaml", "--quick", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert "plain/raw" in capsys.readouterr().out  # the table
+    assert "adaptive/plain" in capsys.readouterr().out  # the table
     assert {(r["context"], r["concurrency"]) for r in data["rows"]} == {(50, 1), (50, 16), (250, 1), (250, 16)}
     for r in data["rows"]:
         b = r["concurrency"]
@@ -40,7 +40,8 @@ def test_bench_load_quick_rows(tmp_path, capsys):
         for run in (r["plain"], r["adaptive"]):
             assert run["sequences"] == b and run["tokens"] > 0 and run["ttft_p50_s"] > 0
             assert 0 < run["token_latency_p50_s"] <= run["token_latency_p99_s"]
-        assert r["plain_vs_raw"] > 0 and r["adaptive_vs_plain"] > 0
+        assert r["plain_vs_raw"] > 0 and r["adaptive_vs_plain"] > 0 and r["batch_adaptive_vs_plain"] > 0
+        assert r["plain"]["steady_tokens_per_s"] > 0 and r["adaptive"]["steady_tokens_per_s"] > 0
 
 
 def test_bench_load_refuses_plot(capsys):

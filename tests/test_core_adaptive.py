@@ -237,3 +237,26 @@ def test_extrapolation_never_predicts_less_than_measured():
     odd = CostModel(0.0, (1.0, 1.0), {4: (3.0, 3.0), 16: (2.0, 2.0)})  # noisy: 16 measured cheaper than 4
     assert odd.at_batch(1200).verify_s == pytest.approx((2.0 / 1200, 2.0 / 1200))
     assert odd.observed(1200, 1, 5.0).batch_verify_s[16][0] > 2.0
+
+
+def test_best_ks_gives_drafts_to_the_sequences_that_accept_them():
+    """Flattened rounds: one K per sequence. Where verification is nearly free every sequence
+    drafts; where each token costs, only the high-alpha ones do; nobody drafts with alpha 0."""
+    from cluster.speculation.adaptive import best_ks, round_cost_s
+
+    flat = CostModel(0.0, tuple(1.0 + 0.01 * k for k in range(9)), {16: tuple(16 * (1.0 + 0.01 * k) for k in range(9))})
+    assert best_ks([0.8] * 4, flat) == [8] * 4
+    assert best_ks([0.8, 0.0], flat) == [8, 0]
+    linear = CostModel(0.0, tuple(1.0 + 0.25 * k for k in range(9)))  # each draft token costs a quarter step
+    ks = best_ks([0.9, 0.5, 0.1], linear)
+    assert ks[0] > ks[1] >= ks[2] == 0
+    assert best_ks([0.9, 0.5, 0.1], linear, max_k=2)[0] == 2
+    assert best_ks([], linear) == []
+    # the round cost reads the batch's table at tokens / batch
+    assert round_cost_s(flat, 16, 16) == 16 and abs(round_cost_s(flat, 16, 24) - 16 * 1.005) < 1e-9
+
+
+def test_next_ks_probes_after_rounds_at_zero():
+    policy = AdaptiveK(CostModel(0.0, tuple(1.0 + 0.5 * k for k in range(9))), max_k=4, probe_after=3)
+    got = [policy.next_ks([0.3, 0.3]) for _ in range(3)]
+    assert got[:2] == [[0, 0], [0, 0]] and any(got[2])  # the third round at zero probes

@@ -245,8 +245,8 @@ class SpeculativeEngine:
         seqs = [s for s in active if len(s.uncached) == 1] + joining
         timing = RoundTiming(batch=len(seqs))
 
-        round_k = self._round_k(seqs)
-        ks = [self._choose_k(s, round_k) for s in seqs]
+        adaptive = self._adaptive_ks(seqs)
+        ks = [self._choose_k(s, adaptive.get(s.seq_id, 0)) for s in seqs]
         calls = [
             (s.seq_id, s.tokens, k, s.request.sampling, 0 if s.request.sampling.greedy else draw_seed(s.generator))
             for s, k in zip(seqs, ks) if k
@@ -327,25 +327,25 @@ class SpeculativeEngine:
                 break
         return chunks, joining
 
-    def _round_k(self, seqs: list[_Sequence]) -> int:
-        """One K for every adaptive sequence of the round: the padded verify pays for the
-        longest block in every row, so a shared K wastes nothing. It maximises the expected
-        tokens per second of the whole batch at this batch size (0 when speculation would cost
-        more than it saves), with the policy's probes when it sits at 0."""
-        alphas = [s.tracker.alpha for s in seqs if s.tracker is not None and s.request.num_draft_tokens is None]
-        if not alphas:
-            return 0
+    def _adaptive_ks(self, seqs: list[_Sequence]) -> dict[int, int]:
+        """K per adaptive sequence of the round. Nothing is padded, so each sequence gets its own K:
+        the allocation with the most expected tokens per second of the whole round at this batch
+        size (K = 0 where a sequence's drafts would cost more than they yield), with the policy's
+        probes when every K sits at 0."""
+        adaptive = [s for s in seqs if s.tracker is not None and s.request.num_draft_tokens is None]
+        if not adaptive:
+            return {}
         if self._policy is None:
             self._policy = AdaptiveK(self.cost_model, self.max_draft_tokens)
-        return self._policy.next_k(len(seqs), alphas)
+        return dict(zip((s.seq_id for s in adaptive), self._policy.next_ks([s.tracker.alpha for s in adaptive])))
 
-    def _choose_k(self, s: _Sequence, round_k: int) -> int:
+    def _choose_k(self, s: _Sequence, adaptive_k: int) -> int:
         if self.drafter is None:
             return 0
         if s.request.num_draft_tokens is not None:
             k = s.request.num_draft_tokens
         elif s.tracker is not None:
-            k = round_k
+            k = adaptive_k
         else:
             k = int(self.num_draft_tokens)
         remaining = s.request.max_new_tokens - len(s.output)

@@ -84,6 +84,40 @@ def best_k(alpha: float | Sequence[float], cost: CostModel, max_k: int | None = 
     return max(range(top + 1), key=lambda k: (rates[k], -k))
 
 
+def round_cost_s(cost: CostModel, batch: int, tokens: int) -> float:
+    """One flattened round of `batch` sequences verifying `tokens` tokens in all (batch..batch*(max_k+1)):
+    the batch's verify table read at tokens / batch per sequence, linear in between."""
+    per_seq = cost.at_batch(batch).verify_s
+    n = min(max(tokens / batch, 1.0), len(per_seq)) - 1  # drafts per sequence, fractional
+    lo = int(n)
+    hi = min(lo + 1, len(per_seq) - 1)
+    return batch * (per_seq[lo] + (n - lo) * (per_seq[hi] - per_seq[lo]))
+
+
+def best_ks(alphas: Sequence[float], cost: CostModel, max_k: int | None = None) -> list[int]:
+    """One K per sequence for a flattened round, where nothing is padded: a round costs what its
+    total token count costs at this batch size, plus the drafting. Draft tokens go one at a time to
+    the sequence whose next draft is most likely accepted (alpha_i^(K_i + 1)), for as long as the
+    round's expected tokens per second rises; low-alpha sequences stay at K = 0."""
+    b = len(alphas)
+    if b == 0:
+        return []
+    top = cost.max_k if max_k is None else min(max_k, cost.max_k)
+    draft_s = cost.draft_step_s / cost.draft_parallelism  # one more draft token, the drafters working in parallel
+    ks, expected, drafted = [0] * b, float(b), 0
+    rate = expected / round_cost_s(cost, b, b)
+    while True:
+        gains = [(a ** (k + 1) if k < top else -1.0, -i) for i, (a, k) in enumerate(zip(alphas, ks))]
+        gain, neg_i = max(gains)
+        if gain <= 0:
+            return ks
+        new_rate = (expected + gain) / (round_cost_s(cost, b, b + drafted + 1) + (drafted + 1) * draft_s)
+        if new_rate <= rate:
+            return ks
+        ks[-neg_i] += 1
+        expected, drafted, rate = expected + gain, drafted + 1, new_rate
+
+
 @dataclass
 class AcceptanceTracker:
     """Running estimate of alpha for one sequence.
@@ -143,6 +177,20 @@ class AdaptiveK:
             return 0
         self._rounds_at_zero, self._interval = 0, interval * 2
         return best_k([min(0.99, a + self.optimism) for a in alpha], cost, self.max_k)
+
+    def next_ks(self, alphas: Sequence[float]) -> list[int]:
+        """One K per sequence of a flattened round (best_ks), with the same probes as next_k when
+        every sequence sits at K = 0."""
+        ks = best_ks(alphas, self.cost, self.max_k)
+        if any(ks) or not alphas:
+            self._rounds_at_zero, self._interval = 0, 0
+            return ks
+        self._rounds_at_zero += 1
+        interval = self._interval or self.probe_after
+        if self._rounds_at_zero < interval:
+            return ks
+        self._rounds_at_zero, self._interval = 0, interval * 2
+        return best_ks([min(0.99, a + self.optimism) for a in alphas], self.cost, self.max_k)
 
     def observe(self, num_drafted: int, num_accepted: int) -> None:
         self.tracker.update(num_drafted, num_accepted)
