@@ -11,7 +11,8 @@ import time
 
 import grpc
 
-from cluster.runtime.drafters import DraftBlock, Drafter
+from cluster.runtime.drafters import Drafter
+from cluster.speculation.round import DraftBlock, DraftRequest
 
 from .remote_drafter import RemoteDrafter
 
@@ -118,33 +119,33 @@ class DraftPool(Drafter):
         self.rejoined += 1
 
     def propose(self, seq_id, context, k, params, seed) -> DraftBlock:
-        return self.propose_many([(seq_id, context, k, params, seed)])[0]
+        return self.propose_many([DraftRequest(seq_id, context, k, params, seed)])[0]
 
     def wire_bytes(self) -> tuple[int, int]:
         """(sent, received) gRPC message bytes over all replicas so far."""
         return sum(r.bytes_sent for r in self.replicas), sum(r.bytes_received for r in self.replicas)
 
-    def propose_many(self, calls: list[tuple]) -> list[DraftBlock]:
+    def propose_many(self, requests: list[DraftRequest]) -> list[DraftBlock]:
         self._probe_failed()
         before = [r.compute_s for r in self.replicas]
-        blocks = self._propose_many(calls)
+        blocks = self._propose_many(requests)
         # replicas draft in parallel: the round's drafting time is the busiest replica's
         self.last_compute_s = max((r.compute_s - b for r, b in zip(self.replicas, before)), default=0.0)
         return blocks
 
-    def _propose_many(self, calls: list[tuple]) -> list[DraftBlock]:
+    def _propose_many(self, requests: list[DraftRequest]) -> list[DraftBlock]:
         pending = []
-        for call in calls:  # all requests in flight at once
-            i = self._place(call[0])
+        for request in requests:  # all in flight at once
+            i = self._place(request.seq_id)
             try:
-                pending.append((i, self.replicas[i].start(*call) if i is not None else None))
+                pending.append((i, self.replicas[i].start(request) if i is not None else None))
             except grpc.RpcError as e:
                 if e.code() not in FAILURES:
                     raise
                 self._fail(i)
                 pending.append((i, None))
         blocks = []
-        for call, (i, p) in zip(calls, pending):
+        for request, (i, p) in zip(requests, pending):
             if p is not None:
                 try:
                     blocks.append(self.replicas[i].finish(p))
@@ -154,17 +155,16 @@ class DraftPool(Drafter):
                     if e.code() not in FAILURES:
                         raise
                     self._fail(i)
-            blocks.append(self._retry(call))
+            blocks.append(self._retry(request))
         return blocks
 
-    def _retry(self, call: tuple) -> DraftBlock:
+    def _retry(self, request: DraftRequest) -> DraftBlock:
         """The sequence's replica failed: move it until one answers, else plain decoding."""
-        seq_id = call[0]
-        while (i := self._place(seq_id)) is not None:
+        while (i := self._place(request.seq_id)) is not None:
             replica = self.replicas[i]
-            replica.forget(seq_id)  # the new replica gets the whole context: a re-prefill
+            replica.forget(request.seq_id)  # the new replica gets the whole context: a re-prefill
             try:
-                block = replica.propose(*call)
+                block = replica.finish(replica.start(request))
                 self.served[i] += 1
                 return block
             except grpc.RpcError as e:

@@ -6,7 +6,8 @@ import grpc
 from specserve.internal.v1 import draft_pb2 as pb
 from specserve.internal.v1 import draft_pb2_grpc as pb_grpc
 
-from cluster.runtime.drafters import DraftBlock, Drafter
+from cluster.runtime.drafters import Drafter
+from cluster.speculation.round import DraftBlock, DraftRequest
 
 from .wire import decode_probs
 
@@ -30,45 +31,45 @@ class RemoteDrafter(Drafter):
         self._stub = pb_grpc.DraftServiceStub(self._channel)
 
     def propose(self, seq_id, context, k, params, seed) -> DraftBlock:
-        return self.finish(self.start(seq_id, context, k, params, seed))
+        return self.finish(self.start(DraftRequest(seq_id, context, k, params, seed)))
 
-    def start(self, seq_id, context, k, params, seed):
+    def start(self, draft: DraftRequest):
         """Sends a proposal without waiting; finish() collects it."""
-        sent = self._sent.get(seq_id)
-        request = self._request(seq_id, context, k, params, seed, sent)
+        sent = self._sent.get(draft.seq_id)
+        request = self._request(draft, sent)
         self.bytes_sent += request.ByteSize()
-        return (self._stub.Propose.future(request, timeout=self.timeout_s), (seq_id, context, k, params, seed), sent)
+        return (self._stub.Propose.future(request, timeout=self.timeout_s), draft, sent)
 
     def finish(self, pending) -> DraftBlock:
         """The block of a started proposal; raises grpc.RpcError when the service fails."""
-        future, call, sent = pending
+        future, draft, sent = pending
         try:
             response = future.result()
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.FAILED_PRECONDITION or sent is None:
                 raise
-            request = self._request(*call, None)  # the service lost track: resend the whole context
+            request = self._request(draft, None)  # the service lost track: resend the whole context
             self.bytes_sent += request.ByteSize()
             response = self._stub.Propose(request, timeout=self.timeout_s)
-        seq_id, context = call[0], call[1]
-        self._sent[seq_id] = len(context)
+        self._sent[draft.seq_id] = len(draft.context)
         self.bytes_received += response.ByteSize()
         self.compute_s += response.compute_s
         probs = decode_probs(response.probs) if response.HasField("probs") else None
         return DraftBlock(list(response.token_ids), probs)
 
-    def propose_many(self, calls):
-        return [self.finish(p) for p in [self.start(*c) for c in calls]]
+    def propose_many(self, requests: list[DraftRequest]) -> list[DraftBlock]:
+        return [self.finish(p) for p in [self.start(r) for r in requests]]
 
-    def _request(self, seq_id, context, k, params, seed, sent) -> pb.ProposeRequest:
+    def _request(self, draft: DraftRequest, sent: int | None) -> pb.ProposeRequest:
+        context, params = draft.context, draft.params
         return pb.ProposeRequest(
-            seq_id=seq_id,
+            seq_id=draft.seq_id,
             new_tokens=context if sent is None else context[sent:],
             context_len=len(context),
             reset=sent is None,
-            k=k,
+            k=draft.k,
             sampling=pb.Sampling(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p),
-            seed=seed,
+            seed=draft.seed,
         )
 
     def forget(self, seq_id: int) -> None:

@@ -9,7 +9,9 @@ For prompts of about 50, 250 and 1,000 tokens and 1, 4, 16 and 64 concurrent seq
   prefilled and decoding) against the raw forward at the same batch and mean context;
 - ratios: plain's steady rate / the raw step rate at the same batch; adaptive / plain, steady
   (throughput under continuous load) and for one closed batch of fixed-length requests (whose
-  time is set by its unluckiest sequence).
+  time is set by its unluckiest sequence);
+- unless --no-served: the same text prompts at 1 and 16 concurrent streams through the served
+  gRPC API (a local Ray Serve app of the same config) against the in-process engine.
 """
 
 from __future__ import annotations
@@ -84,36 +86,100 @@ def steady_decode(engine, prompts: list[tuple[int, ...]], num_draft_tokens: int 
     return tokens / seconds, context, len(seqs)
 
 
-def run_engine(engine, requests: list[GenerationRequest]) -> dict:
-    """Runs the requests together as users would send them at once; per-token latencies from
-    the rounds' emission times."""
-    start = time.perf_counter()
-    ids = [engine.add_request(r) for r in requests]
-    first, last, gaps, tokens = {}, {}, [], 0
-    while engine.has_unfinished():
-        outputs = engine.step()
-        now = time.perf_counter()
-        for o in outputs:
-            n = len(o.new_token_ids)
-            if not n:
-                continue
-            tokens += n
-            if o.seq_id not in first:
-                first[o.seq_id] = now - start
-            else:
-                gaps += [(now - last[o.seq_id]) / n] * n
-            last[o.seq_id] = now
-    wall = time.perf_counter() - start
+def summarize(events: dict[int, list[tuple[float, int]]], start: float, wall: float) -> dict:
+    """Per sequence its emissions (time, tokens): tokens/s, time to first token, per-token latency
+    (the gap before an emission spread over its tokens)."""
+    first, gaps, tokens = [], [], 0
+    for emitted in events.values():
+        first.append(emitted[0][0] - start)
+        tokens += sum(n for _, n in emitted)
+        gaps += [(t - before) / n for (before, _), (t, n) in zip(emitted, emitted[1:]) for _ in range(n)]
     q = statistics.quantiles(gaps, n=100) if len(gaps) > 1 else [gaps[0] if gaps else 0.0] * 99
     return {
-        "sequences": len(ids), "tokens": tokens, "seconds": round(wall, 3),
+        "sequences": len(events), "tokens": tokens, "seconds": round(wall, 3),
         "tokens_per_s": round(tokens / wall, 2),
-        "ttft_p50_s": round(statistics.median(first.values()), 4),
+        "ttft_p50_s": round(statistics.median(first), 4),
         "token_latency_p50_s": round(q[49], 4), "token_latency_p99_s": round(q[98], 4),
     }
 
 
-def run_load_bench(config: SpecserveConfig, json_out: str | None = None, quick: bool = False) -> int:
+def run_engine(engine, requests: list[GenerationRequest]) -> dict:
+    """Runs the requests together in process, as if sent at once."""
+    start = time.perf_counter()
+    ids = [engine.add_request(r) for r in requests]
+    events = {i: [] for i in ids}
+    while engine.has_unfinished():
+        outputs = engine.step()
+        now = time.perf_counter()
+        for o in outputs:
+            if o.new_token_ids:
+                events[o.seq_id].append((now, len(o.new_token_ids)))
+    return summarize(events, start, time.perf_counter() - start)
+
+
+def run_streams(client, requests: list, threads: int) -> dict:
+    """The same through the served gRPC API: one streaming call per request, all at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(request) -> list[tuple[float, int]]:
+        return [(time.perf_counter(), len(r.token_ids)) for r in client.stream(request) if r.token_ids]
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        events = dict(enumerate(pool.map(one, requests)))
+    return summarize(events, start, time.perf_counter() - start)
+
+
+def served_rows(config: SpecserveConfig, engine, texts: list[str], concurrency: tuple[int, ...], new_tokens: int,
+                log) -> list[dict]:
+    """In process against the served gRPC API (a local Ray Serve app of the same config, on free
+    ports), the same text prompts at each concurrency, plain and adaptive, closed batches."""
+    import ray
+    from ray import serve
+
+    from . import app
+    from .client import Client, proto_request
+    from .config import parse_config
+
+    data = config.model_dump()
+    data["serve"] |= {"grpc_port": _free_port(), "http_port": _free_port(), "max_ongoing_requests": max(concurrency)}
+    served = parse_config(data, "bench")
+    ray.init(address=config.cluster.address, include_dashboard=False, log_to_driver=False)
+    rows = []
+    try:
+        log("starting the Serve app")
+        app.start(served)
+        client = Client(f"127.0.0.1:{served.serve.grpc_port}", served.serve.app_name)
+        greedy = SamplingParams(temperature=0.0)
+        for b in concurrency:
+            for mode, k in (("plain", 0), ("adaptive", None)):
+                prompts = [texts[i % len(texts)] for i in range(b)]
+                run_streams(client, [proto_request(p, 4, num_draft_tokens=k) for p in prompts[:1]], 1)  # warm-up
+                local = run_engine(engine, [GenerationRequest(p, new_tokens, greedy, k) for p in prompts])
+                remote = run_streams(client, [proto_request(p, new_tokens, num_draft_tokens=k) for p in prompts], b)
+                rows.append({"concurrency": b, "mode": mode, "in_process": local, "served": remote,
+                             "served_vs_in_process": round(remote["tokens_per_s"] / local["tokens_per_s"], 3)})
+                log(f"  {b} streams, {mode}: in process {local['tokens_per_s']} tok/s, served {remote['tokens_per_s']} "
+                    f"tok/s ({rows[-1]['served_vs_in_process']}x)")
+        client.close()
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    return rows
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_load_bench(config: SpecserveConfig, json_out: str | None = None, quick: bool = False,
+                   served: bool = True) -> int:
     log = lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True)  # noqa: E731
     contexts = (50, 250) if quick else (50, 250, 1000)
     concurrency = (1, 16) if quick else (1, 4, 16, 64)
@@ -154,13 +220,19 @@ def run_load_bench(config: SpecserveConfig, json_out: str | None = None, quick: 
             log(f"  steady: plain {decode_rate:.1f} tok/s at context {ctx} (raw forward {raw_rate:.1f} seq-steps/s: "
                 f"{rows[-1]['plain_vs_raw']}x), adaptive {spec_rate:.1f} tok/s ({rows[-1]['adaptive_vs_plain']}x); "
                 f"closed batch of {new_tokens} tokens each: plain {off['tokens_per_s']}, adaptive {on['tokens_per_s']} tok/s")
+    served_table = []
+    if served:
+        texts = [target.tokenizer.decode(list(prompt_ids(corpus, contexts[-1] if quick else 250, i))) for i in range(16)]
+        served_table = served_rows(config, spec, texts, (1, 16), new_tokens, log)
     print(format_load_table(rows))
+    if served_table:
+        print(format_served_table(served_table))
     if json_out:
         from .bench import machine
 
         with open(json_out, "w") as f:
             json.dump({"config": config.model_dump(), "dtype": target.dtype, "machine": machine(), "quick": quick,
-                       "new_tokens": new_tokens, "rows": rows}, f, indent=2)
+                       "new_tokens": new_tokens, "rows": rows, "served": served_table}, f, indent=2)
         log(f"wrote {json_out}")
     return 0
 
@@ -175,6 +247,19 @@ def format_load_table(rows: list[dict]) -> str:
                       off["steady_tokens_per_s"], r["plain_vs_raw"], on["steady_tokens_per_s"], r["adaptive_vs_plain"],
                       off["tokens_per_s"], on["tokens_per_s"], on["ttft_p50_s"], on["token_latency_p50_s"],
                       on["token_latency_p99_s"]))
+    cells = [[str(c) for c in line] for line in lines]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def format_served_table(rows: list[dict]) -> str:
+    head = ("streams", "mode", "in process tok/s", "served tok/s", "served/in process", "served TTFT p50 s",
+            "served tok p50 s", "served tok p99 s")
+    lines = [head] + [(r["concurrency"], r["mode"], r["in_process"]["tokens_per_s"], r["served"]["tokens_per_s"],
+                       r["served_vs_in_process"], r["served"]["ttft_p50_s"], r["served"]["token_latency_p50_s"],
+                       r["served"]["token_latency_p99_s"]) for r in rows]
     cells = [[str(c) for c in line] for line in lines]
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
     out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]

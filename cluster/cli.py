@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the distributed path against the in-process engine: time per round, bytes, throughput under load")
     bench.add_argument("--concurrency", type=int, default=16, help="sequences at once in the --distributed load test")
     bench.add_argument("--load", action="store_true",
-                       help="prompts of 50-1,000 tokens at 1-64 concurrent sequences against the raw model forward")
+                       help="prompts of 50-1,000 tokens at 1-64 concurrent sequences against the raw model forward, "
+                            "and the served gRPC API against in process")
+    bench.add_argument("--no-served", action="store_true", help="with --load: skip the served gRPC rows (no Ray)")
     return parser
 
 
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise InvalidRequest("load", "--load runs in process and writes --json only (no --plot, --distributed)")
             from .bench_load import run_load_bench
 
-            return run_load_bench(config, json_out=args.json_out, quick=args.quick)
+            return run_load_bench(config, json_out=args.json_out, quick=args.quick, served=not args.no_served)
         if args.distributed or config.cluster.enabled:
             if args.plot:
                 raise InvalidRequest("plot", "--plot draws the in-process bench; --distributed writes --json only")

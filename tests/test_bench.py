@@ -30,7 +30,7 @@ def test_bench_quick_rows(tmp_path, capsys):
 
 def test_bench_load_quick_rows(tmp_path, capsys):
     out = tmp_path / "load.json"
-    assert main(["bench", "--load", "--config", "configs/tiny.yaml", "--quick", "--json", str(out)]) == 0
+    assert main(["bench", "--load", "--no-served", "--config", "configs/tiny.yaml", "--quick", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert "adaptive/plain" in capsys.readouterr().out  # the table
     assert {(r["context"], r["concurrency"]) for r in data["rows"]} == {(50, 1), (50, 16), (250, 1), (250, 16)}

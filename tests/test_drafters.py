@@ -85,3 +85,21 @@ def test_a_draft_replica_with_a_separate_draft_model_never_loads_the_target(monk
     host = DraftHost(subset)
     host.stop()
     assert loaded == ["tiny-qwen2", "tiny-llama"]
+
+
+def test_the_roles_of_a_round_are_typed_protocols(tiny_llama):
+    """The in-process target and every drafter kind fill the core's Target and Drafter protocols."""
+    from actors.draft_pool import DraftPool
+    from actors.remote_drafter import RemoteDrafter
+    from cluster.runtime.kv import CausalLM
+    from cluster.speculation import Drafter as DrafterRole
+    from cluster.speculation import DraftRequest, Target
+
+    assert isinstance(CausalLM(tiny_llama.model), Target)
+    for drafter in (NgramDrafter(), ModelDrafter(tiny_llama.model)):
+        assert isinstance(drafter, DrafterRole)
+    pool = DraftPool([], timeout_s=1)  # no replica: blocks are empty (K = 0)
+    assert isinstance(pool, DrafterRole) and isinstance(RemoteDrafter("127.0.0.1:1"), DrafterRole)
+    pool.close()
+    blocks = NgramDrafter().propose_many([DraftRequest(0, [1, 2, 1], 2, SamplingParams(0.0), 0)])
+    assert blocks[0].token_ids == [2, 1] and blocks[0].parents is None  # a chain

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -26,8 +26,11 @@ ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "specserve"
 CRD = Path(__file__).parent / "data" / "kuberay" / "ray.io_rayservices.yaml"
 SHARED_CRD = ROOT.parent / "shared" / "kuberay" / "ray.io_rayservices.yaml"
-sys.path.insert(0, str(ROOT / "helm"))
-import sync_schema  # noqa: E402
+# loaded from its file: helm/ on sys.path would make the chart folder helm/specserve shadow the
+# `specserve` package as a namespace package
+_spec = importlib.util.spec_from_file_location("sync_schema", ROOT / "helm" / "sync_schema.py")
+sync_schema = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sync_schema)
 
 
 def _yaml(path):

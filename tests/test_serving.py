@@ -288,3 +288,24 @@ def test_metrics_reach_prometheus(service):
         return seen == set(wanted)
 
     wait_until(exported, timeout=60, what=lambda: f"metrics {sorted(set(wanted) - seen)}")
+
+
+def test_the_load_bench_measures_the_served_streams(service):
+    """bench --load's served rows: concurrent gRPC streams against the in-process engine, the same
+    greedy tokens both ways, every figure present."""
+    from cluster.bench_load import run_engine, run_streams
+    from cluster.client import Client, proto_request
+    from cluster.runtime.engine import GenerationRequest
+    from cluster.runtime.factory import build_engine
+
+    config, _, _ = service
+    client = Client(f"127.0.0.1:{config.serve.grpc_port}", config.serve.app_name)
+    try:
+        served = run_streams(client, [proto_request(p, 12, num_draft_tokens=0) for p in TINY_PROMPTS[:4]], 4)
+    finally:
+        client.close()
+    local = run_engine(build_engine(config), [GenerationRequest(p, 12, num_draft_tokens=0) for p in TINY_PROMPTS[:4]])
+    for run in (served, local):
+        assert run["sequences"] == 4 and run["tokens_per_s"] > 0 and run["ttft_p50_s"] > 0
+        assert 0 < run["token_latency_p50_s"] <= run["token_latency_p99_s"]
+    assert served["tokens"] == local["tokens"]

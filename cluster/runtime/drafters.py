@@ -4,21 +4,12 @@ copy of the target (`int8`). A drafter proposes up to k tokens and the q they we
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
 import torch
 
 from ..speculation import SamplingParams, make_generator, sample_token, warp_probs
+from ..speculation.round import Acceptance, DraftBlock, DraftRequest
 from .kv import CausalLM
-
-
-@dataclass(frozen=True)
-class DraftBlock:
-    token_ids: list[int]  # [k]
-    probs: torch.Tensor | None  # [k, V] the q each token was sampled from; None: one-hot (deterministic)
-
-    def __len__(self) -> int:
-        return len(self.token_ids)
 
 
 class Drafter(ABC):
@@ -29,9 +20,13 @@ class Drafter(ABC):
         """Up to k tokens continuing `context` (the sequence's committed tokens); `seed` seeds the
         block's sampling, so a block is reproducible wherever it is drafted."""
 
-    def propose_many(self, calls: list[tuple]) -> list[DraftBlock]:
-        """One block per (seq_id, context, k, params, seed); remote drafters run them in parallel."""
-        return [self.propose(*call) for call in calls]
+    def propose_many(self, requests: list[DraftRequest]) -> list[DraftBlock]:
+        """One block per request, in order; remote drafters run them in parallel."""
+        return [self.propose(r.seq_id, r.context, r.k, r.params, r.seed) for r in requests]
+
+    def observe(self, seq_id: int, block: DraftBlock, result: Acceptance) -> None:
+        """Sees the round's outcome for a sequence it drafted for (the lazy-rollback drafters here
+        learn it from the next context instead)."""
 
     def release(self, seq_id: int) -> None:
         """Forgets a finished sequence."""

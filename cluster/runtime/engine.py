@@ -21,8 +21,9 @@ from ..speculation import (
     rejection_sample,
     warp_probs,
 )
+from ..speculation.round import Acceptance, DraftBlock, DraftRequest
 from .calibration import Calibration, load_or_measure, measure_agreement, measure_costs
-from .drafters import DraftBlock, Drafter, ModelDrafter
+from .drafters import Drafter, ModelDrafter
 from .kv import CausalLM
 from .tokenizer import Tokenizer
 
@@ -236,33 +237,53 @@ class SpeculativeEngine:
 
     # -- one round ------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        """One round: prompt chunks of new sequences and the verify blocks of the ready ones go
-        through the target in one flattened forward; the ready ones then accept and emit."""
+        """One round: admit, propose, verify (prompt chunks ride in the same forward), accept,
+        then commit and emit per sequence."""
         active = [s for s in self._seqs.values() if s.result is None]
         if not active:
             return []
         chunks, joining = self._admit([s for s in active if len(s.uncached) > 1])
         seqs = [s for s in active if len(s.uncached) == 1] + joining
         timing = RoundTiming(batch=len(seqs))
+        blocks = self._propose(seqs, timing)
+        scores, prefilling = self._verify(seqs, blocks, chunks, timing)
+        if not seqs:
+            self.last_round = timing
+            return []
+        results = self._accept(seqs, blocks, scores, timing)
+        if self._policy is not None and self._learn_costs and not prefilling:  # real rounds refine the costs
+            longest = max(len(b) for b in blocks) + 1
+            self._policy.cost = self._policy.cost.observed(len(seqs), longest, timing.verify_s + timing.sample_s)
+        outputs = [self._commit(s, block, result, timing) for s, block, result in zip(seqs, blocks, results)]
+        self.last_round = timing
+        return outputs
 
+    def _propose(self, seqs: list[_Sequence], timing: RoundTiming) -> list[DraftBlock]:
+        """Each sequence's draft block (empty at K = 0), from one propose_many call."""
         adaptive = self._adaptive_ks(seqs)
         ks = [self._choose_k(s, adaptive.get(s.seq_id, 0)) for s in seqs]
-        calls = [
-            (s.seq_id, s.tokens, k, s.request.sampling, 0 if s.request.sampling.greedy else draw_seed(s.generator))
+        requests = [
+            DraftRequest(s.seq_id, s.tokens, k, s.request.sampling,
+                         0 if s.request.sampling.greedy else draw_seed(s.generator))
             for s, k in zip(seqs, ks) if k
         ]
         t = self.clock()
-        proposed = iter(self.drafter.propose_many(calls) if calls else [])
+        proposed = iter(self.drafter.propose_many(requests) if requests else [])
         timing.draft_s = self.clock() - t
-        draft_s = timing.draft_s / len(calls) if calls else 0.0
         blocks = [next(proposed) if k else _NO_DRAFT for k in ks]
+        assert all(b.parents is None for b in blocks), "a tree block: this engine verifies chains"
         for s, k in zip(seqs, ks):
-            s.stats.draft_s += draft_s if k else 0.0
+            s.stats.draft_s += timing.draft_s / len(requests) if k else 0.0
+        return blocks
 
-        # one target call: every sequence's uncached tokens and drafts ([K_i + 1, V] logits each), and the chunks
+    def _verify(self, seqs: list[_Sequence], blocks: list[DraftBlock], chunks: list[tuple[_Sequence, list[int]]],
+                timing: RoundTiming) -> tuple[list[torch.Tensor], bool]:
+        """One target call: each sequence's uncached tokens and drafts, scored at its last K_i + 1
+        positions (logits [K_i + 1, V], or argmax ids [K_i + 1] for greedy sequences), and the
+        prompt chunks, which return nothing. Returns the scores and whether the round prefilled."""
         t = self.clock()
         heads = [s.uncached for s in seqs]
-        logits = self.target.forward_batch(
+        scores = self.target.forward_batch(
             [s.cache for s in seqs] + [s.cache for s, _ in chunks],
             [h + b.token_ids for h, b in zip(heads, blocks)] + [ids for _, ids in chunks],
             argmax_only=[s.request.sampling.greedy for s in seqs] + [True] * len(chunks),
@@ -270,46 +291,37 @@ class SpeculativeEngine:
         )[: len(seqs)]
         forward_s = self.clock() - t
         prompt_tokens = [len(ids) for _, ids in chunks] + [len(h) - 1 for h in heads]  # prefilled, not verified
-        prefill_share = sum(prompt_tokens) / (sum(prompt_tokens) + len(seqs) + sum(map(len, blocks)))
-        timing.prefill_s, timing.verify_s = forward_s * prefill_share, forward_s * (1 - prefill_share)
+        share = sum(prompt_tokens) / (sum(prompt_tokens) + len(seqs) + sum(map(len, blocks)))
+        timing.prefill_s, timing.verify_s = forward_s * share, forward_s * (1 - share)
         per_token = timing.prefill_s / sum(prompt_tokens) if any(prompt_tokens) else 0.0
         for s, n in zip([s for s, _ in chunks] + seqs, prompt_tokens):
             s.stats.prefill_s += per_token * n
         for s, ids in chunks:
             s.cached += len(ids)
-        if not seqs:
-            self.last_round = timing
-            return []
-        verify_s = timing.verify_s / len(seqs)
+        for s, h in zip(seqs, heads):
+            s.cached += len(h)  # the drafts are counted as they are accepted (_commit)
+            s.stats.verify_s += timing.verify_s / len(seqs)
+        return scores, any(prompt_tokens)
 
-        t = self.clock()
-        accepted = self._accept(seqs, blocks, logits)
-        timing.sample_s = self.clock() - t
-        sample_s = timing.sample_s / len(seqs)
-        if self._policy is not None and self._learn_costs and not any(prompt_tokens):  # real rounds refine the costs
-            padded = max(len(b) for b in blocks) + 1
-            self._policy.cost = self._policy.cost.observed(len(seqs), padded, timing.verify_s + timing.sample_s)
-
-        outputs = []
-        for i, (s, block) in enumerate(zip(seqs, blocks)):
-            (tokens, n), k = accepted[i], len(block)
-            self.target.rollback(s.cache, k - n)
-            s.cached += len(heads[i]) + n
-            st = s.stats
-            st.sample_s += sample_s
-            st.verify_s += verify_s
-            st.target_calls += 1
-            st.rounds_k.append(k)
-            st.draft_tokens += k
-            st.accepted_tokens += n
-            st.evaluated_tokens += n + (n < k)
-            if s.tracker is not None:
-                s.tracker.update(k, n)
-            timing.draft_tokens += k
-            timing.accepted_tokens += n
-            outputs.append(self._append(s, tokens))
-        self.last_round = timing
-        return outputs
+    def _commit(self, s: _Sequence, block: DraftBlock, result: Acceptance, timing: RoundTiming) -> StepOutput:
+        """The target's cache keeps the accepted drafts; stats, alpha and the drafter learn the
+        outcome; the tokens are emitted."""
+        k, n = len(block), result.num_accepted
+        self.target.rollback(s.cache, k - n)
+        s.cached += n
+        st = s.stats
+        st.target_calls += 1
+        st.rounds_k.append(k)
+        st.draft_tokens += k
+        st.accepted_tokens += n
+        st.evaluated_tokens += n + (n < k)
+        if s.tracker is not None:
+            s.tracker.update(k, n)
+        if k:
+            self.drafter.observe(s.seq_id, block, result)
+        timing.draft_tokens += k
+        timing.accepted_tokens += n
+        return self._append(s, result.tokens)
 
     def _admit(self, waiting: list[_Sequence]) -> tuple[list[tuple[_Sequence, list[int]]], list[_Sequence]]:
         """This round's prompt tokens, prefill_chunk in all, oldest sequences first. A sequence whose
@@ -352,23 +364,27 @@ class SpeculativeEngine:
         room = self.target.max_context - len(s.tokens)  # positions left for [last] + drafts
         return max(0, min(k, remaining - 1, room - 1))
 
-    def _accept(self, seqs: list[_Sequence], blocks: list[DraftBlock], scores: list[torch.Tensor]) -> list[tuple[list[int], int]]:
-        """Per sequence: the tokens it emits this round and how many drafts it accepted. Greedy
-        sequences are decided from their argmax ids ([K_i + 1] each), the others by modified
-        rejection sampling on their logits ([K_i + 1, V] each)."""
-        out: list[tuple[list[int], int]] = [([], 0)] * len(seqs)
+    def _accept(self, seqs: list[_Sequence], blocks: list[DraftBlock], scores: list[torch.Tensor],
+                timing: RoundTiming) -> list[Acceptance]:
+        """Per sequence the tokens it emits. Greedy sequences are decided from their argmax ids,
+        the others by modified rejection sampling on their logits."""
+        t = self.clock()
+        out: list[Acceptance | None] = [None] * len(seqs)
         greedy = [i for i, s in enumerate(seqs) if s.request.sampling.greedy]
         sampled = [i for i, s in enumerate(seqs) if not s.request.sampling.greedy]
         if greedy:
             result = greedy_accept(torch.cat([scores[i] for i in greedy]), _draft_ids([blocks[i] for i in greedy]),
                                    [len(blocks[i]) for i in greedy])
             for j, i in enumerate(greedy):
-                out[i] = (result.tokens(j), int(result.num_accepted[j]))
+                out[i] = Acceptance(result.tokens(j), int(result.num_accepted[j]))
         if sampled:
             result = self._rejection_sample([seqs[i] for i in sampled], [blocks[i] for i in sampled],
                                             [scores[i] for i in sampled])
             for j, i in enumerate(sampled):
-                out[i] = (result.tokens(j), int(result.num_accepted[j]))
+                out[i] = Acceptance(result.tokens(j), int(result.num_accepted[j]))
+        timing.sample_s = self.clock() - t
+        for s in seqs:
+            s.stats.sample_s += timing.sample_s / len(seqs)
         return out
 
     def _rejection_sample(self, seqs: list[_Sequence], blocks: list[DraftBlock], logits: list[torch.Tensor]):

@@ -1,0 +1,81 @@
+"""What one round passes along, and the two roles it passes it between.
+
+A round: every active sequence asks the drafter for a block (DraftRequest -> DraftBlock); the
+target verifies every block in one forward (Target.forward_batch); acceptance turns each
+sequence's scores into the tokens it emits (Acceptance); the target's cache keeps the accepted
+positions, and the drafter sees the result (Drafter.observe).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+from .params import SamplingParams
+
+
+@dataclass(frozen=True)
+class DraftRequest:
+    seq_id: int
+    context: Sequence[int]  # [n] the sequence's committed tokens
+    k: int  # draft at most this many tokens
+    params: SamplingParams
+    seed: int  # seeds the block's sampling, so a block is the same wherever it is drafted
+
+
+@dataclass(frozen=True)
+class DraftBlock:
+    token_ids: list[int]  # [k]
+    probs: torch.Tensor | None  # [k, V] the q each token was drawn from; None: one-hot (deterministic)
+    parents: tuple[int, ...] | None = None  # [k] each token's parent (-1: the last committed token); None: a chain
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """One sequence's outcome of a round: accepted drafts, then one recovered or bonus token."""
+
+    tokens: list[int]  # [num_accepted + 1]
+    num_accepted: int
+
+
+@runtime_checkable
+class Target(Protocol):
+    """The verifier: in process (runtime.kv.CausalLM) or a tensor-parallel group (actors.target)."""
+
+    vocab_size: int
+    max_context: int
+
+    def new_cache(self): ...
+
+    def forward_batch(self, caches: list, inputs: list[list[int]], raw: bool = False,
+                      argmax_only: list[bool] | None = None, last: list[int] | None = None,
+                      parents: list | None = None) -> list[torch.Tensor]:
+        """Appends inputs[i] to caches[i] in one forward; per sequence its last last[i] rows:
+        logits [n, V], or argmax ids [n] where argmax_only[i]."""
+
+    def rollback(self, cache, n: int) -> None: ...
+
+    def keep(self, cache, positions: list[int]) -> None: ...
+
+    def release(self, cache) -> None: ...
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    """A proposer of draft blocks (runtime.drafters, actors.draft_pool, actors.remote_drafter)."""
+
+    name: str
+
+    def propose_many(self, requests: list[DraftRequest]) -> list[DraftBlock]:
+        """One block per request, in order; remote drafters run them in parallel."""
+
+    def observe(self, seq_id: int, block: DraftBlock, result: Acceptance) -> None:
+        """The round's outcome for a sequence this drafter proposed for."""
+
+    def release(self, seq_id: int) -> None:
+        """Forgets a finished sequence."""
