@@ -30,7 +30,8 @@ class Coordinator:
     """Runs in its own Ray actor (CoordinatorActor, `--distributed`) or inside a Serve engine
     replica. draft_addresses given: the draft replicas are someone else's (a Serve deployment)
     and set_draft_addresses() follows them; else this creates cluster.draft_replicas of its own.
-    placement_group given: rank i takes its bundle 1 + i (bundle 0 holds this coordinator)."""
+    Target rank 0 runs in this process (driver mode); placement_group given: rank i >= 1 takes
+    its bundle i (bundle 0 holds this process)."""
 
     def __init__(self, config_data: dict, draft_addresses: list[str] | None = None, placement_group=None):
         from cluster.config import parse_config
@@ -45,10 +46,11 @@ class Coordinator:
 
         config = parse_config(config_data, "coordinator config")
         c, t = config.cluster, config.target
-        torch.set_num_threads(c.coordinator.threads)
         self.config = config
+        # target rank 0 runs here (its threads are set by it): a verify costs no Ray call
         self.group = TargetGroup(
             t.model, t.dtype, c.tp_size, c.target_rank, placement_group=placement_group, first_bundle=1,
+            driver_rank=True,
         )
         self.replicas = []
         if draft_addresses is None:
@@ -87,7 +89,7 @@ class Coordinator:
 
     # -- requests -------------------------------------------------------------------------
     async def ready(self) -> dict:
-        return {"vocab_size": self.group.vocab_size, "tp_size": len(self.group.ranks), "draft_replicas": len(self.replicas),
+        return {"vocab_size": self.group.vocab_size, "tp_size": self.group.tp_size, "draft_replicas": len(self.replicas),
                 "dtype": self.group.dtype}
 
     async def generate(self, request):

@@ -1,7 +1,8 @@
 """Ray Serve deployments behind the public API (cluster/app.py binds them):
 
-- Engine: a coordinator with its tensor-parallel target group. Its replica reserves one
-  placement group: bundle 0 for itself, bundle 1 + i for rank i. A request stays on the engine
+- Engine: a coordinator with its tensor-parallel target group; target rank 0 runs in the replica's
+  own process. Its replica reserves one placement group: bundle 0 for itself (coordinator and
+  rank 0), bundle i for rank i >= 1. A request stays on the engine
   replica that holds its KV caches for its whole life; Serve scales engines on ongoing requests.
 - DraftServer: the gRPC draft service. Engines find replicas by broadcast and follow them as
   they scale; Serve scales them on the sequences they hold (cluster/autoscaling.py).

@@ -33,8 +33,10 @@ def check_tp_size(config, tp_size: int) -> None:
         )
 
 
-@ray.remote
-class TargetRank:
+class RankHost:
+    """One tensor-parallel rank: its shard of the model and a KV store per sequence. A Ray actor
+    (TargetRank), or, for rank 0 in driver mode, a plain object in the coordinator's process."""
+
     def __init__(self, rank: int, world_size: int, threads: int):
         self.rank, self.world_size = rank, world_size
         torch.set_num_threads(threads)
@@ -89,6 +91,19 @@ class TargetRank:
     def new_cache(self, handle: int) -> None:
         self._caches[handle] = self.lm.new_cache()
 
+    def follow(self) -> None:
+        """Driver mode, ranks 1..: run each call rank 0 broadcasts through torch.distributed, until
+        it broadcasts None. The collectives inside each forward keep the ranks in step."""
+        import torch.distributed as dist
+
+        while True:
+            box = [None]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] is None:
+                return
+            edits, method, args = box[0]
+            self.call(edits, method, *args)
+
     def forward(self, handle: int, input_ids: list[int], last_only: bool):
         logits = self.lm.forward(self._caches[handle], input_ids, last_only)
         return logits if self.rank == 0 else None
@@ -121,47 +136,72 @@ class TargetRank:
         return len(self._caches)
 
 
+TargetRank = ray.remote(RankHost)
+
+
 class TargetGroup:
-    """tp_size TargetRank actors reserved together: one placement-group bundle per rank, packed
-    on one node. Resources per rank: `rank` (ActorResources). Given a placement group (a
-    Serve replica's), rank i takes its bundle first_bundle + i instead of a group of its own."""
+    """The tensor-parallel target: tp_size ranks reserved together, one placement-group bundle per
+    rank actor, packed on one node. Resources per rank: `rank` (ActorResources). Given a placement
+    group (a Serve replica's), the rank actors take its bundles from first_bundle on instead of
+    a group of their own.
+
+    driver_rank=False: every rank is a Ray actor, and each call is one Ray call to all of them.
+    driver_rank=True: rank 0 runs in this process (the coordinator's, which must hold a rank's
+    resources) and ranks 1.. are actors that follow it through torch.distributed, so a call costs
+    no Ray round trip. One process holds at most one such group (one torch.distributed group)."""
 
     def __init__(self, model: str, dtype: str = "float32", tp_size: int = 2, rank: ActorResources | None = None,
-                 placement_group=None, first_bundle: int = 0):
+                 placement_group=None, first_bundle: int = 0, driver_rank: bool = False):
         from cluster.runtime.models import load_model_config
 
         rank = rank or ActorResources()
-        self.model_name = model
+        self.model_name, self.tp_size = model, tp_size
         config = load_model_config(model)
         check_tp_size(config, tp_size)
         self.max_context = int(getattr(config, "max_position_embeddings", 2048))
-        self._own_pg = placement_group is None
+        self._driver = RankHost(0, tp_size, rank.threads) if driver_rank else None
+        actors = tp_size - 1 if driver_rank else tp_size
+        self._own_pg = placement_group is None and actors > 0
         if self._own_pg:
-            placement_group, first_bundle = new_placement_group([rank.bundle()] * tp_size, strategy="STRICT_PACK"), 0
+            placement_group, first_bundle = new_placement_group([rank.bundle()] * actors, strategy="STRICT_PACK"), 0
             ray.get(placement_group.ready())
         self._pg = placement_group
         self.ranks = []
         try:
-            for i in range(tp_size):
+            for i in range(actors):
                 where = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=first_bundle + i)
                 self.ranks.append(
-                    TargetRank.options(**rank.options(), scheduling_strategy=where).remote(i, tp_size, rank.threads)
+                    TargetRank.options(**rank.options(), scheduling_strategy=where).remote(
+                        i + (tp_size - actors), tp_size, rank.threads)
                 )
-            master = ray.get(self.ranks[0].address.remote())
-            self.vocab_size, self.dtype = ray.get([r.setup.remote(model, dtype, master) for r in self.ranks])[0]
+            if self._driver is not None:
+                master = self._driver.address()
+                joined = [r.setup.remote(model, dtype, master) for r in self.ranks]
+                self.vocab_size, self.dtype = self._driver.setup(model, dtype, master)  # meets them in the rendezvous
+                ray.get(joined)
+                self._following = [r.follow.remote() for r in self.ranks]
+            else:
+                master = ray.get(self.ranks[0].address.remote())
+                self.vocab_size, self.dtype = ray.get([r.setup.remote(model, dtype, master) for r in self.ranks])[0]
         except BaseException:
             self.shutdown()  # a failed start holds no resources
             raise
         self._handles = itertools.count()
         self._edits: list[tuple[int, str, object]] = []  # (cache, "rollback" or "keep", arg) not yet sent
-        self.calls = 0  # Ray calls broadcast to the ranks
+        self.calls = 0  # calls broadcast to the ranks (Ray calls, or torch.distributed broadcasts in driver mode)
         self.bytes_received = 0  # logits bytes returned by rank 0
         self.last_compute_s = 0.0  # rank 0's time inside the last forward_batch
 
     def _all(self, method: str, *args):
         edits, self._edits = self._edits, []
         self.calls += 1
-        return ray.get([r.call.remote(edits, method, *args) for r in self.ranks])[0]
+        if self._driver is None:
+            return ray.get([r.call.remote(edits, method, *args) for r in self.ranks])[0]
+        if self.ranks:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list([(edits, method, args)], src=0)
+        return self._driver.call(edits, method, *args)
 
     def new_cache(self) -> int:
         handle = next(self._handles)

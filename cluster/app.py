@@ -60,8 +60,8 @@ def build_app(args=None):
 
     engine = Engine.options(
         name="engine",
-        ray_actor_options=c.coordinator.options(),
-        placement_group_bundles=[c.coordinator.bundle()] + [c.target_rank.bundle()] * c.tp_size,
+        ray_actor_options=c.engine_host.options(),  # the coordinator and target rank 0 in one process
+        placement_group_bundles=[c.engine_host.bundle()] + [c.target_rank.bundle()] * (c.tp_size - 1),
         placement_group_strategy="STRICT_PACK",
         max_ongoing_requests=s.max_ongoing_requests,
         max_queued_requests=s.max_queued_requests,

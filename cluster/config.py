@@ -102,6 +102,13 @@ class ClusterConfig(_Strict):
     coordinator: ActorResources = ActorResources(cpus=0.25)
     draft_timeout_s: float = Field(10.0, gt=0)  # a replica slower than this counts as failed
 
+    @property
+    def engine_host(self) -> ActorResources:
+        """The coordinator's process, which also runs target rank 0 (its own torch threads are the rank's)."""
+        c, r = self.coordinator, self.target_rank
+        resources = {k: c.resources.get(k, 0) + r.resources.get(k, 0) for k in {**c.resources, **r.resources}}
+        return ActorResources(cpus=c.cpus + r.cpus, gpus=c.gpus + r.gpus, threads=r.threads, resources=resources)
+
     def required(self) -> dict[str, float]:
         """Ray resources the whole shape reserves."""
         cpus = self.tp_size * self.target_rank.cpus + self.draft_replicas * self.draft_replica.cpus + self.coordinator.cpus

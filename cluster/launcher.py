@@ -38,7 +38,7 @@ class DistributedEngine:
             ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
         try:
             check_resources(config, ray.cluster_resources())
-            self.coordinator = CoordinatorActor.options(**c.coordinator.options()).remote(
+            self.coordinator = CoordinatorActor.options(**c.engine_host.options()).remote(
                 config.model_dump()
             )
             self.info = _get(self.coordinator.ready.remote())

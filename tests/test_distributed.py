@@ -30,8 +30,15 @@ def config():
 def distributed(ray_cluster, config):
     from cluster.launcher import DistributedEngine
 
+    from ray._private.state import actors  # the GCS's actor table (the state API needs the dashboard)
+
+    def rank_actors() -> int:
+        return sum(a["ActorClassName"] == "RankHost" and a["State"] == "ALIVE" for a in actors().values())
+
+    before = rank_actors()
     engine = DistributedEngine(config)
     assert engine.info == {"vocab_size": 258, "tp_size": 2, "draft_replicas": 2, "dtype": "float32"}
+    assert rank_actors() - before == 1  # rank 0 runs in the coordinator's process: no Ray call on the verify path
     yield engine
     engine.shutdown()
 
