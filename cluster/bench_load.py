@@ -30,16 +30,29 @@ from .runtime.factory import load_target, make_engine
 from .speculation import SamplingParams
 
 
+CORPUS_MODULES = ("argparse", "json", "collections", "functools", "subprocess", "threading", "logging", "unittest",
+                  "typing", "dataclasses", "asyncio", "re", "textwrap", "statistics", "heapq")
+
+
 def corpus_ids(tokenizer) -> list[int]:
-    """The bench prompts' text as one token stream to cut prompts of any length from."""
+    """Text this machine already holds, as one token stream to cut prompts from: the bench prompts
+    and the documentation of some standard-library modules (prose and code, about 40k tokens)."""
+    import importlib
+    import inspect
+
     data = json.loads(resources.files("cluster").joinpath("prompts/bench.json").read_text())
-    text = "\n\n".join(p for prompts in data.values() for p in prompts)
-    return tokenizer.encode(text)
+    parts = [p for prompts in data.values() for p in prompts]
+    for name in CORPUS_MODULES:
+        module = importlib.import_module(name)
+        members = [getattr(module, n) for n in sorted(getattr(module, "__all__", ())) if not n.startswith("_")]
+        parts += [doc for doc in map(inspect.getdoc, [module, *members]) if doc]
+    return tokenizer.encode("\n\n".join(parts))
 
 
 def prompt_ids(corpus: list[int], length: int, index: int) -> tuple[int, ...]:
-    """A prompt of `length` tokens, a different cut of the corpus for each index."""
-    start = (index * 37) % len(corpus)
+    """A prompt of `length` tokens, a different cut of the corpus for each index (no repeats
+    within a prompt while the corpus is longer than it)."""
+    start = (index * 509) % len(corpus)
     ids = (corpus * (2 + length // len(corpus)))[start : start + length]
     return tuple(ids)
 
@@ -65,9 +78,9 @@ def raw_step_s(model, batch: int, context: int, new: int, reps: int = 3) -> floa
 
 def steady_decode(engine, prompts: list[tuple[int, ...]], num_draft_tokens: int | None,
                   rounds: int, min_s: float = 1.0) -> tuple[float, int, int]:
-    """Tokens/s of at least `rounds` rounds and min_s seconds in which every live sequence decodes (all prompts prefilled),
-    the mean context then and how many sequences were live (one may end at EOS on the way).
-    The sequences are aborted afterwards."""
+    """Tokens/s of at least `rounds` rounds and min_s seconds in which every live sequence decodes
+    (all prompts prefilled; it stops early when one ends at EOS), the mean context then and how
+    many sequences were live. The sequences are aborted afterwards."""
     greedy = SamplingParams(temperature=0.0)
     ids = [engine.add_request(GenerationRequest("", engine.target.max_context, greedy, num_draft_tokens, prompt_ids=p))
            for p in prompts]
@@ -78,8 +91,11 @@ def steady_decode(engine, prompts: list[tuple[int, ...]], num_draft_tokens: int 
     context = round(statistics.mean(len(s.tokens) for s in seqs))
     start, tokens, done = time.perf_counter(), 0, 0
     while done < rounds or time.perf_counter() - start < min_s:
-        tokens += sum(len(o.new_token_ids) for o in engine.step())
+        outputs = engine.step()
+        tokens += sum(len(o.new_token_ids) for o in outputs)
         done += 1
+        if any(o.result is not None for o in outputs):
+            break
     seconds = time.perf_counter() - start
     for i in ids:
         engine.abort(i)
@@ -90,7 +106,7 @@ def summarize(events: dict[int, list[tuple[float, int]]], start: float, wall: fl
     """Per sequence its emissions (time, tokens): tokens/s, time to first token, per-token latency
     (the gap before an emission spread over its tokens)."""
     first, gaps, tokens = [], [], 0
-    for emitted in events.values():
+    for emitted in filter(None, events.values()):  # a sequence may end at EOS before any token
         first.append(emitted[0][0] - start)
         tokens += sum(n for _, n in emitted)
         gaps += [(t - before) / n for (before, _), (t, n) in zip(emitted, emitted[1:]) for _ in range(n)]

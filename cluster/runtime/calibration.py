@@ -56,7 +56,7 @@ def interpolate(measured: dict[int, float], top: int) -> tuple[float, ...]:
 
 
 def measure_costs(target, drafter: Drafter | None, vocab: int, max_k: int, clock: Callable[[], float] = time.perf_counter,
-                  context_len: int = 64, reps: int = 2, batch_sizes: tuple[int, ...] = (4, 16)) -> CostModel:
+                  context_len: int = 64, reps: int = 1, batch_sizes: tuple[int, ...] = (4, 16)) -> CostModel:
     """One target call verifying blocks of 1..max_k + 1 tokens for 1 and for each of batch_sizes
     sequences at once after context_len tokens (a few lengths measured, see measured_lengths),
     and one draft step. `target` has CausalLM's interface."""
@@ -64,8 +64,9 @@ def measure_costs(target, drafter: Drafter | None, vocab: int, max_k: int, clock
     caches = [target.new_cache() for _ in range(max((1, *batch_sizes)))]
     target.forward_batch(caches, [ctx[:-1]] * len(caches), last=[0] * len(caches))  # one flattened prefill
 
-    def timed(fn) -> float:
-        fn()  # warm-up
+    def timed(fn, warm_up: bool = True) -> float:
+        if warm_up:
+            fn()
         times = []
         for _ in range(reps):
             t = clock()
@@ -78,8 +79,9 @@ def measure_costs(target, drafter: Drafter | None, vocab: int, max_k: int, clock
         for c in caches[:b]:
             target.rollback(c, n)
 
-    def table(b: int) -> tuple[float, ...]:
-        return interpolate({n: timed(lambda n=n: verify(b, n)) for n in measured_lengths(max_k, b)}, max_k + 1)
+    def table(b: int) -> tuple[float, ...]:  # one warm-up per batch size: the shapes share their kernels
+        lengths = measured_lengths(max_k, b)
+        return interpolate({n: timed(lambda n=n: verify(b, n), warm_up=n == lengths[0]) for n in lengths}, max_k + 1)
 
     verify_s = table(1)
     batch_verify_s = {b: table(b) for b in batch_sizes if b > 1}
