@@ -1,8 +1,9 @@
-"""The tensor-parallel target: one Ray actor per rank, DeepSpeed AutoTP, a KV cache per sequence.
+"""The tensor-parallel target: a Ray actor per rank (or rank 0 in the caller's own process),
+DeepSpeed AutoTP, a KV store per sequence.
 
 TargetGroup has the interface of the in-process CausalLM (new_cache / forward / forward_batch /
-rollback / keep / cached_length / release), so the engine runs on it unchanged. Each call is broadcast to every
-rank in the same order (the collectives inside a forward need that) and rank 0's result is kept.
+rollback / keep / cached_length / release), so the engine runs on it unchanged. Each call reaches
+every rank in the same order (the collectives inside a forward need that) and rank 0's result is kept.
 """
 
 from __future__ import annotations
