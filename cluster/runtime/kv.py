@@ -98,22 +98,20 @@ def depths(parents: list[int]) -> list[int]:
 def flat_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, flat_batch=None, **kwargs):
     """query [1, H, T, D], key/value [1, H_kv, T, D] of one layer for the whole flattened batch.
     Writes each sequence's new keys/values at its positions, then attends within its buffer."""
-    layer = module.layer_idx
-    out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])  # [1, T, H, D]
-    b = flat_batch
+    layer, b = module.layer_idx, flat_batch
+    new_kv = torch.stack((key[0], value[0]))  # [2, H_kv, T, D]: one write per sequence below
+    outs = []
     for cache, start, lo, hi, mask in zip(b.caches, b.starts, b.offsets, b.offsets[1:], b.masks):
         end = start + hi - lo
         if layer == 0:
             cache.reserve(end, b.layers, key)
-        keys, values = cache.buffer[layer, 0], cache.buffer[layer, 1]  # [H_kv, capacity, D]
-        keys[:, start:end] = key[0, :, lo:hi]
-        values[:, start:end] = value[0, :, lo:hi]
-        o = torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, lo:hi], keys[None, :, :end], values[None, :, :end],
+        kv = cache.buffer[layer]  # [2, H_kv, capacity, D]
+        kv[:, :, start:end] = new_kv[:, :, lo:hi]
+        outs.append(torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, lo:hi], kv[0, None, :, :end], kv[1, None, :, :end],
             attn_mask=mask, scale=scaling, enable_gqa=True,
-        )  # [1, H, n, D]
-        out[:, lo:hi] = o.transpose(1, 2)
-    return out, None
+        ))  # [1, H, n, D]
+    return torch.cat(outs, dim=2).transpose(1, 2), None  # [1, T, H, D]
 
 
 def _register() -> None:
