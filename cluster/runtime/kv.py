@@ -80,6 +80,9 @@ def attention_mask(start: int, parents: list[int], device) -> torch.Tensor | Non
         return None
     mask = torch.zeros(n, start + n, dtype=torch.bool)
     mask[:, :start] = True
+    if parents == list(range(-1, n - 1)):  # a chain (verify blocks, prefill chunks): causal
+        mask[:, start:] = torch.ones(n, n, dtype=torch.bool).tril()
+        return mask.to(device)
     for j, parent in enumerate(parents):
         mask[j, start + j] = True
         if parent >= 0:
@@ -161,7 +164,7 @@ class CausalLM:
             if len(tree) != len(x):
                 raise ValueError(f"parents has {len(tree)} entries for {len(x)} tokens")
             ids += x
-            positions += [start + 1 + d for d in depths(tree)]
+            positions += [start + d for d in depths(tree)]
             masks.append(attention_mask(start, tree, self.device))
             offsets.append(offsets[-1] + len(x))
         keep = [len(x) for x in inputs] if last is None else [min(k, len(x)) for k, x in zip(last, inputs)]
@@ -171,7 +174,7 @@ class CausalLM:
         to = dict(dtype=torch.long, device=self.device)
         with self._flat_attention():
             out = self.model(
-                input_ids=torch.tensor([ids], **to), position_ids=torch.tensor([positions], **to) - 1,
+                input_ids=torch.tensor([ids], **to), position_ids=torch.tensor([positions], **to),
                 use_cache=False, logits_to_keep=torch.tensor(rows, **to), flat_batch=batch,
             )
         for c, x, start in zip(caches, inputs, starts):
@@ -179,9 +182,10 @@ class CausalLM:
                 raise RuntimeError("the model did not attend through specserve's flat attention (transformers "
                                    "attention interface); its keys and values were not stored")
             c.length += len(x)
-        rows_of = out.logits[0].split(keep)  # [rows_i, V] each, the model's dtype and device
+        logits = out.logits[0]  # [rows, V], the model's dtype and device
         argmax_only = argmax_only or [False] * len(inputs)
-        return [x.argmax(dim=-1).cpu() if a else x if raw else x.float().cpu() for x, a in zip(rows_of, argmax_only)]
+        ids_of = logits.argmax(dim=-1).cpu().split(keep) if any(argmax_only) else keep  # one host copy
+        return [i if a else x if raw else x.float().cpu() for x, i, a in zip(logits.split(keep), ids_of, argmax_only)]
 
     @contextmanager
     def _flat_attention(self):
