@@ -84,7 +84,7 @@ def _reference(model, ids: list[int]) -> torch.Tensor:
 
 def _flattened_rounds(lm):
     """Rounds of one flattened forward each: ragged verify blocks with rollbacks, a prompt prefilled
-    in chunks beside them, a sequence joining mid-run. Yields (logits, the sequence's tokens so far)
+    in chunks beside them, a sequence joining mid-run, one leaving (its slot is refilled). Yields (logits, the sequence's tokens so far)
     for every returned row block, so each can be checked against a fresh forward."""
     long_prompt = list(b"a prompt long enough to be prefilled in three chunks of ten")
     seqs = {"a": list(b"left"), "b": [3], "c": list(b"a longer prompt than the others")}
@@ -107,6 +107,9 @@ def _flattened_rounds(lm):
             inputs.append(chunks[round_ - 1])
             last.append(1)
         got = lm.forward_batch([caches["long" if n == "prefill" else n] for n in names], inputs, last=last)
+        if round_ == 2:  # leaves: the pool moves the last slot's keys and values into its hole
+            lm.release(caches.pop("b"))
+            del seqs["b"], blocks["b"]
         for n, x, logits in zip(names, inputs, got):
             if n == "prefill":
                 done = sum(len(c) for c in chunks[:round_])
@@ -114,22 +117,28 @@ def _flattened_rounds(lm):
                 if round_ == len(chunks):
                     seqs["long"] = long_prompt
                 continue
+            if n not in seqs:
+                continue
             out.append((logits, seqs[n] + blocks[n]))
             keep = len(blocks[n]) - len(blocks[n]) // 2  # a rejection after half the drafts; the
             lm.rollback(caches[n], len(blocks[n]) - keep + 1)  # last kept token starts the next block
             seqs[n] = seqs[n] + blocks[n][:keep]
     lengths_ok = {n: lm.cached_length(caches[n]) == len(seqs[n]) - 1 for n in seqs}
+    if isinstance(lm, CausalLM):  # (a tensor-parallel group's handles are ids)
+        lengths_ok["slots compacted"] = sorted(c.slot for c in caches.values()) == list(range(len(caches)))
     for cache in caches.values():
         lm.release(cache)
     return out, lengths_ok
 
 
+@pytest.mark.parametrize("batched_block", [0, kv.BATCHED_BLOCK, 64])  # all one by one, mixed, all batched
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen2"])
-def test_flattened_batch_equals_one_forward_per_sequence(request, name, monkeypatch):
+def test_flattened_batch_equals_one_forward_per_sequence(request, name, batched_block, monkeypatch):
+    monkeypatch.setattr(kv, "BATCHED_BLOCK", batched_block)
     model = request.getfixturevalue(name).model
     lm = CausalLM(model)
     out, lengths_ok = _flattened_rounds(lm)
-    assert all(lengths_ok.values()) and len(lengths_ok) == 4
+    assert all(lengths_ok.values()) and len(lengths_ok) == 4, lengths_ok  # 3 sequences + slots
     for logits, tokens in out:
         want = _reference(model, tokens)[-len(logits):]
         assert logits.shape == want.shape
@@ -195,3 +204,20 @@ def test_a_layer_subset_draft_attends_through_its_store(tiny_llama):
     got = lm.forward(cache, ids[-3:])
     want = _reference(model, ids)[-3:]
     assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max())
+
+
+def test_pool_slots_are_reused_and_released_caches_refused(tiny_llama):
+    """A released or dropped cache frees its slot for the next sequence; using a released one is an error."""
+    lm = CausalLM(tiny_llama.model)
+    ids = tiny_llama.tokenizer.encode("slots")
+    a, b = lm.new_cache(), lm.new_cache()
+    lm.forward_batch([a, b], [ids, ids])
+    lm.release(a)
+    with pytest.raises(ValueError, match="released"):
+        lm.forward(a, ids)
+    del b  # dropped without release
+    c = lm.new_cache()
+    want = _reference(tiny_llama.model, ids + [7])[-1]
+    lm.forward(c, ids)
+    assert c.slot == 0 and lm.pool.tensor.shape[2] == 2  # compacted into the freed slots, no growth
+    assert (lm.forward(c, [7])[-1] - want).abs().max() <= 1e-5

@@ -1,50 +1,44 @@
 """A Hugging Face causal LM over a KV store that persists across rounds, batched without copies.
 
-Each sequence's keys and values live in one buffer of its own, [layers, 2, kv_heads, capacity,
-head_dim], grown by doubling; its first `length` positions are valid. A rollback is a length
-change, and keeping a subset of positions (the accepted path of a tree) is an in-place gather.
+All sequences' keys and values live in one pool, [layers, 2, slots, kv_heads, capacity, head_dim]:
+a sequence owns a slot, and its first `length` positions are valid. A rollback is a length change;
+keeping a subset of positions (the accepted path of a tree) is an in-place gather within the slot.
+Live slots are compacted to the front when sequences leave, so a round's sequences are one
+contiguous view of the pool.
 
-A round runs as one flattened forward: the new tokens of every sequence side by side ([1, T],
-no padding), each with its own position id. An attention function registered with
-transformers writes each sequence's new keys and values into its buffer and attends over that
-buffer alone (its committed prefix, then its new tokens as a chain or a tree). The model keeps
-its own weights and layers, so DeepSpeed AutoTP still shards them: each rank stores its heads.
+A round runs as one flattened forward: the new tokens of every sequence side by side ([1, T], no
+padding), each with its own position id. An attention function registered with transformers
+writes every new key and value into the pool in one indexed copy per layer, then attends: the
+sequences with short blocks (decodes, verify blocks, trees) in one batched call over their slots,
+padded to the longest block and masked per sequence; long blocks (prefill chunks) one by one. The
+model keeps its own weights and layers, so DeepSpeed AutoTP still shards them: each rank stores
+its own heads.
 """
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 ATTENTION = "specserve_flat"
+BATCHED_BLOCK = 16  # blocks of at most this many tokens attend in the batched call
 _GROWTH_ALIGN = 64  # capacity is a multiple of this many positions
 
 
 class SequenceKV:
-    """One sequence's keys and values for every layer; `length` positions are valid."""
+    """A sequence's slot in a KVPool; its first `length` positions are valid."""
 
-    __slots__ = ("buffer", "length")
+    __slots__ = ("pool", "slot", "length", "__weakref__")
 
-    def __init__(self):
-        self.buffer: torch.Tensor | None = None  # [layers, 2, kv_heads, capacity, head_dim]
-        self.length = 0
+    def __init__(self, pool: KVPool | None, slot: int):
+        self.pool, self.slot, self.length = pool, slot, 0
 
     @property
     def capacity(self) -> int:
-        return 0 if self.buffer is None else self.buffer.shape[3]
-
-    def reserve(self, needed: int, layers: int, like: torch.Tensor) -> None:
-        """Room for `needed` positions; `like` is a layer's new keys [1, kv_heads, n, head_dim]."""
-        if needed <= self.capacity:
-            return
-        size = max(needed, 2 * self.capacity)
-        size = -(-size // _GROWTH_ALIGN) * _GROWTH_ALIGN
-        grown = like.new_empty(layers, 2, like.shape[1], size, like.shape[3])
-        if self.length:
-            grown[:, :, :, : self.length] = self.buffer[:, :, :, : self.length]
-        self.buffer = grown
+        return self.pool.capacity if self.pool else 0
 
     @torch.inference_mode()
     def keep(self, positions: list[int]) -> None:
@@ -55,20 +49,90 @@ class SequenceKV:
         while same < len(positions) and positions[same] == same:
             same += 1
         if same < len(positions):
-            index = torch.tensor(positions[same:], device=self.buffer.device)
-            self.buffer[:, :, :, same : len(positions)] = self.buffer.index_select(3, index)
+            slot = self.pool.tensor[:, :, self.slot]  # [layers, 2, kv_heads, capacity, D]
+            index = torch.tensor(positions[same:], device=slot.device)
+            slot[:, :, :, same : len(positions)] = slot.index_select(3, index)
         self.length = len(positions)
+
+
+class KVPool:
+    """One tensor of keys and values for every sequence of a model, a slot each, grown by doubling."""
+
+    def __init__(self, layers: int):
+        self.layers = layers
+        self.tensor: torch.Tensor | None = None  # [layers, 2, slots, kv_heads, capacity, D]
+        self._owners: list[weakref.ref] = []  # _owners[i]() holds slot i (None: free)
+        self.writes = 0  # forwards that stored their keys and values here
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.tensor is None else self.tensor.shape[4]
+
+    def new(self) -> SequenceKV:
+        cache = SequenceKV(self, len(self._owners))
+        self._owners.append(weakref.ref(cache))
+        return cache
+
+    def free(self, cache: SequenceKV) -> None:
+        """Frees the cache's slot (a cache dropped without free is freed at the next compaction)."""
+        if cache.pool is self:
+            self._owners[cache.slot] = lambda: None
+            cache.pool, cache.length = None, 0
+
+    @torch.inference_mode()
+    def compact(self) -> None:
+        """Moves the last live slots into the holes, so live slots are 0..n-1; drops an empty pool."""
+        owners = [r() for r in self._owners]
+        holes = [i for i, c in enumerate(owners) if c is None]
+        for hole in holes:
+            while owners and owners[-1] is None:
+                owners.pop()
+            if hole >= len(owners):
+                break
+            moved = owners.pop()
+            if moved.length:
+                self.tensor[:, :, hole, :, : moved.length] = self.tensor[:, :, moved.slot, :, : moved.length]
+            moved.slot, owners[hole] = hole, moved
+        while owners and owners[-1] is None:
+            owners.pop()
+        self._owners = [weakref.ref(c) for c in owners]
+        if not owners:
+            self.tensor = None
+
+    def reserve(self, capacity: int, like: torch.Tensor) -> None:
+        """Room for every slot and `capacity` positions; `like` is a layer's new keys [1, kv_heads, T, D]."""
+        slots, old = len(self._owners), self.tensor
+        if old is not None and slots <= old.shape[2] and capacity <= old.shape[4]:
+            return
+        have_slots, have_cap = (0, 0) if old is None else (old.shape[2], old.shape[4])
+        new_slots = max(slots, 2 * have_slots) if slots > have_slots else have_slots
+        new_cap = max(capacity, 2 * have_cap) if capacity > have_cap else have_cap
+        new_cap = -(-new_cap // _GROWTH_ALIGN) * _GROWTH_ALIGN
+        # zeros, not garbage: a batched call reads past each slot's length (masked, but 0 * NaN is NaN)
+        grown = like.new_zeros(self.layers, 2, new_slots, like.shape[1], new_cap, like.shape[3])
+        if old is not None:
+            grown[:, :, :have_slots, :, :have_cap] = old
+        self.tensor = grown
 
 
 @dataclass(frozen=True)
 class FlatBatch:
-    """The layout of one flattened forward: sequence i's new tokens are rows offsets[i]:offsets[i+1]."""
+    """The layout of one flattened forward of T new tokens over a KVPool (index tensors on the model's device)."""
 
-    caches: tuple[SequenceKV, ...]
-    starts: tuple[int, ...]  # cached length of each sequence before this forward
-    offsets: tuple[int, ...]  # [B + 1] row offsets into the flattened tokens
-    masks: tuple[torch.Tensor | None, ...]  # [n_i, start_i + n_i] bool (True: attend); None: a chain of 1
-    layers: int
+    pool: KVPool
+    write_slot: torch.Tensor  # [T] the slot each new token's key and value go to
+    write_pos: torch.Tensor  # [T] and the position within that slot
+    capacity: int  # positions the pool must hold
+    # batched part: slots lo .. lo + width - 1, each block padded to `block` queries over `extent` positions
+    lo: int
+    width: int
+    block: int
+    extent: int
+    rows: torch.Tensor  # [Tb] rows of the flat batch that attend batched
+    padded: torch.Tensor  # [Tb] their index among the width * block padded queries
+    mask: torch.Tensor | None  # [width, 1, block, extent] bool (True: attend)
+    # one by one: (slot, first row, end row, cached length + new tokens, mask [n, end] or None)
+    singles: tuple[tuple[int, int, int, int, torch.Tensor | None], ...]
 
 
 def attention_mask(start: int, parents: list[int], device) -> torch.Tensor | None:
@@ -98,23 +162,65 @@ def depths(parents: list[int]) -> list[int]:
     return out
 
 
+def _layout(pool: KVPool, caches, starts, trees, device) -> FlatBatch:
+    """Where each new token is stored and how each sequence attends (built once per forward)."""
+    offsets = [0]
+    for tree in trees:
+        offsets.append(offsets[-1] + len(tree))
+    write_slot = [c.slot for c, tree in zip(caches, trees) for _ in tree]
+    write_pos = [start + j for start, tree in zip(starts, trees) for j in range(len(tree))]
+    batched = [i for i, tree in enumerate(trees) if len(tree) <= BATCHED_BLOCK]
+    singles = tuple(
+        (caches[i].slot, offsets[i], offsets[i + 1], starts[i] + len(trees[i]), attention_mask(starts[i], trees[i], device))
+        for i in range(len(trees)) if len(trees[i]) > BATCHED_BLOCK
+    )
+    lo = width = block = extent = 0
+    rows, padded, mask = [], [], None
+    if batched:
+        slots = [caches[i].slot for i in batched]
+        lo, width = min(slots), max(slots) - min(slots) + 1
+        block = max(len(trees[i]) for i in batched)
+        extent = max(starts[i] + len(trees[i]) for i in batched)
+        mask = torch.zeros(width, 1, block, extent, dtype=torch.bool)
+        mask[:, :, :, 0] = True  # padding queries see one position (their output is dropped)
+        for i, slot in zip(batched, slots):
+            n, end = len(trees[i]), starts[i] + len(trees[i])
+            rows += range(offsets[i], offsets[i + 1])
+            padded += range((slot - lo) * block, (slot - lo) * block + n)
+            seen = attention_mask(starts[i], trees[i], "cpu")
+            mask[slot - lo, 0, :n, :end] = True if seen is None else seen
+        mask = mask.to(device)
+    to = dict(dtype=torch.long, device=device)
+    return FlatBatch(
+        pool, torch.tensor(write_slot, **to), torch.tensor(write_pos, **to),
+        max((s + len(t) for s, t in zip(starts, trees)), default=0),
+        lo, width, block, extent, torch.tensor(rows, **to), torch.tensor(padded, **to), mask, singles,
+    )
+
+
 def flat_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, flat_batch=None, **kwargs):
     """query [1, H, T, D], key/value [1, H_kv, T, D] of one layer for the whole flattened batch.
-    Writes each sequence's new keys/values at its positions, then attends within its buffer."""
-    layer, b = module.layer_idx, flat_batch
-    new_kv = torch.stack((key[0], value[0]))  # [2, H_kv, T, D]: one write per sequence below
-    outs = []
-    for cache, start, lo, hi, mask in zip(b.caches, b.starts, b.offsets, b.offsets[1:], b.masks):
-        end = start + hi - lo
-        if layer == 0:
-            cache.reserve(end, b.layers, key)
-        kv = cache.buffer[layer]  # [2, H_kv, capacity, D]
-        kv[:, :, start:end] = new_kv[:, :, lo:hi]
-        outs.append(torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, lo:hi], kv[0, None, :, :end], kv[1, None, :, :end],
-            attn_mask=mask, scale=scaling, enable_gqa=True,
-        ))  # [1, H, n, D]
-    return torch.cat(outs, dim=2).transpose(1, 2), None  # [1, T, H, D]
+    Stores the new keys/values in the pool, then attends each sequence within its slot."""
+    b, sdpa = flat_batch, torch.nn.functional.scaled_dot_product_attention
+    if module.layer_idx == 0:
+        b.pool.reserve(b.capacity, key)
+        b.pool.writes += 1
+    kv = b.pool.tensor[module.layer_idx]  # [2, slots, H_kv, capacity, D]
+    kv[:, b.write_slot, :, b.write_pos] = torch.stack((key[0], value[0])).permute(2, 0, 1, 3)  # [T, 2, H_kv, D]
+    heads, dim = query.shape[1], query.shape[3]
+    out = query.new_empty(query.shape[2], heads, dim)  # [T, H, D]
+    if b.width:
+        q = query.new_zeros(b.width * b.block, heads, dim)
+        q[b.padded] = query[0, :, b.rows].transpose(0, 1)
+        q = q.view(b.width, b.block, heads, dim).transpose(1, 2)  # [width, H, block, D]
+        hi = b.lo + b.width
+        att = sdpa(q, kv[0, b.lo : hi, :, : b.extent], kv[1, b.lo : hi, :, : b.extent],
+                   attn_mask=b.mask, scale=scaling, enable_gqa=True)  # [width, H, block, D]
+        out[b.rows] = att.transpose(1, 2).reshape(-1, heads, dim)[b.padded]
+    for slot, lo, hi, end, mask in b.singles:
+        out[lo:hi] = sdpa(query[:, :, lo:hi], kv[0, slot, None, :, :end], kv[1, slot, None, :, :end],
+                          attn_mask=mask, scale=scaling, enable_gqa=True)[0].transpose(0, 1)
+    return out.unsqueeze(0), None  # [1, T, H, D]
 
 
 def _register() -> None:
@@ -124,7 +230,7 @@ def _register() -> None:
 
 
 class CausalLM:
-    """A causal LM whose sequences each own a SequenceKV; every forward is one flattened batch."""
+    """A causal LM whose sequences each own a slot of its KVPool; every forward is one flattened batch."""
 
     def __init__(self, model: torch.nn.Module):
         _register()
@@ -133,12 +239,12 @@ class CausalLM:
         self.vocab_size = int(model.config.vocab_size)
         self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
         self.layers = int(model.config.num_hidden_layers)
+        self.pool = KVPool(self.layers)
         # every config the modules read their attention implementation from (copies may not share one)
         self._configs = list({id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "_attn_implementation")}.values())
 
-    @staticmethod
-    def new_cache() -> SequenceKV:
-        return SequenceKV()
+    def new_cache(self) -> SequenceKV:
+        return self.pool.new()
 
     def forward(self, cache: SequenceKV, input_ids: list[int], last_only: bool = False) -> torch.Tensor:
         """Appends input_ids to the cache; returns logits [n, V] (or [1, V]) float32 on the CPU."""
@@ -156,31 +262,36 @@ class CausalLM:
         int64 on the CPU, lowest index on ties): all that greedy acceptance reads. parents[i]
         (optional) lays sequence i's tokens out as a tree (see attention_mask); its positions
         are then the prefix length plus each token's depth."""
+        if any(c.pool is not self.pool for c in caches):
+            raise ValueError("a cache was released or belongs to another model")
+        if len({c.slot for c in caches}) != len(caches):
+            raise ValueError("a cache appears twice in one forward")
+        self.pool.compact()
         parents = parents or [None] * len(inputs)
-        starts = [c.length for c in caches]
-        offsets, ids, positions, masks, rows = [0], [], [], [], []
-        for start, x, tree in zip(starts, inputs, parents):
-            tree = list(range(-1, len(x) - 1)) if tree is None else tree
+        trees = [list(range(-1, len(x) - 1)) if t is None else t for x, t in zip(inputs, parents)]
+        for x, tree in zip(inputs, trees):
             if len(tree) != len(x):
                 raise ValueError(f"parents has {len(tree)} entries for {len(x)} tokens")
-            ids += x
-            positions += [start + d for d in depths(tree)]
-            masks.append(attention_mask(start, tree, self.device))
-            offsets.append(offsets[-1] + len(x))
+        starts = [c.length for c in caches]
+        ids = [t for x in inputs for t in x]
+        positions = [start + d for start, tree in zip(starts, trees) for d in depths(tree)]
         keep = [len(x) for x in inputs] if last is None else [min(k, len(x)) for k, x in zip(last, inputs)]
-        for hi, k in zip(offsets[1:], keep):
-            rows += range(hi - k, hi)
-        batch = FlatBatch(tuple(caches), tuple(starts), tuple(offsets), tuple(masks), self.layers)
+        rows, end = [], 0
+        for x, k in zip(inputs, keep):
+            end += len(x)
+            rows += range(end - k, end)
+        batch = _layout(self.pool, caches, starts, trees, self.device)
         to = dict(dtype=torch.long, device=self.device)
+        writes = self.pool.writes
         with self._flat_attention():
             out = self.model(
                 input_ids=torch.tensor([ids], **to), position_ids=torch.tensor([positions], **to),
                 use_cache=False, logits_to_keep=torch.tensor(rows, **to), flat_batch=batch,
             )
-        for c, x, start in zip(caches, inputs, starts):
-            if c.capacity < start + len(x):  # flat_attention reserves room: it did not run
-                raise RuntimeError("the model did not attend through specserve's flat attention (transformers "
-                                   "attention interface); its keys and values were not stored")
+        if self.pool.writes == writes:
+            raise RuntimeError("the model did not attend through specserve's flat attention (transformers "
+                               "attention interface); its keys and values were not stored")
+        for c, x in zip(caches, inputs):
             c.length += len(x)
         logits = out.logits[0]  # [rows, V], the model's dtype and device
         argmax_only = argmax_only or [False] * len(inputs)
@@ -214,7 +325,6 @@ class CausalLM:
         """Commits a subset of the cached positions (in order): an in-place gather."""
         cache.keep(positions)
 
-    @staticmethod
-    def release(cache: SequenceKV) -> None:
-        """Frees a sequence's buffer."""
-        cache.buffer, cache.length = None, 0
+    def release(self, cache: SequenceKV) -> None:
+        """Frees a sequence's slot (its memory is reused once the pool compacts)."""
+        self.pool.free(cache)
