@@ -130,6 +130,7 @@ class FlatBatch:
     extent: int
     rows: torch.Tensor  # [Tb] rows of the flat batch that attend batched
     padded: torch.Tensor  # [Tb] their index among the width * block padded queries
+    aligned: bool  # rows and padded are both 0 .. T - 1: queries and outputs reshape without a copy
     mask: torch.Tensor | None  # [width, 1, block, extent] bool (True: attend)
     # one by one: (slot, first row, end row, cached length + new tokens, mask [n, end] or None)
     singles: tuple[tuple[int, int, int, int, torch.Tensor | None], ...]
@@ -194,7 +195,8 @@ def _layout(pool: KVPool, caches, starts, trees, device) -> FlatBatch:
     return FlatBatch(
         pool, torch.tensor(write_slot, **to), torch.tensor(write_pos, **to),
         max((s + len(t) for s, t in zip(starts, trees)), default=0),
-        lo, width, block, extent, torch.tensor(rows, **to), torch.tensor(padded, **to), mask, singles,
+        lo, width, block, extent, torch.tensor(rows, **to), torch.tensor(padded, **to),
+        0 < width * block == offsets[-1] and rows == padded == list(range(offsets[-1])), mask, singles,
     )
 
 
@@ -208,14 +210,19 @@ def flat_attention(module, query, key, value, attention_mask, scaling=None, drop
     kv = b.pool.tensor[module.layer_idx]  # [2, slots, H_kv, capacity, D]
     kv[:, b.write_slot, :, b.write_pos] = torch.stack((key[0], value[0])).permute(2, 0, 1, 3)  # [T, 2, H_kv, D]
     heads, dim = query.shape[1], query.shape[3]
-    out = query.new_empty(query.shape[2], heads, dim)  # [T, H, D]
+    out = None if b.aligned else query.new_empty(query.shape[2], heads, dim)  # [T, H, D]
     if b.width:
-        q = query.new_zeros(b.width * b.block, heads, dim)
-        q[b.padded] = query[0, :, b.rows].transpose(0, 1)
-        q = q.view(b.width, b.block, heads, dim).transpose(1, 2)  # [width, H, block, D]
+        if b.aligned:  # every sequence batched, in slot order, blocks of one length
+            q = query[0].view(heads, b.width, b.block, dim).transpose(0, 1)
+        else:
+            q = query.new_zeros(b.width * b.block, heads, dim)
+            q[b.padded] = query[0, :, b.rows].transpose(0, 1)
+            q = q.view(b.width, b.block, heads, dim).transpose(1, 2)  # [width, H, block, D]
         hi = b.lo + b.width
         att = sdpa(q, kv[0, b.lo : hi, :, : b.extent], kv[1, b.lo : hi, :, : b.extent],
                    attn_mask=b.mask, scale=scaling, enable_gqa=True)  # [width, H, block, D]
+        if b.aligned:
+            return att.transpose(1, 2).reshape(1, -1, heads, dim), None
         out[b.rows] = att.transpose(1, 2).reshape(-1, heads, dim)[b.padded]
     for slot, lo, hi, end, mask in b.singles:
         out[lo:hi] = sdpa(query[:, :, lo:hi], kv[0, slot, None, :, :end], kv[1, slot, None, :, :end],
@@ -267,6 +274,14 @@ class CausalLM:
         if len({c.slot for c in caches}) != len(caches):
             raise ValueError("a cache appears twice in one forward")
         self.pool.compact()
+        order = sorted(range(len(caches)), key=lambda i: caches[i].slot)  # slot order: batched views need no copy
+        if order != list(range(len(caches))):
+            pick = lambda xs: None if xs is None else [xs[i] for i in order]  # noqa: E731
+            got = self.forward_batch(pick(caches), pick(inputs), raw, pick(argmax_only), pick(last), pick(parents))
+            back = [None] * len(order)
+            for j, i in enumerate(order):
+                back[i] = got[j]
+            return back
         parents = parents or [None] * len(inputs)
         trees = [list(range(-1, len(x) - 1)) if t is None else t for x, t in zip(inputs, parents)]
         for x, tree in zip(inputs, trees):
