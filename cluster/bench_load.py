@@ -11,7 +11,9 @@ For prompts of about 50, 250 and 1,000 tokens and 1, 4, 16 and 64 concurrent seq
   (throughput under continuous load) and for one closed batch of fixed-length requests (whose
   time is set by its unluckiest sequence);
 - unless --no-served: the same text prompts at 1 and 16 concurrent streams through the served
-  gRPC API (a local Ray Serve app of the same config) against the in-process engine.
+  gRPC API (a local Ray Serve app of the same config) against the in-process engine, with the
+  cores every other process (client, Serve proxy, gateway, controller, Ray's GCS and raylet)
+  used meanwhile: on a machine with few cores they compete with the engine's matmuls.
 """
 
 from __future__ import annotations
@@ -133,6 +135,27 @@ def run_engine(engine, requests: list[GenerationRequest]) -> dict:
     return summarize(events, start, time.perf_counter() - start)
 
 
+def cpu_seconds_except(marker: str) -> float | None:
+    """CPU seconds used so far by every process whose command line lacks `marker` (Linux /proc;
+    None elsewhere). Exited processes are not counted."""
+    import os
+
+    if not os.path.isdir("/proc/self/task"):
+        return None
+    ticks, total = os.sysconf("SC_CLK_TCK"), 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    continue
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+    return total / ticks
+
+
 def run_streams(client, requests: list, threads: int) -> dict:
     """The same through the served gRPC API: one streaming call per request, all at once."""
     from concurrent.futures import ThreadPoolExecutor
@@ -166,17 +189,22 @@ def served_rows(config: SpecserveConfig, engine, texts: list[str], concurrency: 
         log("starting the Serve app")
         app.start(served)
         client = Client(f"127.0.0.1:{served.serve.grpc_port}", served.serve.app_name)
+        engine_marker = f"ServeReplica:{served.serve.app_name}:engine"  # Ray names replica processes so
         greedy = SamplingParams(temperature=0.0)
         for b in concurrency:
             for mode, k in (("plain", 0), ("adaptive", None)):
                 prompts = [texts[i % len(texts)] for i in range(b)]
                 run_streams(client, [proto_request(p, 4, num_draft_tokens=k) for p in prompts[:1]], 1)  # warm-up
                 local = run_engine(engine, [GenerationRequest(p, new_tokens, greedy, k) for p in prompts])
+                before = cpu_seconds_except(engine_marker)
                 remote = run_streams(client, [proto_request(p, new_tokens, num_draft_tokens=k) for p in prompts], b)
+                after = cpu_seconds_except(engine_marker)
+                others = None if before is None else round((after - before) / remote["seconds"], 2)
                 rows.append({"concurrency": b, "mode": mode, "in_process": local, "served": remote,
-                             "served_vs_in_process": round(remote["tokens_per_s"] / local["tokens_per_s"], 3)})
+                             "served_vs_in_process": round(remote["tokens_per_s"] / local["tokens_per_s"], 3),
+                             "other_processes_cores": others})
                 log(f"  {b} streams, {mode}: in process {local['tokens_per_s']} tok/s, served {remote['tokens_per_s']} "
-                    f"tok/s ({rows[-1]['served_vs_in_process']}x)")
+                    f"tok/s ({rows[-1]['served_vs_in_process']}x); other processes used {others} cores meanwhile")
         client.close()
     finally:
         try:
@@ -272,10 +300,10 @@ def format_load_table(rows: list[dict]) -> str:
 
 def format_served_table(rows: list[dict]) -> str:
     head = ("streams", "mode", "in process tok/s", "served tok/s", "served/in process", "served TTFT p50 s",
-            "served tok p50 s", "served tok p99 s")
+            "served tok p50 s", "served tok p99 s", "other processes' cores")
     lines = [head] + [(r["concurrency"], r["mode"], r["in_process"]["tokens_per_s"], r["served"]["tokens_per_s"],
                        r["served_vs_in_process"], r["served"]["ttft_p50_s"], r["served"]["token_latency_p50_s"],
-                       r["served"]["token_latency_p99_s"]) for r in rows]
+                       r["served"]["token_latency_p99_s"], r.get("other_processes_cores")) for r in rows]
     cells = [[str(c) for c in line] for line in lines]
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
     out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]

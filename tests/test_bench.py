@@ -47,3 +47,22 @@ def test_bench_load_quick_rows(tmp_path, capsys):
 def test_bench_load_refuses_plot(capsys):
     assert main(["bench", "--load", "--plot", "x.png"]) == 2
     assert "invalid load" in capsys.readouterr().err
+
+
+def test_cpu_seconds_except_counts_other_processes_only():
+    """The served rows' contention figure: a busy process counts unless its command line has the marker."""
+    import subprocess
+    import sys
+    import time
+
+    from cluster.bench_load import cpu_seconds_except
+
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n"
+    for marker, counted in (("specserve-no-such-marker", True), ("busy-marker-7", False)):
+        before = cpu_seconds_except(marker)
+        child = subprocess.Popen([sys.executable, "-c", busy + "time.sleep(2)", "busy-marker-7"])
+        time.sleep(1.2)  # the child has burned its 0.6 s and sleeps, still alive
+        used = cpu_seconds_except(marker) - before
+        child.kill()
+        child.wait()
+        assert (used >= 0.5) == counted, (marker, used)
