@@ -221,3 +221,28 @@ def test_pool_slots_are_reused_and_released_caches_refused(tiny_llama):
     lm.forward(c, ids)
     assert c.slot == 0 and lm.pool.tensor.shape[2] == 2  # compacted into the freed slots, no growth
     assert (lm.forward(c, [7])[-1] - want).abs().max() <= 1e-5
+
+
+def test_pool_shrinks_after_a_burst_and_keeps_the_live_sequences(tiny_llama):
+    """After many sequences leave, the pool is reallocated to what the live ones need; they continue exactly."""
+    lm = CausalLM(tiny_llama.model)
+    ids = tiny_llama.tokenizer.encode("a burst of sequences")
+    caches = [lm.new_cache() for _ in range(24)]
+    lm.forward_batch(caches, [ids + [i] for i in range(24)])
+    assert lm.pool.tensor.shape[2] == 24
+    for c in caches[:-1]:
+        lm.release(c)
+    got = lm.forward(caches[-1], [5])[-1]
+    assert lm.pool.tensor.shape[2] <= 8 and caches[-1].slot == 0
+    want = _reference(tiny_llama.model, ids + [23, 5])[-1]
+    assert (got - want).abs().max() <= 1e-5
+
+
+def test_batched_part_leaves_out_what_padding_would_make_costly():
+    slots = list(range(64))
+    assert kv.batched_part([1] * 64, [300] * 64, slots) == slots  # decodes: all in one call
+    got = kv.batched_part([9] + [2] * 63, [300] * 64, slots)  # one long block would pad 63 others
+    assert got == slots[1:]
+    got = kv.batched_part([2] * 64, [2000] + [300] * 63, slots)  # one long context likewise
+    assert got == slots[1:]
+    assert kv.batched_part([24, 30], [100, 100], [0, 1]) == []  # prefill chunks: one by one

@@ -27,7 +27,7 @@ CALIBRATION_TEXT = (
     "def mean(values):\n    return sum(values) / len(values)\n"
     "Spring arrived early that year, and the river rose quickly as the snow melted in the hills."
 )
-FORMAT = 1  # bump when what is measured changes: older cache files are then ignored
+FORMAT = 2  # bump when what is measured (or how fast the code runs it) changes: older files are ignored
 
 
 @dataclass(frozen=True)

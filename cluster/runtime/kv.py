@@ -24,8 +24,10 @@ from dataclasses import dataclass
 import torch
 
 ATTENTION = "specserve_flat"
-BATCHED_BLOCK = 16  # blocks of at most this many tokens attend in the batched call
+BATCHED_BLOCK = 16  # blocks of at most this many tokens may attend in the batched call
+_CALL_COST = 1200  # one attention call, in query-row x key units (measured: ~40 us against ~0.03 us)
 _GROWTH_ALIGN = 64  # capacity is a multiple of this many positions
+_SHRINK_SLOTS, _SHRINK_POSITIONS = 8, 1024  # a pool at most this large is never shrunk
 
 
 class SequenceKV:
@@ -81,7 +83,8 @@ class KVPool:
 
     @torch.inference_mode()
     def compact(self) -> None:
-        """Moves the last live slots into the holes, so live slots are 0..n-1; drops an empty pool."""
+        """Moves the last live slots into the holes, so live slots are 0..n-1; a pool that has
+        become much larger than its live sequences need is reallocated smaller (an empty one freed)."""
         owners = [r() for r in self._owners]
         holes = [i for i, c in enumerate(owners) if c is None]
         for hole in holes:
@@ -98,21 +101,34 @@ class KVPool:
         self._owners = [weakref.ref(c) for c in owners]
         if not owners:
             self.tensor = None
+        elif self.tensor is not None:
+            longest = max(c.length for c in owners)
+            slots, capacity = self.tensor.shape[2], self.tensor.shape[4]
+            if slots > max(_SHRINK_SLOTS, 4 * len(owners)) or capacity > max(_SHRINK_POSITIONS, 4 * longest):
+                self._reallocate(2 * len(owners), 2 * longest, len(owners), longest)
 
     def reserve(self, capacity: int, like: torch.Tensor) -> None:
         """Room for every slot and `capacity` positions; `like` is a layer's new keys [1, kv_heads, T, D]."""
         slots, old = len(self._owners), self.tensor
-        if old is not None and slots <= old.shape[2] and capacity <= old.shape[4]:
-            return
-        have_slots, have_cap = (0, 0) if old is None else (old.shape[2], old.shape[4])
-        new_slots = max(slots, 2 * have_slots) if slots > have_slots else have_slots
-        new_cap = max(capacity, 2 * have_cap) if capacity > have_cap else have_cap
-        new_cap = -(-new_cap // _GROWTH_ALIGN) * _GROWTH_ALIGN
+        if old is None:
+            self.tensor = like.new_zeros(self.layers, 2, slots, like.shape[1], _aligned(capacity), like.shape[3])
+        elif slots > old.shape[2] or capacity > old.shape[4]:
+            # grown by doubling; only the live part is copied
+            longest = max((c.length for r in self._owners if (c := r()) is not None), default=0)
+            self._reallocate(max(slots, 2 * old.shape[2]) if slots > old.shape[2] else old.shape[2],
+                             max(capacity, 2 * old.shape[4]) if capacity > old.shape[4] else old.shape[4],
+                             min(slots, old.shape[2]), longest)
+
+    def _reallocate(self, slots: int, capacity: int, live_slots: int, live_positions: int) -> None:
+        old = self.tensor
         # zeros, not garbage: a batched call reads past each slot's length (masked, but 0 * NaN is NaN)
-        grown = like.new_zeros(self.layers, 2, new_slots, like.shape[1], new_cap, like.shape[3])
-        if old is not None:
-            grown[:, :, :have_slots, :, :have_cap] = old
-        self.tensor = grown
+        new = old.new_zeros(self.layers, 2, slots, old.shape[3], _aligned(capacity), old.shape[5])
+        new[:, :, :live_slots, :, :live_positions] = old[:, :, :live_slots, :, :live_positions]
+        self.tensor = new
+
+
+def _aligned(capacity: int) -> int:
+    return max(_GROWTH_ALIGN, -(-capacity // _GROWTH_ALIGN) * _GROWTH_ALIGN)
 
 
 @dataclass(frozen=True)
@@ -163,6 +179,31 @@ def depths(parents: list[int]) -> list[int]:
     return out
 
 
+def batched_part(blocks: list[int], ends: list[int], slots: list[int]) -> list[int]:
+    """Which sequences attend in the batched call: padding every block to the longest and every
+    key range to the farthest costs width x extent x (1 + block) (key reads and products), each
+    sequence left out one call of its own. Tries the distinct block sizes up to BATCHED_BLOCK and a
+    few extents, keeps the cheapest (units: one query row over one key ~ 1; a call ~ _CALL_COST)."""
+    candidates = [i for i, n in enumerate(blocks) if n <= BATCHED_BLOCK]
+    if not candidates:
+        return []
+    alone = [_CALL_COST + e * (1 + n) for n, e in zip(blocks, ends)]
+    sorted_ends = sorted(ends[i] for i in candidates)
+    extents = {sorted_ends[min(len(sorted_ends) - 1, int(q * len(sorted_ends)))] for q in (0.5, 0.75, 0.9, 1.0)}
+    best, best_cost = [], sum(alone)
+    for block in sorted({blocks[i] for i in candidates}):
+        for extent in extents:
+            part = [i for i in candidates if blocks[i] <= block and ends[i] <= extent]
+            if not part:
+                continue
+            width = max(slots[i] for i in part) - min(slots[i] for i in part) + 1
+            inside = set(part)
+            cost = _CALL_COST + width * extent * (1 + block) + sum(a for i, a in enumerate(alone) if i not in inside)
+            if cost < best_cost:
+                best, best_cost = part, cost
+    return best
+
+
 def _layout(pool: KVPool, caches, starts, trees, device) -> FlatBatch:
     """Where each new token is stored and how each sequence attends (built once per forward)."""
     offsets = [0]
@@ -170,11 +211,13 @@ def _layout(pool: KVPool, caches, starts, trees, device) -> FlatBatch:
         offsets.append(offsets[-1] + len(tree))
     write_slot = [c.slot for c, tree in zip(caches, trees) for _ in tree]
     write_pos = [start + j for start, tree in zip(starts, trees) for j in range(len(tree))]
-    batched = [i for i, tree in enumerate(trees) if len(tree) <= BATCHED_BLOCK]
+    batched = set(batched_part([len(t) for t in trees], [s + len(t) for s, t in zip(starts, trees)],
+                               [c.slot for c in caches]))
     singles = tuple(
         (caches[i].slot, offsets[i], offsets[i + 1], starts[i] + len(trees[i]), attention_mask(starts[i], trees[i], device))
-        for i in range(len(trees)) if len(trees[i]) > BATCHED_BLOCK
+        for i in range(len(trees)) if i not in batched
     )
+    batched = sorted(batched)
     lo = width = block = extent = 0
     rows, padded, mask = [], [], None
     if batched:
