@@ -22,6 +22,21 @@ from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ActorResources
+from cluster.speculation.round import TargetOutput
+
+
+def _wire(t: torch.Tensor) -> tuple:
+    """A CPU tensor as (numpy array, dtype name): numpy crosses Ray without a copy, and bf16
+    travels as its raw 16-bit patterns."""
+    raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+    return raw.numpy(), str(t.dtype).removeprefix("torch.")
+
+
+def _unwire(array, dtype: str) -> torch.Tensor:
+    with warnings.catch_warnings():  # read-only (zero-copy from Ray's store): only read, then copied
+        warnings.simplefilter("ignore", UserWarning)
+        values = torch.from_numpy(array)
+    return values.view(torch.bfloat16) if dtype == "bfloat16" else values
 
 
 def check_tp_size(config, tp_size: int) -> None:
@@ -110,22 +125,22 @@ class RankHost:
         return logits if self.rank == 0 else None
 
     def forward_batch(self, handles: list[int], inputs: list[list[int]], argmax_only: list[bool],
-                      last: list[int] | None = None, parents: list | None = None):
+                      last: list[int] | None = None, parents: list | None = None, hidden: list[int] | None = None):
         """One flattened forward for all sequences. Rank 0 returns the logits of the sequences that
-        sample, in the model's own dtype (bf16 logits are exactly what the model computed), and
-        only the argmax of each greedy row: that is all greedy verification reads."""
+        sample, in the model's own dtype (bf16 logits are exactly what the model computed), only
+        the argmax of each greedy row (all that greedy verification reads), and with `hidden` the
+        last hidden states asked for (every rank holds them whole after the last all-reduce)."""
         start = time.perf_counter()
-        out = self.lm.forward_batch([self._caches[h] for h in handles], inputs, raw=True, argmax_only=argmax_only,
-                                    last=last, parents=parents)
+        out = self.lm.forward_outputs([self._caches[h] for h in handles], inputs, raw=True, argmax_only=argmax_only,
+                                      last=last, parents=parents, hidden=hidden)
         if self.rank != 0:
             return None
-        dense = [x for x, a in zip(out, argmax_only) if not a]
-        greedy = [x for x, a in zip(out, argmax_only) if a]
+        dense = [o.scores for o, a in zip(out, argmax_only) if not a]
+        greedy = [o.scores for o, a in zip(out, argmax_only) if a]
         rows = torch.cat(dense).cpu() if dense else torch.zeros(0, self.lm.vocab_size)
         ids = torch.cat(greedy).numpy() if greedy else None  # argmax ids, first index on ties
-        # numpy crosses Ray without a copy (bf16 travels as its raw 16-bit patterns)
-        raw = rows.view(torch.int16) if rows.dtype == torch.bfloat16 else rows
-        return raw.numpy(), str(rows.dtype).removeprefix("torch."), ids, time.perf_counter() - start
+        states = _wire(torch.cat([o.hidden for o in out]).cpu()) if hidden is not None else None
+        return *_wire(rows), ids, states, time.perf_counter() - start
 
     def cached_length(self, handle: int) -> int:
         return self.lm.cached_length(self._caches[handle])
@@ -217,18 +232,27 @@ class TargetGroup:
                       parents: list | None = None) -> list[torch.Tensor]:
         """Per sequence what CausalLM.forward_batch gives: logits float32, or the argmax ids of a
         sequence marked argmax_only (only those travel back from rank 0)."""
+        return [o.scores for o in self.forward_outputs(caches, inputs, raw, argmax_only, last, parents)]
+
+    def forward_outputs(self, caches: list[int], inputs: list[list[int]], raw: bool = False,
+                        argmax_only: list[bool] | None = None, last: list[int] | None = None,
+                        parents: list | None = None, hidden: list[int] | None = None) -> list[TargetOutput]:
+        """forward_batch, and with `hidden` each sequence's last hidden[i] hidden states (from rank 0)."""
         argmax_only = argmax_only or [False] * len(inputs)
-        dense, dtype, ids, self.last_compute_s = self._all("forward_batch", caches, inputs, argmax_only, last, parents)
+        dense, dtype, ids, states, self.last_compute_s = self._all(
+            "forward_batch", caches, inputs, argmax_only, last, parents, hidden)
         rows = [len(x) for x in inputs] if last is None else [min(k, len(x)) for k, x in zip(last, inputs)]
         self.bytes_received += dense.nbytes + (ids.nbytes if ids is not None else 0)
-        with warnings.catch_warnings():  # read-only (zero-copy from Ray's store): only read, then copied
-            warnings.simplefilter("ignore", UserWarning)
-            values = torch.from_numpy(dense)
-        values = (values.view(torch.bfloat16) if dtype == "bfloat16" else values).float()
+        values = _unwire(dense, dtype).float()
         dense_rows = iter(values.split([n for n, a in zip(rows, argmax_only) if not a]))
         greedy_ids = iter(torch.from_numpy(ids.copy()).split([n for n, a in zip(rows, argmax_only) if a])
                           if ids is not None else [])
-        return [next(greedy_ids) if a else next(dense_rows) for a in argmax_only]
+        scores = [next(greedy_ids) if a else next(dense_rows) for a in argmax_only]
+        if hidden is None:
+            return [TargetOutput(x) for x in scores]
+        self.bytes_received += states[0].nbytes
+        per = _unwire(*states).clone().split([min(h, len(x)) for h, x in zip(hidden, inputs)])
+        return [TargetOutput(x, h) for x, h in zip(scores, per)]
 
     def rollback(self, cache: int, n: int) -> None:
         """Deferred: sent with the next call, so a round costs one Ray call (forward_batch)."""

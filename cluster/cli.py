@@ -1,4 +1,4 @@
-"""`specserve generate`, `specserve bench` and `specserve serve`."""
+"""`specserve generate`, `bench`, `serve`, `build-corpus` and `train-draft`."""
 
 from __future__ import annotations
 
@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prompts of 50-1,000 tokens at 1-64 concurrent sequences against the raw model forward, "
                             "and the served gRPC API against in process")
     bench.add_argument("--no-served", action="store_true", help="with --load: skip the served gRPC rows (no Ray)")
+
+    from .training.commands import add_parsers
+
+    add_parsers(sub)
     return parser
 
 
@@ -74,6 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         if args.command == "serve":
             return _serve(config, args)
+        if args.command in ("build-corpus", "train-draft"):
+            from .training import commands
+
+            run = commands.build_corpus_command if args.command == "build-corpus" else commands.train_draft_command
+            try:
+                return run(config, args)
+            except (ValueError, OSError) as e:  # a bad corpus, features or head file: said plainly
+                print(f"specserve: {e}", file=sys.stderr)
+                return 2
         if args.load:
             if args.plot or args.distributed:
                 raise InvalidRequest("load", "--load runs in process and writes --json only (no --plot, --distributed)")

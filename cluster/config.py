@@ -8,7 +8,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .registry import DRAFTER_NAMES
+from .registry import DRAFTER_NAMES, DRAFTERS
 
 Dtype = Literal["auto", "float32", "bfloat16"]  # auto: bfloat16 on GPUs and CPUs with native bf16, else float32
 
@@ -46,15 +46,22 @@ class NgramDrafterConfig(_Strict):
         return self
 
 
+class HeadDrafterConfig(_Strict):
+    path: str | None = None  # a draft head trained for the target (specserve train-draft head)
+
+
 class DraftConfig(_Strict):
     drafter: Literal[DRAFTER_NAMES] = "ngram"  # the drafter that runs (cluster/registry.py)
     model: ModelDrafterConfig = ModelDrafterConfig()  # settings of drafter 'model'
     ngram: NgramDrafterConfig = NgramDrafterConfig()  # settings of drafter 'ngram'
+    head: HeadDrafterConfig = HeadDrafterConfig()  # settings of drafter 'head'
 
     @model_validator(mode="after")
     def _check(self):
         if self.drafter == "model" and not self.model.usable:
             raise ValueError("drafter 'model' needs draft.model.name (a draft LM) or draft.model.layers")
+        if self.drafter == "head" and self.head.path is None:
+            raise ValueError("drafter 'head' needs draft.head.path (a head from specserve train-draft head)")
         return self
 
 
@@ -149,6 +156,13 @@ class SpecserveConfig(_Strict):
     speculation: SpeculationConfig = SpeculationConfig()
     cluster: ClusterConfig = ClusterConfig()
     serve: ServeConfig = ServeConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if DRAFTERS[self.draft.drafter].reads_target and self.cluster.draft_replicas:
+            raise ValueError(f"drafter {self.draft.drafter!r} reads the target's hidden states and runs beside it: "
+                             f"set cluster.draft_replicas to 0 (it is {self.cluster.draft_replicas})")
+        return self
 
 
 class ConfigError(ValueError):

@@ -16,6 +16,7 @@ class DrafterKind:
     q: str  # the distribution it drafts from: "one-hot" or "dense"
     uses_target_weights: Callable[[object], bool]  # given the DraftConfig: is it made from the target's weights?
     cpu_only: bool = False
+    reads_target: bool = False  # needs the target's hidden states: runs beside it, never on a draft replica
 
     def build(self, draft_config, sources):
         import importlib
@@ -34,6 +35,9 @@ DRAFTERS: dict[str, DrafterKind] = {
         DrafterKind("model", "a Hugging Face causal LM with the target's tokenizer (draft.model.name), or a subset of "
                     "the target's own layers (draft.model.layers)",
                     "cluster.runtime.factory:build_model", "dense", lambda d: d.model.name is None),
+        DrafterKind("head", "a feature-conditioned draft head (draft.head.path, from specserve train-draft head) "
+                    "that reads the target's hidden states; runs beside the target",
+                    "cluster.runtime.factory:build_head", "dense", lambda d: True, reads_target=True),
     )
 }
 DRAFTER_NAMES = tuple(DRAFTERS)

@@ -129,6 +129,14 @@ def disjoint_tables(seed: int):
     return hi + noise, lo + noise.flip(1)
 
 
+def reduced_vocab_tables(seed: int):
+    # A draft over part of the vocabulary (a draft head's most frequent ids): q is 0 for ids 4 and 5,
+    # which only the residual max(0, p - q) can produce.
+    lp, lq = near_tables(seed)
+    lq[:, 4:] = float("-inf")
+    return lp, lq
+
+
 CASES = {
     "t1": lambda: Case(*tables(1), SamplingParams(), seed=10),
     "t0.7": lambda: Case(*tables(2), SamplingParams(temperature=0.7), seed=2),
@@ -137,6 +145,8 @@ CASES = {
     "top_p0.6": lambda: Case(*tables(5, scale=0.5), SamplingParams(top_p=0.6), seed=5),
     "one_hot": lambda: Case(*near_tables(6), SamplingParams(), one_hot=True, seed=6),
     "one_hot_t0.8_top_k4": lambda: Case(*near_tables(7), SamplingParams(temperature=0.8, top_k=4), one_hot=True, seed=7),
+    "reduced_vocab": lambda: Case(*reduced_vocab_tables(11), SamplingParams(), seed=11),
+    "reduced_vocab_t0.8": lambda: Case(*reduced_vocab_tables(12), SamplingParams(temperature=0.8), seed=12),
 }
 
 
@@ -164,7 +174,7 @@ def test_disjoint_supports():
     case.check(first, two)
 
 
-NEGATIVE = ["t1", "t0.7", "top_k3", "one_hot"]
+NEGATIVE = ["t1", "t0.7", "top_k3", "one_hot", "reduced_vocab"]
 
 
 BROKEN = {
@@ -182,4 +192,24 @@ def test_broken_sampler_fails(name, broken, monkeypatch):
     monkeypatch.setattr(rejection_module, *BROKEN[broken])
     gens = [make_generator(case.seed * B + i) for i in range(B)]
     first = case.round(torch.full((B,), CONTEXT), case.k, gens, torch.Generator().manual_seed(case.seed + 1))
+    assert p_value(first.token_ids[:, 0].numpy(), case.p[CONTEXT]) < FAIL
+
+
+def test_residual_within_the_draft_vocabulary_fails():
+    """Negative control for reduced-vocabulary drafts: a residual kept to the ids q covers never
+    produces the others, and the first token is then off p."""
+    case = CASES["reduced_vocab"]()
+
+    def within_q(p, q, x):
+        residual = torch.clamp(p - q, min=0) * (q > 0)
+        mass = residual.sum(-1, keepdim=True)
+        return torch.where(mass > 0, residual / mass.clamp(min=1e-30), p)
+
+    gens = [make_generator(case.seed * B + i) for i in range(B)]
+    original = rejection_module.recovered_probs
+    rejection_module.recovered_probs = within_q
+    try:
+        first = case.round(torch.full((B,), CONTEXT), case.k, gens, torch.Generator().manual_seed(case.seed + 1))
+    finally:
+        rejection_module.recovered_probs = original
     assert p_value(first.token_ids[:, 0].numpy(), case.p[CONTEXT]) < FAIL

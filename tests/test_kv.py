@@ -246,3 +246,18 @@ def test_batched_part_leaves_out_what_padding_would_make_costly():
     got = kv.batched_part([2] * 64, [2000] + [300] * 63, slots)  # one long context likewise
     assert got == slots[1:]
     assert kv.batched_part([24, 30], [100, 100], [0, 1]) == []  # prefill chunks: one by one
+
+
+def test_pool_shrinks_while_new_sequences_wait_for_their_first_forward(tiny_llama):
+    """A long sequence leaves while more new caches exist than the pool has slots (none stored yet)."""
+    lm = CausalLM(tiny_llama.model)
+    ids = tiny_llama.tokenizer.encode("x")
+    kept = [lm.new_cache(), lm.new_cache()]
+    lm.forward_batch(kept, [[5] * 1100, ids])  # two slots, capacity beyond the shrink threshold
+    fresh = [lm.new_cache() for _ in range(12)]
+    for c in kept:
+        lm.release(c)  # compaction moves fresh caches into slots 0 and 1, and the pool shrinks
+    got = lm.forward_batch(fresh, [ids + [i] for i in range(12)])
+    for i, g in enumerate(got):
+        want = _reference(tiny_llama.model, ids + [i])
+        assert (g - want).abs().max() <= 1e-5

@@ -123,3 +123,19 @@ def test_tp_size_must_divide_the_heads(ray_cluster):
     with pytest.raises(ValueError, match="tp_size 3 must divide"):
         TargetGroup("tiny-llama", tp_size=3)
     check_tp_size(tiny_config("tiny-llama"), 2)
+
+
+def test_tp2_returns_the_hidden_states_a_fresh_forward_gives(groups, request):
+    """Features for a drafter that reads the target: rank 0's last hidden states of a verify, as
+    TP1 computes them (every rank holds them whole after the last all-reduce)."""
+    name, group = groups
+    model = request.getfixturevalue(name.replace("-", "_")).model
+    ids = list(b"hidden states through tensor parallel")
+    g = group.new_cache()
+    group.forward_batch([g], [ids[:-3]], last=[0])
+    out = group.forward_outputs([g], [ids[-3:] + [7]], argmax_only=[True], hidden=[4])[0]
+    with torch.inference_mode():
+        want = model(input_ids=torch.tensor([ids + [7]]), output_hidden_states=True).hidden_states[-1][0, -4:]
+    assert out.scores.dtype == torch.int64 and out.hidden.shape == want.shape
+    assert (out.hidden.float() - want).abs().max() <= 1e-5
+    group.release(g)

@@ -21,7 +21,7 @@ from ..speculation import (
     rejection_sample,
     warp_probs,
 )
-from ..speculation.round import Acceptance, DraftBlock, DraftRequest
+from ..speculation.round import Acceptance, DraftBlock, DraftRequest, TargetOutput
 from .calibration import Calibration, load_or_measure, measure_agreement, measure_costs
 from .drafters import Drafter, ModelDrafter
 from .kv import CausalLM
@@ -117,6 +117,9 @@ class _Sequence:
     stats: SpeculationStats = field(default_factory=SpeculationStats)
     cached: int = 0  # tokens in the target's cache: all but the last one while decoding
     result: GenerationResult | None = None
+    # for a drafter that reads the target: hidden states of committed positions not yet sent to it
+    features: list[torch.Tensor] = field(default_factory=list)
+    features_sent: int = 0  # positions whose features the drafter has
 
     @property
     def tokens(self) -> list[int]:
@@ -163,6 +166,7 @@ class SpeculativeEngine:
         self.target = CausalLM(target) if isinstance(target, torch.nn.Module) else target
         self.tokenizer = tokenizer
         self.drafter = drafter
+        self.reads_features = bool(getattr(drafter, "needs_features", False))  # the target's hidden states go to it
         self.num_draft_tokens = num_draft_tokens
         self.max_draft_tokens = max_draft_tokens
         self.chat_template = chat_template and getattr(tokenizer, "has_chat_template", False)
@@ -246,15 +250,16 @@ class SpeculativeEngine:
         seqs = [s for s in active if len(s.uncached) == 1] + joining
         timing = RoundTiming(batch=len(seqs))
         blocks = self._propose(seqs, timing)
-        scores, prefilling = self._verify(seqs, blocks, chunks, timing)
+        verified, prefilling = self._verify(seqs, blocks, chunks, timing)
         if not seqs:
             self.last_round = timing
             return []
-        results = self._accept(seqs, blocks, scores, timing)
+        results = self._accept(seqs, blocks, [o.scores for o in verified], timing)
         if self._policy is not None and self._learn_costs and not prefilling:  # real rounds refine the costs
             longest = max(len(b) for b in blocks) + 1
             self._policy.cost = self._policy.cost.observed(len(seqs), longest, timing.verify_s + timing.sample_s)
-        outputs = [self._commit(s, block, result, timing) for s, block, result in zip(seqs, blocks, results)]
+        outputs = [self._commit(s, block, result, out.hidden, timing)
+                   for s, block, result, out in zip(seqs, blocks, results, verified)]
         self.last_round = timing
         return outputs
 
@@ -264,7 +269,7 @@ class SpeculativeEngine:
         ks = [self._choose_k(s, adaptive.get(s.seq_id, 0)) for s in seqs]
         requests = [
             DraftRequest(s.seq_id, s.tokens, k, s.request.sampling,
-                         0 if s.request.sampling.greedy else draw_seed(s.generator))
+                         0 if s.request.sampling.greedy else draw_seed(s.generator), *self._unsent_features(s))
             for s, k in zip(seqs, ks) if k
         ]
         t = self.clock()
@@ -276,19 +281,33 @@ class SpeculativeEngine:
             s.stats.draft_s += timing.draft_s / len(requests) if k else 0.0
         return blocks
 
+    def _unsent_features(self, s: _Sequence) -> tuple[torch.Tensor | None, int]:
+        """The features a reading drafter has not seen yet, and the position of the first."""
+        if not s.features:
+            return None, s.features_sent
+        block, start = torch.cat(s.features), s.features_sent
+        s.features, s.features_sent = [], start + len(block)
+        return block, start
+
     def _verify(self, seqs: list[_Sequence], blocks: list[DraftBlock], chunks: list[tuple[_Sequence, list[int]]],
-                timing: RoundTiming) -> tuple[list[torch.Tensor], bool]:
+                timing: RoundTiming) -> tuple[list[TargetOutput], bool]:
         """One target call: each sequence's uncached tokens and drafts, scored at its last K_i + 1
         positions (logits [K_i + 1, V], or argmax ids [K_i + 1] for greedy sequences), and the
-        prompt chunks, which return nothing. Returns the scores and whether the round prefilled."""
+        prompt chunks, which return nothing. With a drafter that reads the target, the hidden
+        states of every new position come too (a chunk's are committed at once). Returns each
+        sequence's output and whether the round prefilled."""
         t = self.clock()
         heads = [s.uncached for s in seqs]
-        scores = self.target.forward_batch(
-            [s.cache for s in seqs] + [s.cache for s, _ in chunks],
-            [h + b.token_ids for h, b in zip(heads, blocks)] + [ids for _, ids in chunks],
+        inputs = [h + b.token_ids for h, b in zip(heads, blocks)] + [ids for _, ids in chunks]
+        outputs = self.target.forward_outputs(
+            [s.cache for s in seqs] + [s.cache for s, _ in chunks], inputs,
             argmax_only=[s.request.sampling.greedy for s in seqs] + [True] * len(chunks),
             last=[len(b) + 1 for b in blocks] + [0] * len(chunks),
-        )[: len(seqs)]
+            hidden=[len(x) for x in inputs] if self.reads_features else None,
+        )
+        for (s, _), o in zip(chunks, outputs[len(seqs) :]):
+            if o.hidden is not None:
+                s.features.append(o.hidden)
         forward_s = self.clock() - t
         prompt_tokens = [len(ids) for _, ids in chunks] + [len(h) - 1 for h in heads]  # prefilled, not verified
         share = sum(prompt_tokens) / (sum(prompt_tokens) + len(seqs) + sum(map(len, blocks)))
@@ -301,13 +320,16 @@ class SpeculativeEngine:
         for s, h in zip(seqs, heads):
             s.cached += len(h)  # the drafts are counted as they are accepted (_commit)
             s.stats.verify_s += timing.verify_s / len(seqs)
-        return scores, any(prompt_tokens)
+        return outputs[: len(seqs)], any(prompt_tokens)
 
-    def _commit(self, s: _Sequence, block: DraftBlock, result: Acceptance, timing: RoundTiming) -> StepOutput:
+    def _commit(self, s: _Sequence, block: DraftBlock, result: Acceptance, hidden: torch.Tensor | None,
+                timing: RoundTiming) -> StepOutput:
         """The target's cache keeps the accepted drafts; stats, alpha and the drafter learn the
         outcome; the tokens are emitted."""
         k, n = len(block), result.num_accepted
         self.target.rollback(s.cache, k - n)
+        if hidden is not None:  # [len(uncached) + k, d]: the committed positions' rows
+            s.features.append(hidden[: len(hidden) - (k - n)])
         s.cached += n
         st = s.stats
         st.target_calls += 1

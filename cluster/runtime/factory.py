@@ -55,6 +55,13 @@ def build_ngram(draft: DraftConfig, sources: DraftSources) -> Drafter:
     return NgramDrafter(max_n=draft.ngram.max_n, min_n=draft.ngram.min_n)
 
 
+def build_head(draft: DraftConfig, sources: DraftSources) -> Drafter:
+    from .head import DraftHead
+    from .head_drafter import HeadDrafter
+
+    return HeadDrafter(DraftHead.load(draft.head.path, sources.target_weights().model))
+
+
 def build_int8(draft: DraftConfig, sources: DraftSources) -> Drafter:
     return ModelDrafter(int8_copy(sources.target_weights().model), name="int8")
 

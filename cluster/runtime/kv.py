@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..speculation.round import TargetOutput
+
 ATTENTION = "specserve_flat"
 BATCHED_BLOCK = 16  # blocks of at most this many tokens may attend in the batched call
 _CALL_COST = 1200  # one attention call, in query-row x key units (measured: ~40 us against ~0.03 us)
@@ -123,7 +125,8 @@ class KVPool:
         old = self.tensor
         # zeros, not garbage: a batched call reads past each slot's length (masked, but 0 * NaN is NaN)
         new = old.new_zeros(self.layers, 2, slots, old.shape[3], _aligned(capacity), old.shape[5])
-        new[:, :, :live_slots, :, :live_positions] = old[:, :, :live_slots, :, :live_positions]
+        n, m = min(live_slots, old.shape[2], slots), min(live_positions, old.shape[4])  # new caches hold nothing yet
+        new[:, :, :n, :, :m] = old[:, :, :n, :, :m]
         self.tensor = new
 
 
@@ -300,7 +303,6 @@ class CausalLM:
         """Appends input_ids to the cache; returns logits [n, V] (or [1, V]) float32 on the CPU."""
         return self.forward_batch([cache], [input_ids], last=[1] if last_only else None)[0]
 
-    @torch.inference_mode()
     def forward_batch(self, caches: list[SequenceKV], inputs: list[list[int]], raw: bool = False,
                       argmax_only: list[bool] | None = None, last: list[int] | None = None,
                       parents: list[list[int] | None] | None = None) -> list[torch.Tensor]:
@@ -312,6 +314,16 @@ class CausalLM:
         int64 on the CPU, lowest index on ties): all that greedy acceptance reads. parents[i]
         (optional) lays sequence i's tokens out as a tree (see attention_mask); its positions
         are then the prefix length plus each token's depth."""
+        return [o.scores for o in self.forward_outputs(caches, inputs, raw, argmax_only, last, parents)]
+
+    @torch.inference_mode()
+    def forward_outputs(self, caches: list[SequenceKV], inputs: list[list[int]], raw: bool = False,
+                        argmax_only: list[bool] | None = None, last: list[int] | None = None,
+                        parents: list[list[int] | None] | None = None, hidden: list[int] | None = None,
+                        features: list[torch.Tensor] | None = None) -> list[TargetOutput]:
+        """forward_batch, returning TargetOutputs: with `hidden`, each sequence's last hidden[i]
+        rows of the last hidden states too ([h, d], the model's dtype, on its device). `features`
+        ([n_i, d] per sequence) go to models that read them beside the tokens (a draft head)."""
         if any(c.pool is not self.pool for c in caches):
             raise ValueError("a cache was released or belongs to another model")
         if len({c.slot for c in caches}) != len(caches):
@@ -320,7 +332,8 @@ class CausalLM:
         order = sorted(range(len(caches)), key=lambda i: caches[i].slot)  # slot order: batched views need no copy
         if order != list(range(len(caches))):
             pick = lambda xs: None if xs is None else [xs[i] for i in order]  # noqa: E731
-            got = self.forward_batch(pick(caches), pick(inputs), raw, pick(argmax_only), pick(last), pick(parents))
+            got = self.forward_outputs(pick(caches), pick(inputs), raw, pick(argmax_only), pick(last), pick(parents),
+                                       pick(hidden), pick(features))
             back = [None] * len(order)
             for j, i in enumerate(order):
                 back[i] = got[j]
@@ -340,11 +353,16 @@ class CausalLM:
             rows += range(end - k, end)
         batch = _layout(self.pool, caches, starts, trees, self.device)
         to = dict(dtype=torch.long, device=self.device)
+        extra = {}
+        if hidden is not None:
+            extra["output_hidden_states"] = True
+        if features is not None:
+            extra["features"] = torch.cat(list(features)).to(self.device)[None]  # [1, T, d]
         writes = self.pool.writes
         with self._flat_attention():
             out = self.model(
                 input_ids=torch.tensor([ids], **to), position_ids=torch.tensor([positions], **to),
-                use_cache=False, logits_to_keep=torch.tensor(rows, **to), flat_batch=batch,
+                use_cache=False, logits_to_keep=torch.tensor(rows, **to), flat_batch=batch, **extra,
             )
         if self.pool.writes == writes:
             raise RuntimeError("the model did not attend through specserve's flat attention (transformers "
@@ -354,7 +372,14 @@ class CausalLM:
         logits = out.logits[0]  # [rows, V], the model's dtype and device
         argmax_only = argmax_only or [False] * len(inputs)
         ids_of = logits.argmax(dim=-1).cpu().split(keep) if any(argmax_only) else keep  # one host copy
-        return [i if a else x if raw else x.float().cpu() for x, i, a in zip(logits.split(keep), ids_of, argmax_only)]
+        scores = [i if a else x if raw else x.float().cpu() for x, i, a in zip(logits.split(keep), ids_of, argmax_only)]
+        if hidden is None:
+            return [TargetOutput(x) for x in scores]
+        states, ends, end = out.hidden_states[-1][0], [], 0  # [T, d]
+        for x in inputs:
+            end += len(x)
+            ends.append(end)
+        return [TargetOutput(x, states[e - min(h, len(inp)) : e]) for x, e, h, inp in zip(scores, ends, hidden, inputs)]
 
     @contextmanager
     def _flat_attention(self):

@@ -9,7 +9,7 @@ from .greedy import greedy_accept
 from .params import SamplingParams
 from .rejection import RejectionOutput, acceptance_probs, recovered_probs, rejection_sample
 from .reference import reference_rejection_sample
-from .round import Acceptance, DraftBlock, DraftRequest, Drafter, Target
+from .round import Acceptance, DraftBlock, DraftRequest, Drafter, Target, TargetOutput
 from .sample import draw_seed, make_generator, sample_token
 from .warp import warp_probs
 

@@ -23,6 +23,10 @@ class DraftRequest:
     k: int  # draft at most this many tokens
     params: SamplingParams
     seed: int  # seeds the block's sampling, so a block is the same wherever it is drafted
+    # for drafters that read the target (needs_features): the target's last hidden states of the
+    # committed positions features_start .. features_start + n - 1 not sent before; [n, d]
+    features: torch.Tensor | None = None
+    features_start: int = 0
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,14 @@ class DraftBlock:
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class TargetOutput:
+    """What one forward gives back for one sequence."""
+
+    scores: torch.Tensor  # [n, V] float32 logits, or [n] int64 argmax ids (greedy sequences)
+    hidden: torch.Tensor | None = None  # [h, d] last hidden states (what the output layer reads) of its last h tokens
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,11 @@ class Target(Protocol):
                       parents: list | None = None) -> list[torch.Tensor]:
         """Appends inputs[i] to caches[i] in one forward; per sequence its last last[i] rows:
         logits [n, V], or argmax ids [n] where argmax_only[i]."""
+
+    def forward_outputs(self, caches: list, inputs: list[list[int]], raw: bool = False,
+                        argmax_only: list[bool] | None = None, last: list[int] | None = None,
+                        parents: list | None = None, hidden: list[int] | None = None) -> list[TargetOutput]:
+        """forward_batch, and the last hidden states of each sequence's last hidden[i] tokens."""
 
     def rollback(self, cache, n: int) -> None: ...
 

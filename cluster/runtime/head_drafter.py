@@ -1,0 +1,101 @@
+"""Drafter `head`: a trained draft head (runtime/head.py) beside the target, fed its features.
+
+The engine hands each request the target's features of the positions committed since the last
+one (DraftRequest.features); the head keeps them in its own KV store (teacher-forced), then
+drafts by feeding back its predicted features. A round is one batched head forward per depth for
+all sequences. It runs where the target's rank 0 runs (in process, or in the coordinator's
+process in the distributed shape), so no feature crosses the network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..speculation import make_generator, sample_token, warp_probs
+from ..speculation.round import DraftBlock, DraftRequest
+from .drafters import Drafter
+from .head import DraftHead
+from .kv import CausalLM
+
+
+@dataclass
+class _HeadState:
+    cache: object
+    features: list[torch.Tensor] = field(default_factory=list)  # [n, d] blocks of f_0, f_1, ...
+    known: int = 0  # positions whose target feature the head holds
+    fed: int = 0  # teacher-forced positions in the head's cache (drafted ones follow them)
+
+
+class HeadDrafter(Drafter):
+    name = "head"
+    needs_features = True  # the engine sends the target's last hidden states with each request
+
+    def __init__(self, head: DraftHead):
+        self.head = head.eval()
+        self.lm = CausalLM(head)
+        self.vocab = head.vocab.cpu()  # [V'] the ids the head can propose
+        self.vocab_size = int(head.signature["vocab_size"])
+        self._states: dict[int, _HeadState] = {}
+
+    def propose(self, seq_id, context, k, params, seed) -> DraftBlock:
+        return self.propose_many([DraftRequest(seq_id, context, k, params, seed)])[0]
+
+    @torch.inference_mode()
+    def propose_many(self, requests: list[DraftRequest]) -> list[DraftBlock]:
+        live, inputs, features = [], [], []
+        for r in requests:
+            s = self._states.get(r.seq_id)
+            if s is None:
+                s = self._states[r.seq_id] = _HeadState(self.lm.new_cache())
+            if r.features is not None:
+                if r.features_start != s.known:
+                    raise ValueError(f"sequence {r.seq_id}: features start at position {r.features_start}, "
+                                     f"the head holds {s.known}")
+                s.features.append(r.features.to(self.lm.device, self.head.fc.weight.dtype))
+                s.known += len(r.features)
+            self.lm.rollback(s.cache, self.lm.cached_length(s.cache) - s.fed)  # drop last round's drafts
+            m = len(r.context)
+            if r.k <= 0 or s.known < m - 1 or m < 2 or s.fed >= m - 1:
+                continue  # nothing to draft from (the features lag the context)
+            # teacher-forced positions fed .. m-2: token x_{t+1} with feature f_t
+            feats = torch.cat(s.features)[s.fed : m - 1]
+            s.features = [torch.cat(s.features)[: m - 1]]  # one block; positions past m-2 come later
+            live.append((r, s))
+            inputs.append(list(r.context[s.fed + 1 : m]))
+            features.append(feats)
+            s.fed = m - 1
+        drafted: dict[int, tuple[list[int], list[torch.Tensor]]] = {r.seq_id: ([], []) for r, _ in live}
+        generators = {r.seq_id: None if r.params.greedy else make_generator(r.seed) for r, _ in live}
+        depth = 0
+        while live:
+            outs = self.lm.forward_outputs([s.cache for _, s in live], inputs, features=features,
+                                           last=[1] * len(live), hidden=[1] * len(live))
+            depth += 1
+            next_live, inputs, features = [], [], []
+            for (r, s), out in zip(live, outs):
+                tokens, rows = drafted[r.seq_id]
+                logits = out.scores[0]  # [V'] over the head's vocabulary
+                if r.params.greedy:
+                    x = int(self.vocab[int(logits.argmax())])
+                else:
+                    q_vocab = warp_probs(logits[None], [r.params])[0]
+                    x = int(self.vocab[sample_token(q_vocab, generators[r.seq_id])])
+                    rows.append(torch.zeros(self.vocab_size).index_copy_(0, self.vocab, q_vocab))
+                tokens.append(x)
+                if depth < r.k:
+                    next_live.append((r, s))
+                    inputs.append([x])
+                    features.append(out.hidden.to(self.head.fc.weight.dtype))  # [1, d] the predicted f
+            live = next_live
+        blocks = []
+        for r in requests:
+            tokens, rows = drafted.get(r.seq_id, ([], []))
+            blocks.append(DraftBlock(tokens, torch.stack(rows) if rows else None))
+        return blocks
+
+    def release(self, seq_id: int) -> None:
+        s = self._states.pop(seq_id, None)
+        if s is not None:
+            self.lm.release(s.cache)

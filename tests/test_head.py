@@ -1,0 +1,162 @@
+"""Drafter `head`: the corpus, the target's features, training a draft head, and drafting with it exactly."""
+
+import json
+
+import pytest
+import torch
+
+from cluster.cli import main
+from cluster.config import parse_config
+from cluster.runtime.engine import GenerationRequest, SpeculativeEngine
+from cluster.runtime.head import DraftHead
+from cluster.runtime.head_drafter import HeadDrafter
+from cluster.runtime.kv import CausalLM
+from cluster.speculation import SamplingParams
+from cluster.training.corpus import local_documents, read_corpus
+from cluster.training.features import cut_windows, extract_features
+from cluster.training.train_head import HeadTraining, train_head
+from conftest import TINY_PROMPTS, hf_greedy
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _records(tokenizer, n_tokens=40_000):
+    out, total = [], 0
+    for _, text in local_documents()[:400]:
+        ids = tokenizer.encode(text)[:1500]
+        out.append({"ids": ids})
+        total += len(ids)
+        if total >= n_tokens:
+            break
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_head(tiny_llama, tmp_path_factory):
+    """A head trained briefly on the tiny target's features, saved and the training log."""
+    data = extract_features(tiny_llama.model, cut_windows(_records(tiny_llama.tokenizer), 64), progress=False)
+    path = str(tmp_path_factory.mktemp("head") / "head.pt")
+    cfg = HeadTraining(vocab=200, steps=120, batch=8, eval_every=40, eval_windows=16, warmup=10)
+    head, log = train_head(tiny_llama.model, data, cfg, path, progress=False)
+    return path, head, log, data
+
+
+def test_training_lowers_held_out_loss_and_the_file_reloads(tiny_llama, tiny_head):
+    path, head, log, data = tiny_head
+    assert log.eval_loss[-1] < 0.9 * log.eval_loss[0], log.eval_loss
+    loaded = DraftHead.load(path, tiny_llama.model)
+    ids, feats = data["tokens"][:2, 1:].long(), data["features"][:2, :-1].float()
+    with torch.inference_mode():
+        want = head(input_ids=ids, features=feats.to(head.fc.weight.dtype)).logits
+        got = loaded(input_ids=ids, features=feats.to(loaded.fc.weight.dtype)).logits
+    # the file stores bfloat16 weights: the same head up to that rounding
+    assert torch.equal(loaded.vocab, head.vocab)
+    assert (got.float() - want.float()).abs().max() <= 0.05 * want.abs().max()
+
+
+def test_a_head_for_another_target_is_refused(tiny_qwen2, tiny_head):
+    with pytest.raises(ValueError, match="draft.head.path"):
+        DraftHead.load(tiny_head[0], tiny_qwen2.model)
+
+
+def test_features_returned_with_a_verify_equal_a_fresh_forward(tiny_llama):
+    lm = CausalLM(tiny_llama.model)
+    a, b = tiny_llama.tokenizer.encode("features of a verify"), tiny_llama.tokenizer.encode("and another one")
+    ca, cb = lm.new_cache(), lm.new_cache()
+    lm.forward_batch([ca, cb], [a[:-2], b[:-1]], last=[0, 0])
+    out = lm.forward_outputs([ca, cb], [a[-2:] + [7, 8], b[-1:] + [9]], hidden=[4, 2])
+    with torch.inference_mode():
+        for ids, o in ((a + [7, 8], out[0]), (b + [9], out[1])):
+            want = tiny_llama.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+            assert o.hidden.shape == (len(o.hidden), want.shape[1])
+            assert (o.hidden - want[-len(o.hidden):]).abs().max() <= 1e-5
+
+
+def _head_engine(model, tokenizer, head, k="adaptive"):
+    return SpeculativeEngine(model, tokenizer, HeadDrafter(head), num_draft_tokens=k)
+
+
+@pytest.mark.parametrize("k", [3, "adaptive"])
+def test_greedy_with_the_head_equals_plain_greedy(tiny_llama, tiny_head, k):
+    head = DraftHead.load(tiny_head[0], tiny_llama.model)
+    engine = _head_engine(tiny_llama.model, tiny_llama.tokenizer, head, k)
+    prompts = [tiny_llama.tokenizer.encode(p) for p in TINY_PROMPTS]
+    results = engine.generate([GenerationRequest("", 40, SamplingParams(temperature=0.0), prompt_ids=p) for p in prompts])
+    eos = tiny_llama.tokenizer.eos_token_id
+    for ids, r in zip(prompts, results):
+        assert r.token_ids == hf_greedy(tiny_llama.model, ids, 40, eos)[: len(r.token_ids)]
+    accepted = sum(r.stats.accepted_tokens for r in results)
+    assert accepted > 0  # drafts were accepted: the committed features path ran
+
+
+def test_greedy_with_an_untrained_head_on_qwen2_equals_plain(tiny_qwen2):
+    """Any head is exact: here one never trained, on the other tiny family, with a long prompt chunked."""
+    head = DraftHead(tiny_qwen2.model, torch.arange(0, tiny_qwen2.model.config.vocab_size, 3)).eval()
+    engine = SpeculativeEngine(tiny_qwen2.model, tiny_qwen2.tokenizer, HeadDrafter(head), num_draft_tokens=4,
+                               prefill_chunk=16)
+    prompts = [tiny_qwen2.tokenizer.encode(p * 4) for p in TINY_PROMPTS[:3]]
+    results = engine.generate([GenerationRequest("", 24, SamplingParams(temperature=0.0), prompt_ids=p) for p in prompts])
+    eos = tiny_qwen2.tokenizer.eos_token_id
+    for ids, r in zip(prompts, results):
+        assert r.token_ids == hf_greedy(tiny_qwen2.model, ids, 24, eos)[: len(r.token_ids)]
+
+
+def test_a_seeded_sampled_request_reproduces_alone_and_in_a_batch(tiny_llama, tiny_head):
+    head = DraftHead.load(tiny_head[0], tiny_llama.model)
+    request = GenerationRequest(TINY_PROMPTS[2], 30, SamplingParams(temperature=1.0, seed=5), 3)
+    alone = _head_engine(tiny_llama.model, tiny_llama.tokenizer, head, 3).generate([request])[0]
+    others = [GenerationRequest(p, 30, SamplingParams(temperature=0.9, seed=i), 3) for i, p in enumerate(TINY_PROMPTS)]
+    batched = _head_engine(tiny_llama.model, tiny_llama.tokenizer, head, 3).generate(others[:3] + [request] + others[3:])
+    assert batched[3].token_ids == alone.token_ids
+
+
+def test_drafter_head_config_needs_a_path_and_no_draft_replicas():
+    with pytest.raises(ValueError, match="draft.head.path"):
+        parse_config({"draft": {"drafter": "head"}, "cluster": {"draft_replicas": 0}})
+    with pytest.raises(ValueError, match="draft_replicas"):
+        parse_config({"draft": {"drafter": "head", "head": {"path": "h.pt"}}})
+
+
+def test_build_corpus_and_train_draft_commands(tmp_path, capsys):
+    """The two commands end to end on the tiny target: a corpus of local text and target answers,
+    features cached, a head written and reported."""
+    corpus, out, feats = tmp_path / "c.jsonl", tmp_path / "h.pt", tmp_path / "f.pt"
+    assert main(["build-corpus", "--out", str(corpus), "--config", "configs/tiny.yaml", "--local-tokens", "20000",
+                 "--answers", "6", "--max-new-tokens", "16", "--batch", "3"]) == 0
+    records = read_corpus(str(corpus))
+    sources = {r["source"] for r in records}
+    assert {"answers-chat", "answers-code", "answers-grounded"} <= sources and len(sources) >= 4
+    assert "total" in capsys.readouterr().out
+    argv = ["train-draft", "head", "--corpus", str(corpus), "--out", str(out), "--config", "configs/tiny.yaml",
+            "--window", "64", "--steps", "20", "--eval-every", "10", "--vocab", "100", "--features", str(feats),
+            "--plot", str(tmp_path / "p.png")]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["head_step_s"] > 0 and 0 <= report["greedy_agreement"] <= 1 and feats.exists()
+    assert (tmp_path / "p.png").stat().st_size > 0
+    assert main(argv) == 0  # the cached features are read back
+    assert main(["train-draft", "head", "--corpus", str(corpus), "--out", str(out), "--config", "configs/tiny.yaml",
+                 "--steps", "0"]) == 2
+    assert "steps" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+def test_distributed_greedy_with_the_head_equals_plain(ray_cluster, tiny_llama, tiny_head):
+    """Tensor parallel 2 with the head beside rank 0 in the coordinator's process: greedy equals plain."""
+    import yaml
+
+    from cluster.launcher import DistributedEngine
+
+    data = yaml.safe_load(open("configs/tiny.yaml"))
+    data["draft"] = {"drafter": "head", "head": {"path": tiny_head[0]}}
+    data["cluster"]["draft_replicas"] = 0
+    engine = DistributedEngine(parse_config(data))
+    try:
+        requests = [GenerationRequest(p, 24, SamplingParams(temperature=0.0)) for p in TINY_PROMPTS]
+        got = engine.generate(requests)
+    finally:
+        engine.shutdown()
+    eos = tiny_llama.tokenizer.eos_token_id
+    for r, res in zip(requests, got):
+        assert res.token_ids == hf_greedy(tiny_llama.model, tiny_llama.tokenizer.encode(r.prompt), 24, eos)
+    assert sum(r.stats.accepted_tokens for r in got) > 0
