@@ -40,7 +40,8 @@ def run_bench(config: SpecserveConfig, json_out: str | None = None, plot: str | 
     fixed_ks = [k for k in ([4] if quick else [2, 4, 8]) if k <= config.speculation.max_draft_tokens]
     cpu = select_device(config.target.device).type == "cpu"
     drafters = [name for name, kind in DRAFTERS.items()
-                if (cpu or not kind.cpu_only) and (name != "model" or config.draft.model.usable)]
+                if (cpu or not kind.cpu_only) and (name != "model" or config.draft.model.usable)
+                and (name != "head" or config.draft.head.path is not None)]
     log = lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True)  # noqa: E731
 
     log(f"loading {config.target.model} ({config.target.dtype})")

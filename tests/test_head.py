@@ -36,7 +36,7 @@ def tiny_head(tiny_llama, tmp_path_factory):
     """A head trained briefly on the tiny target's features, saved and the training log."""
     data = extract_features(tiny_llama.model, cut_windows(_records(tiny_llama.tokenizer), 64), progress=False)
     path = str(tmp_path_factory.mktemp("head") / "head.pt")
-    cfg = HeadTraining(vocab=200, steps=120, batch=8, eval_every=40, eval_windows=16, warmup=10)
+    cfg = HeadTraining(vocab=200, steps=120, batch=8, eval_every=40, eval_windows=16, warmup=10, precision="float32")
     head, log = train_head(tiny_llama.model, data, cfg, path, progress=False)
     return path, head, log, data
 
@@ -85,8 +85,8 @@ def test_greedy_with_the_head_equals_plain_greedy(tiny_llama, tiny_head, k):
     eos = tiny_llama.tokenizer.eos_token_id
     for ids, r in zip(prompts, results):
         assert r.token_ids == hf_greedy(tiny_llama.model, ids, 40, eos)[: len(r.token_ids)]
-    accepted = sum(r.stats.accepted_tokens for r in results)
-    assert accepted > 0  # drafts were accepted: the committed features path ran
+    if k != "adaptive":  # (adaptive K may find drafting too dear on a target this small)
+        assert sum(r.stats.accepted_tokens for r in results) > 0  # drafts were accepted: the committed features path ran
 
 
 def test_greedy_with_an_untrained_head_on_qwen2_equals_plain(tiny_qwen2):
@@ -160,3 +160,16 @@ def test_distributed_greedy_with_the_head_equals_plain(ray_cluster, tiny_llama, 
     for r, res in zip(requests, got):
         assert res.token_ids == hf_greedy(tiny_llama.model, tiny_llama.tokenizer.encode(r.prompt), 24, eos)
     assert sum(r.stats.accepted_tokens for r in got) > 0
+
+
+def test_calibration_measures_the_head_drafting(tiny_llama, tiny_head):
+    """The draft step cost of a head is measured on real drafting (features given), not on empty blocks."""
+    from cluster.runtime.calibration import measure_costs
+
+    head = DraftHead.load(tiny_head[0], tiny_llama.model)
+    drafter = HeadDrafter(head)
+    calls = []
+    original = drafter.lm.forward_outputs
+    drafter.lm.forward_outputs = lambda *a, **k: calls.append(1) or original(*a, **k)
+    cost = measure_costs(CausalLM(tiny_llama.model), drafter, 200, 4, batch_sizes=(2,))
+    assert cost.draft_step_s > 0 and len(calls) >= 3 * 4  # prefill + warm-up + timed proposals of 4 steps

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ..speculation import CostModel, SamplingParams
+from ..speculation import CostModel, DraftRequest, SamplingParams
 from .drafters import Drafter, ModelDrafter
 from .models import cache_dir
 
@@ -90,10 +90,27 @@ def measure_costs(target, drafter: Drafter | None, vocab: int, max_k: int, clock
     draft_step_s = 0.0
     if drafter is not None:
         greedy, k, probe_id = SamplingParams(temperature=0.0), 4, 2**63 - 1  # no request gets this id
-        drafter.propose(probe_id, ctx, k, greedy, 0)  # prefill the probe's draft cache
-        draft_step_s = timed(lambda: drafter.propose(probe_id, ctx, k, greedy, 0)) / k
+        propose = _feature_probe(drafter, probe_id, ctx, k, greedy) if getattr(drafter, "needs_features", False) \
+            else lambda: drafter.propose(probe_id, ctx, k, greedy, 0)
+        propose()  # prefill the probe's draft cache
+        draft_step_s = timed(propose) / k
         drafter.release(probe_id)
     return CostModel(draft_step_s, verify_s, batch_verify_s, draft_parallelism=getattr(drafter, "parallelism", 1))
+
+
+def _feature_probe(drafter, probe_id: int, ctx: list[int], k: int, params: SamplingParams) -> Callable[[], None]:
+    """Proposals for a probe sequence of a drafter that reads the target: one more committed token
+    (and a zero feature) a call, as in decoding."""
+    sent, length = [0], [len(ctx) - 1]
+
+    def propose() -> None:
+        length[0] += 1
+        context = [ctx[i % len(ctx)] for i in range(length[0])]
+        features = torch.zeros(length[0] - 1 - sent[0], drafter.feature_size)
+        drafter.propose_many([DraftRequest(probe_id, context, k, params, 0, features, sent[0])])
+        sent[0] = length[0] - 1
+
+    return propose
 
 
 def measure_agreement(target, drafter: Drafter | None, tokenizer) -> float:

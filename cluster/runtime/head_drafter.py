@@ -37,6 +37,7 @@ class HeadDrafter(Drafter):
         self.lm = CausalLM(head)
         self.vocab = head.vocab.cpu()  # [V'] the ids the head can propose
         self.vocab_size = int(head.signature["vocab_size"])
+        self.feature_size = head.hidden_size  # d of the features it reads
         self._states: dict[int, _HeadState] = {}
 
     def propose(self, seq_id, context, k, params, seed) -> DraftBlock:

@@ -35,6 +35,7 @@ class HeadTraining:
     eval_every: int = 250
     eval_windows: int = 64
     seed: int = 0
+    precision: str = "auto"  # matmuls in bfloat16 (float32 weights and optimizer) where dtype auto picks it
 
 
 @dataclass
@@ -56,13 +57,24 @@ def frequent_ids(tokens: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
     return counts.topk(n).indices.sort().values
 
 
+def _autocast(precision: str, device: torch.device):
+    from contextlib import nullcontext
+
+    from ..runtime.models import choose_dtype
+
+    if precision not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"precision must be auto, float32 or bfloat16, got {precision!r}")
+    chosen = choose_dtype("auto", device) if precision == "auto" else precision
+    return torch.autocast(device.type, dtype=torch.bfloat16) if chosen == "bfloat16" else nullcontext()
+
+
 def _objective(head: DraftHead, tokens: torch.Tensor, features: torch.Tensor, cfg: HeadTraining,
                noise: float, output_full: torch.Tensor | None = None) -> dict:
     """tokens [B, L], features [B, L, d] -> losses over positions 0..L-2 (and metrics when output_full)."""
     f_in, f_next = features[:, :-1].float(), features[:, 1:].float()
     if noise:
         f_in = f_in + (torch.rand_like(f_in) * 2 - 1) * noise
-    out = head(input_ids=tokens[:, 1:].long(), features=f_in.to(head.fc.weight.dtype))
+    out = head(input_ids=tokens[:, 1:].long().to(f_in.device), features=f_in.to(head.fc.weight.dtype))
     predicted = out.hidden_states[-1].float()  # [B, L-1, d]
     regression = F.smooth_l1_loss(predicted, f_next)
     rows = head.output_rows.float()
@@ -109,7 +121,8 @@ def train_head(target: torch.nn.Module, data: dict, cfg: HeadTraining, out_path:
     bar = tqdm(range(cfg.steps), desc="train head", disable=not progress, file=sys.stderr)
     for step in bar:
         pick = train_idx[torch.randint(len(train_idx), (cfg.batch,), generator=gen)]
-        result = _objective(head, tokens[pick], features[pick], cfg, cfg.noise * scale)
+        with _autocast(cfg.precision, output_full.device):
+            result = _objective(head, tokens[pick], features[pick].to(output_full.device), cfg, cfg.noise * scale)
         opt.zero_grad(set_to_none=True)
         result["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -137,7 +150,8 @@ def evaluate(head: DraftHead, tokens: torch.Tensor, features: torch.Tensor, cfg:
     totals = {"loss": 0.0, "agreement": 0.0, "expected_acceptance": 0.0}
     n = 0
     for lo in range(0, len(tokens), batch):
-        r = _objective(head, tokens[lo : lo + batch], features[lo : lo + batch], cfg, 0.0, output_full)
+        r = _objective(head, tokens[lo : lo + batch], features[lo : lo + batch].to(output_full.device), cfg, 0.0,
+                       output_full)
         w = len(tokens[lo : lo + batch])
         for k in totals:
             totals[k] += float(r[k]) * w
