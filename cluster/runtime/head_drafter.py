@@ -23,8 +23,8 @@ from .kv import CausalLM
 @dataclass
 class _HeadState:
     cache: object
-    features: list[torch.Tensor] = field(default_factory=list)  # [n, d] blocks of f_0, f_1, ...
-    known: int = 0  # positions whose target feature the head holds
+    features: list[torch.Tensor] = field(default_factory=list)  # [n, d] blocks: f_fed .. f_{known-1}
+    known: int = 0  # positions whose target feature the head has been sent
     fed: int = 0  # teacher-forced positions in the head's cache (drafted ones follow them)
 
 
@@ -61,8 +61,9 @@ class HeadDrafter(Drafter):
             if r.k <= 0 or s.known < m - 1 or m < 2 or s.fed >= m - 1:
                 continue  # nothing to draft from (the features lag the context)
             # teacher-forced positions fed .. m-2: token x_{t+1} with feature f_t
-            feats = torch.cat(s.features)[s.fed : m - 1]
-            s.features = [torch.cat(s.features)[: m - 1]]  # one block; positions past m-2 come later
+            unfed = torch.cat(s.features)
+            feats, rest = unfed[: m - 1 - s.fed], unfed[m - 1 - s.fed :]
+            s.features = [rest] if len(rest) else []
             live.append((r, s))
             inputs.append(list(r.context[s.fed + 1 : m]))
             features.append(feats)

@@ -91,9 +91,6 @@ def build_corpus(engine, out_path: str, local_tokens: int, responses: int, max_n
                  batch: int = 32, seed: int = 0, temperature: float = 0.8, progress: bool = True) -> CorpusReport:
     """Writes the corpus: local documents in a seeded order up to local_tokens, then the target's
     answers to `responses` project prompts (batches of `batch` through the engine)."""
-    from cluster.runtime.engine import GenerationRequest
-    from cluster.speculation import SamplingParams
-
     tokenizer = engine.tokenizer
     report = CorpusReport(out_path)
     documents = local_documents()
@@ -113,18 +110,33 @@ def build_corpus(engine, out_path: str, local_tokens: int, responses: int, max_n
         bar.close()
         prompts = corpus_prompts(passages(documents, max(1, responses // 3), seed), responses, seed)
         bar = tqdm(total=len(prompts), desc="target answers", unit="answer", disable=not progress, file=sys.stderr)
-        for lo in range(0, len(prompts), batch):
-            group = prompts[lo : lo + batch]
-            requests = [GenerationRequest(p, max_new_tokens, SamplingParams(temperature=temperature, seed=seed + lo + j), 0)
-                        for j, (_, p) in enumerate(group)]
-            prompt_ids = [engine.validate(r) for r in requests]
-            for (kind, prompt), ids, result in zip(group, prompt_ids, engine.generate(requests)):
-                f.write(json.dumps({"source": f"answers-{kind}", "kind": "chat", "ids": ids + result.token_ids,
-                                    "prompt_tokens": len(ids), "text": prompt + "\n\n" + result.text}) + "\n")
-                report.add(f"answers-{kind}", len(ids) + len(result.token_ids))
-                bar.update(1)
+        for kind, ids, tokens in _answers(engine, prompts, batch, max_new_tokens, temperature, seed):
+            f.write(json.dumps({"source": f"answers-{kind}", "kind": "chat", "ids": ids + tokens,
+                                "prompt_tokens": len(ids), "text": tokenizer.decode(ids + tokens)}) + "\n")
+            report.add(f"answers-{kind}", len(ids) + len(tokens))
+            bar.update(1)
         bar.close()
     return report
+
+
+def _answers(engine, prompts: list[tuple[str, str]], batch: int, max_new_tokens: int, temperature: float, seed: int):
+    """(kind, prompt ids, answer ids) as answers finish, `batch` generating at once: a finished one
+    makes room for the next prompt (continuous batching), so the batch never drains."""
+    from cluster.runtime.engine import GenerationRequest
+    from cluster.speculation import SamplingParams
+
+    queue, running = list(enumerate(prompts)), {}
+    while queue or running:
+        while queue and len(running) < batch:
+            i, (kind, prompt) = queue.pop(0)
+            request = GenerationRequest(prompt, max_new_tokens, SamplingParams(temperature=temperature, seed=seed + i))
+            ids = engine.validate(request)
+            running[engine.add_request(request, ids)] = (kind, ids)
+        for out in engine.step():
+            if out.result is not None:
+                kind, ids = running.pop(out.seq_id)
+                engine.abort(out.seq_id)  # frees its caches now
+                yield kind, ids, out.result.token_ids
 
 
 def read_corpus(path: str) -> list[dict]:
