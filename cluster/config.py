@@ -8,6 +8,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .heads import builtin_head
 from .registry import DRAFTER_NAMES, DRAFTERS
 
 Dtype = Literal["auto", "float32", "bfloat16"]  # auto: bfloat16 on GPUs and CPUs with native bf16, else float32
@@ -47,7 +48,7 @@ class NgramDrafterConfig(_Strict):
 
 
 class HeadDrafterConfig(_Strict):
-    path: str | None = None  # a draft head trained for the target (specserve train-draft head)
+    path: str | None = None  # a head trained for the target (specserve train-draft head); None: the one shipped for it
 
 
 class DraftConfig(_Strict):
@@ -60,8 +61,6 @@ class DraftConfig(_Strict):
     def _check(self):
         if self.drafter == "model" and not self.model.usable:
             raise ValueError("drafter 'model' needs draft.model.name (a draft LM) or draft.model.layers")
-        if self.drafter == "head" and self.head.path is None:
-            raise ValueError("drafter 'head' needs draft.head.path (a head from specserve train-draft head)")
         return self
 
 
@@ -159,6 +158,9 @@ class SpecserveConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.draft.drafter == "head" and self.draft.head.path is None and builtin_head(self.target.model) is None:
+            raise ValueError(f"drafter 'head' needs draft.head.path: no head ships for target {self.target.model!r} "
+                             "(make one with specserve train-draft head)")
         if DRAFTERS[self.draft.drafter].reads_target and self.cluster.draft_replicas:
             raise ValueError(f"drafter {self.draft.drafter!r} reads the target's hidden states and runs beside it: "
                              f"set cluster.draft_replicas to 0 (it is {self.cluster.draft_replicas})")

@@ -111,10 +111,30 @@ def test_a_seeded_sampled_request_reproduces_alone_and_in_a_batch(tiny_llama, ti
 
 
 def test_drafter_head_config_needs_a_path_and_no_draft_replicas():
-    with pytest.raises(ValueError, match="draft.head.path"):
-        parse_config({"draft": {"drafter": "head"}, "cluster": {"draft_replicas": 0}})
+    with pytest.raises(ValueError, match="draft.head.path"):  # no head ships for the tiny target
+        parse_config({"target": {"model": "tiny-llama"}, "draft": {"drafter": "head"}, "cluster": {"draft_replicas": 0}})
     with pytest.raises(ValueError, match="draft_replicas"):
         parse_config({"draft": {"drafter": "head", "head": {"path": "h.pt"}}})
+    shipped = parse_config({"draft": {"drafter": "head"}, "cluster": {"draft_replicas": 0}})  # SmolLM2's ships
+    assert shipped.draft.head.path is None
+
+
+@pytest.mark.smollm2
+def test_greedy_with_the_shipped_head_equals_plain_on_smollm2(smollm2_fp32):
+    """SmolLM2 in float32 with the head that ships for it: greedy output equals plain greedy, and drafts are accepted."""
+    from cluster.runtime.factory import make_engine
+
+    config = parse_config({"target": {"model": "smollm2-135m-instruct", "dtype": "float32"},
+                           "draft": {"drafter": "head"}, "cluster": {"draft_replicas": 0},
+                           "speculation": {"num_draft_tokens": 4}})
+    engine = make_engine(config, smollm2_fp32)
+    prompts = ["Explain why the sky is blue.", "Write a Python function that adds two numbers."]
+    results = engine.generate([GenerationRequest(p, 32, SamplingParams(temperature=0.0), 4) for p in prompts])
+    eos = smollm2_fp32.tokenizer.eos_token_id
+    for p, r in zip(prompts, results):
+        ids = smollm2_fp32.tokenizer.encode_chat(p)
+        assert r.token_ids == hf_greedy(smollm2_fp32.model, ids, 32, eos)[: len(r.token_ids)]
+    assert sum(r.stats.accepted_tokens for r in results) > 0
 
 
 def test_build_corpus_and_train_draft_commands(tmp_path, capsys):

@@ -256,8 +256,9 @@ class SpeculativeEngine:
             return []
         results = self._accept(seqs, blocks, [o.scores for o in verified], timing)
         if self._policy is not None and self._learn_costs and not prefilling:  # real rounds refine the costs
-            longest = max(len(b) for b in blocks) + 1
-            self._policy.cost = self._policy.cost.observed(len(seqs), longest, timing.verify_s + timing.sample_s)
+            # nothing is padded: the round cost what its mean tokens per sequence cost (as round_cost_s reads it)
+            mean = round((len(seqs) + sum(len(b) for b in blocks)) / len(seqs))
+            self._policy.cost = self._policy.cost.observed(len(seqs), mean, timing.verify_s + timing.sample_s)
         outputs = [self._commit(s, block, result, out.hidden, timing)
                    for s, block, result, out in zip(seqs, blocks, results, verified)]
         self.last_round = timing

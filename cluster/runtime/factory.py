@@ -59,7 +59,12 @@ def build_head(draft: DraftConfig, sources: DraftSources) -> Drafter:
     from .head import DraftHead
     from .head_drafter import HeadDrafter
 
-    return HeadDrafter(DraftHead.load(draft.head.path, sources.target_weights().model))
+    from ..heads import builtin_head
+
+    path = draft.head.path or builtin_head(sources.target_name)
+    if path is None:
+        raise ValueError(f"draft.head.path: no head ships for target {sources.target_name!r}")
+    return HeadDrafter(DraftHead.load(path, sources.target_weights().model))
 
 
 def build_int8(draft: DraftConfig, sources: DraftSources) -> Drafter:

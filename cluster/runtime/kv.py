@@ -60,7 +60,8 @@ class SequenceKV:
 
 
 class KVPool:
-    """One tensor of keys and values for every sequence of a model, a slot each, grown by doubling."""
+    """One tensor of keys and values for every sequence of a model, a slot each; slots grow by
+    doubling, positions by half again (the pool holds slots x the longest sequence)."""
 
     def __init__(self, layers: int):
         self.layers = layers
@@ -78,10 +79,13 @@ class KVPool:
         return cache
 
     def free(self, cache: SequenceKV) -> None:
-        """Frees the cache's slot (a cache dropped without free is freed at the next compaction)."""
+        """Frees the cache's slot now: the last slot's sequence moves into it, and a pool much
+        larger than what is left is reallocated smaller (a cache dropped without free is freed
+        at the next forward's compaction)."""
         if cache.pool is self:
             self._owners[cache.slot] = lambda: None
             cache.pool, cache.length = None, 0
+            self.compact()
 
     @torch.inference_mode()
     def compact(self) -> None:
@@ -118,7 +122,7 @@ class KVPool:
             # grown by doubling; only the live part is copied
             longest = max((c.length for r in self._owners if (c := r()) is not None), default=0)
             self._reallocate(max(slots, 2 * old.shape[2]) if slots > old.shape[2] else old.shape[2],
-                             max(capacity, 2 * old.shape[4]) if capacity > old.shape[4] else old.shape[4],
+                             max(capacity, old.shape[4] * 3 // 2) if capacity > old.shape[4] else old.shape[4],
                              min(slots, old.shape[2]), longest)
 
     def _reallocate(self, slots: int, capacity: int, live_slots: int, live_positions: int) -> None:

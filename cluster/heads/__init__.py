@@ -1,0 +1,14 @@
+"""Draft heads that ship with specserve, one file per built-in target (drafter `head` with no
+draft.head.path uses the target's). Rebuild one with the commands in the README's *Draft heads*."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BUILTIN_HEADS = {"smollm2-135m-instruct": "smollm2-135m-instruct.pt"}
+
+
+def builtin_head(target: str) -> Path | None:
+    """The shipped head of a built-in target, or None."""
+    name = BUILTIN_HEADS.get(target)
+    return Path(__file__).with_name(name) if name else None
