@@ -236,7 +236,24 @@ def test_observed_rounds_refine_the_cost_model():
 def test_extrapolation_never_predicts_less_than_measured():
     odd = CostModel(0.0, (1.0, 1.0), {4: (3.0, 3.0), 16: (2.0, 2.0)})  # noisy: 16 measured cheaper than 4
     assert odd.at_batch(1200).verify_s == pytest.approx((2.0 / 1200, 2.0 / 1200))
-    assert odd.observed(1200, 1, 5.0).batch_verify_s[16][0] > 2.0
+    learned = odd.observed(1200, 1, 5.0)  # far past the measured sizes: a row of its own (1024) learns it
+    assert learned.batch_verify_s[16] == odd.batch_verify_s[16] and 1024 in learned.batch_verify_s
+    assert learned.at_batch(1200).verify_s[0] > odd.at_batch(1200).verify_s[0]
+
+
+def test_costs_past_the_measured_batch_sizes_are_learned_from_real_rounds():
+    """Calibrated at 4 and 16 where extra tokens look nearly free; at 64 sequences real rounds say
+    each token costs: K drops to 0 there, while the measured rows stay as they were."""
+    cheap = CostModel(0.0, _roofline(1), {4: tuple(1.0 + 0.01 * k for k in range(5)),
+                                          16: tuple(1.2 + 0.01 * k for k in range(5))})
+    alpha = 0.6
+    assert best_k(alpha, cheap.at_batch(64)) > 0
+    cost = cheap
+    for _ in range(20):
+        cost = cost.observed(64, 1, 2.0).observed(64, 2, 4.0).observed(64, 3, 6.0)
+    assert best_k(alpha, cost.at_batch(64)) == 0
+    assert cost.batch_verify_s[64][0] == pytest.approx(2.0, rel=1e-3)
+    assert cost.batch_verify_s[4] == cheap.batch_verify_s[4] and cost.batch_verify_s[16] == cheap.batch_verify_s[16]
 
 
 def test_best_ks_gives_drafts_to_the_sequences_that_accept_them():

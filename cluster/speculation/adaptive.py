@@ -46,6 +46,11 @@ class CostModel:
         if not 0 <= k <= self.max_k or b < 1 or seconds <= 0 or self.at_batch(b).verify_s[k] <= 0:
             return self
         table = {1: self.verify_s} | self.batch_verify_s
+        bucket = 2 ** round(math.log2(b))
+        if bucket >= 2 * max(table):  # far past what calibration measured: learn that size's own row,
+            return CostModel(self.draft_step_s, self.verify_s,  # starting from the extrapolation
+                             self.batch_verify_s | {bucket: tuple(t * bucket for t in self.at_batch(bucket).verify_s)},
+                             self.draft_parallelism).observed(b, n, seconds, weight)
         ref = min(table, key=lambda size: (abs(size - b), size))
         scaled = seconds * self.at_batch(ref).verify_s[k] * ref / (self.at_batch(b).verify_s[k] * b)
         row = list(table[ref])
