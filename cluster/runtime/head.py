@@ -125,5 +125,4 @@ class DraftHead(nn.Module):
         missing, unexpected = head.load_state_dict({k: v.to(like.dtype) for k, v in data["state"].items()}, strict=False)
         if unexpected or set(missing) - {"vocab"}:
             raise ValueError(f"draft.head.path: {path} does not fit this head (missing {missing}, unexpected {unexpected})")
-        head.meta = data.get("meta", {})
         return head.eval()

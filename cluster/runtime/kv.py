@@ -40,10 +40,6 @@ class SequenceKV:
     def __init__(self, pool: KVPool | None, slot: int):
         self.pool, self.slot, self.length = pool, slot, 0
 
-    @property
-    def capacity(self) -> int:
-        return self.pool.capacity if self.pool else 0
-
     @torch.inference_mode()
     def keep(self, positions: list[int]) -> None:
         """Keeps exactly these cached positions (increasing), moved to the front in order."""
@@ -68,10 +64,6 @@ class KVPool:
         self.tensor: torch.Tensor | None = None  # [layers, 2, slots, kv_heads, capacity, D]
         self._owners: list[weakref.ref] = []  # _owners[i]() holds slot i (None: free)
         self.writes = 0  # forwards that stored their keys and values here
-
-    @property
-    def capacity(self) -> int:
-        return 0 if self.tensor is None else self.tensor.shape[4]
 
     def new(self) -> SequenceKV:
         cache = SequenceKV(self, len(self._owners))
