@@ -4,7 +4,10 @@ active sequence in parallel over gRPC, one batched verify call, rejection sampli
 and rollbacks on both sides. Requests join and leave between rounds (continuous batching).
 
 Rounds run on one worker thread; the actor's event loop only takes requests and hands out
-results, so new requests queue while a round is in flight and join the next one.
+results, so new requests queue while a round is in flight and join the next one. That thread
+also loads the models and calibrates: every torch op of the process runs on it, because each
+thread that enters an OpenMP region keeps a team of its own, and a second team on the same
+cores slowed the rounds by half (docs/threads.md).
 """
 
 from __future__ import annotations
@@ -34,6 +37,15 @@ class Coordinator:
     its bundle i (bundle 0 holds this process)."""
 
     def __init__(self, config_data: dict, draft_addresses: list[str] | None = None, placement_group=None):
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rounds")
+        self._worker.submit(self._build, config_data, draft_addresses, placement_group).result()
+        self.metrics = RoundMetrics()
+        self._pending: list[tuple[object, list[int], _Sink]] = []
+        self._cancelled: list[_Sink] = []
+        self._sinks: dict[int, _Sink] = {}
+        self._loop: asyncio.Task | None = None
+
+    def _build(self, config_data: dict, draft_addresses: list[str] | None, placement_group) -> None:
         from cluster.config import parse_config
         from cluster.runtime.calibration import calibration_key
         from cluster.runtime.engine import SpeculativeEngine
@@ -80,12 +92,6 @@ class Coordinator:
             ),
         )
         self.engine.prepare()  # measures step costs for adaptive K before the first request
-        self.metrics = RoundMetrics()
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rounds")
-        self._pending: list[tuple[object, list[int], _Sink]] = []
-        self._cancelled: list[_Sink] = []
-        self._sinks: dict[int, _Sink] = {}
-        self._loop: asyncio.Task | None = None
 
     # -- requests -------------------------------------------------------------------------
     async def ready(self) -> dict:

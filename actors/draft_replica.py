@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import ray
 import torch
 
@@ -17,10 +19,12 @@ class DraftHost:
         torch.set_num_threads(threads)
         config = parse_config(config_data, "draft replica config")
         name = drafter or config.draft.drafter
+        # the drafter is built on the thread that serves its calls: one OpenMP team (docs/threads.md)
+        worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter")
         # int8 and layer-subset drafts load the target's weights here; a separate draft model never does
-        self.drafter = build_drafter(name, config.draft, draft_sources(config))
+        self.drafter = worker.submit(build_drafter, name, config.draft, draft_sources(config)).result()
         self.servicer = DraftServicer(self.drafter)
-        self.server, self.port = create_server(self.drafter, f"{host}:0", self.servicer)
+        self.server, self.port = create_server(self.drafter, f"{host}:0", self.servicer, worker)
         self.server.start()
         self.host = host if host != "0.0.0.0" else ray.util.get_node_ip_address()
 

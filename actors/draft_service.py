@@ -60,10 +60,11 @@ class DraftServicer(pb_grpc.DraftServiceServicer):
         return pb.HealthResponse(drafter=self.drafter.name, sequences=len(self.contexts))
 
 
-def create_server(drafter: Drafter, address: str = "127.0.0.1:0",
-                  servicer: DraftServicer | None = None) -> tuple[grpc.Server, int]:
-    """A started-later server and its bound port. One worker thread: calls on the drafter serialise."""
-    server = grpc.server(ThreadPoolExecutor(max_workers=1))
+def create_server(drafter: Drafter, address: str = "127.0.0.1:0", servicer: DraftServicer | None = None,
+                  worker: ThreadPoolExecutor | None = None) -> tuple[grpc.Server, int]:
+    """A started-later server and its bound port. One worker thread (`worker`: the one that built
+    the drafter): calls on the drafter serialise."""
+    server = grpc.server(worker or ThreadPoolExecutor(max_workers=1))
     pb_grpc.add_DraftServiceServicer_to_server(servicer or DraftServicer(drafter), server)
     port = server.add_insecure_port(address)
     if port == 0:

@@ -12,7 +12,7 @@ from conftest import tiny_config
 
 
 def test_a_few_lengths_are_measured_and_the_rest_interpolated():
-    assert measured_lengths(8, 1) == [1, 2, 5, 9] and measured_lengths(8, 16) == [1, 9]
+    assert measured_lengths(8, 1) == [1, 2, 5, 9] and measured_lengths(8, 16) == [1, 2, 9]
     assert interpolate({1: 1.0, 5: 3.0}, 5) == (1.0, 1.5, 2.0, 2.5, 3.0)
     assert interpolate({1: 2.0, 2: 1.0, 3: 4.0}, 3) == (2.0, 2.0, 4.0)  # more tokens never cost less
 
@@ -58,3 +58,38 @@ def test_an_unreadable_cache_file_is_measured_again(tmp_path, monkeypatch):
     assert load_or_measure(key, lambda: fixed) == fixed
     other = Calibration(CostModel(0.2, (1.0, 2.0)), 0.5)
     assert load_or_measure(calibration_key(model="other"), lambda: other) == other  # another key, another file
+
+
+class _ShapedTarget:
+    """A target whose verify costs 1 unit per token on a fake clock, 50 units more the first time a
+    shape runs (a kernel being built), and 200 more on the `stall`-th call (the machine busy)."""
+
+    def __init__(self, stall: int):
+        self.now, self.calls, self.stall, self.seen = 0.0, 0, stall, set()
+
+    def clock(self) -> float:
+        return self.now
+
+    def new_cache(self):
+        return object()
+
+    def forward_batch(self, caches, inputs, last=None):
+        shape = (len(caches), len(inputs[0]))
+        self.calls += 1
+        if last is None:  # a verify
+            self.now += len(caches) * len(inputs[0]) + 50.0 * (shape not in self.seen) + 200.0 * (self.calls == self.stall)
+        self.seen.add(shape)
+
+    def rollback(self, cache, n):
+        pass
+
+    def release(self, cache):
+        pass
+
+
+def test_calibration_times_warm_shapes_and_a_stall_spoils_one_sample_only():
+    for stall in range(2, 40, 3):  # wherever the stall falls, the medians are the true costs
+        target = _ShapedTarget(stall)
+        cost = calibration.measure_costs(target, None, 100, 3, target.clock, context_len=8, batch_sizes=(4,))
+        assert cost.verify_s == (1.0, 2.0, 3.0, 4.0)
+        assert cost.batch_verify_s[4] == (4.0, 8.0, 12.0, 16.0)

@@ -129,7 +129,7 @@ def calls_until_nonzero(policy: AdaptiveK, limit: int = 1000) -> tuple[int, int]
 
 
 def test_adaptive_k_probes_and_backs_off():
-    policy = AdaptiveK(COST, max_k=4, optimism=0.5)  # optimistic enough to keep probing
+    policy = AdaptiveK(COST, max_k=4, optimism=0.5, min_gain=0.0)  # optimistic enough to keep probing
     assert policy.next_k() == 1  # prior alpha 0.5
     for _ in range(5):
         policy.observe(1, 0)
@@ -223,20 +223,22 @@ def test_observed_rounds_refine_the_cost_model():
     alpha = 0.6
     assert best_k(alpha, cheap.at_batch(16)) > 0
     cost = cheap
-    for _ in range(20):
-        cost = cost.observed(16, 1, 1.0).observed(16, 2, 2.0).observed(16, 3, 3.0).observed(16, 5, 5.0)
-    assert cost.batch_verify_s[16][0] == pytest.approx(1.0) and cost.batch_verify_s[16][4] == pytest.approx(5.0, rel=1e-3)
+    for _ in range(60):  # each observation also moves the other entries (by half): convergence takes longer
+        cost = cost.observed(16, 16, 1.0).observed(16, 32, 2.0).observed(16, 48, 3.0).observed(16, 80, 5.0)
+    assert cost.batch_verify_s[16][0] == pytest.approx(1.0, rel=1e-3) and cost.batch_verify_s[16][4] == pytest.approx(5.0, rel=1e-3)
     assert best_k(alpha, cost.at_batch(16)) == 0
     assert cost.verify_s == cheap.verify_s and cost.batch_verify_s[4] == cheap.batch_verify_s[4]  # other sizes kept
-    at15 = cheap.observed(15, 1, 0.9)  # scaled to the nearest measured size (16) before averaging
-    assert at15.batch_verify_s[16][0] == pytest.approx(1.0 + 0.3 * (0.9 * 16 / 15 * (1.0 / 1.0) - 1.0), rel=0.05)
-    assert cheap.observed(16, 99, 1.0) is cheap  # a block longer than the table: ignored
+    at15 = cheap.observed(15, 15, 0.9)  # the nearest measured size (16) moves by observed / predicted
+    ratio = 0.9 / (15 * cheap.at_batch(15).verify_s[0])
+    assert at15.batch_verify_s[16][0] == pytest.approx(1.0 * (1 + 0.3 * (ratio - 1)))
+    assert at15.batch_verify_s[16][4] == pytest.approx(1.2 * (1 + 0.15 * (ratio - 1)))  # the rest by half as much
+    assert cheap.observed(16, 16 * 99, 1.0) is cheap  # a block longer than the table: ignored
 
 
 def test_extrapolation_never_predicts_less_than_measured():
     odd = CostModel(0.0, (1.0, 1.0), {4: (3.0, 3.0), 16: (2.0, 2.0)})  # noisy: 16 measured cheaper than 4
     assert odd.at_batch(1200).verify_s == pytest.approx((2.0 / 1200, 2.0 / 1200))
-    learned = odd.observed(1200, 1, 5.0)  # far past the measured sizes: a row of its own (1024) learns it
+    learned = odd.observed(1200, 1200, 5.0)  # far past the measured sizes: a row of its own (1024) learns it
     assert learned.batch_verify_s[16] == odd.batch_verify_s[16] and 1024 in learned.batch_verify_s
     assert learned.at_batch(1200).verify_s[0] > odd.at_batch(1200).verify_s[0]
 
@@ -249,8 +251,8 @@ def test_costs_past_the_measured_batch_sizes_are_learned_from_real_rounds():
     alpha = 0.6
     assert best_k(alpha, cheap.at_batch(64)) > 0
     cost = cheap
-    for _ in range(20):
-        cost = cost.observed(64, 1, 2.0).observed(64, 2, 4.0).observed(64, 3, 6.0)
+    for _ in range(60):
+        cost = cost.observed(64, 64, 2.0).observed(64, 128, 4.0).observed(64, 192, 6.0)
     assert best_k(alpha, cost.at_batch(64)) == 0
     assert cost.batch_verify_s[64][0] == pytest.approx(2.0, rel=1e-3)
     assert cost.batch_verify_s[4] == cheap.batch_verify_s[4] and cost.batch_verify_s[16] == cheap.batch_verify_s[16]
@@ -274,6 +276,28 @@ def test_best_ks_gives_drafts_to_the_sequences_that_accept_them():
 
 
 def test_next_ks_probes_after_rounds_at_zero():
-    policy = AdaptiveK(CostModel(0.0, tuple(1.0 + 0.5 * k for k in range(9))), max_k=4, probe_after=3)
+    policy = AdaptiveK(CostModel(0.0, tuple(1.0 + 0.5 * k for k in range(9))), max_k=4, probe_after=3, min_gain=0.0)
     got = [policy.next_ks([0.3, 0.3]) for _ in range(3)]
     assert got[:2] == [[0, 0], [0, 0]] and any(got[2])  # the third round at zero probes
+
+
+def test_drafting_must_beat_plain_decoding_by_the_margin():
+    """Where the model predicts a small gain (smaller than its own error), the policy decodes plainly."""
+    from cluster.speculation.adaptive import best_ks
+
+    cost = CostModel(0.0, tuple(1.0 + 0.45 * k for k in range(9)))  # one draft at alpha 0.5: 1.5 tokens for 1.45
+    assert best_k(0.5, cost, 1) == 1 and best_ks([0.5], cost, 1) == [1]
+    assert best_k(0.5, cost, 1, min_gain=0.1) == 0 and best_ks([0.5], cost, 1, min_gain=0.1) == [0]
+    assert AdaptiveK(cost, max_k=1).next_k() == 0 and AdaptiveK(cost, max_k=1).next_ks([0.5]) == [0]
+    assert best_ks([0.9], cost, 1, min_gain=0.1) == [1]  # 1.9 tokens for 1.45: well past the margin
+
+
+def test_each_sequence_probes_on_its_own_schedule():
+    """A sequence's probes follow its own rounds at K = 0, not the engine's history."""
+    policy = AdaptiveK(CostModel(0.0, tuple(1.0 + 0.5 * k for k in range(9))), max_k=4, probe_after=3, min_gain=0.0)
+    old, new = policy.new_schedule(), policy.new_schedule()
+    assert [policy.next_ks([0.3], [old]) for _ in range(2)] == [[0], [0]]
+    got = policy.next_ks([0.3, 0.3], [old, new])
+    assert got[0] > 0 and got[1] == 0  # the third round at zero of the old one: it probes alone
+    assert policy.next_ks([0.3, 0.3], [old, new]) == [0, 0]
+    assert policy.next_ks([0.3, 0.3], [old, new])[1] > 0  # and the new one after its own three

@@ -63,11 +63,11 @@ def test_chunked_prefill_joins_the_running_decodes(tiny_llama):
 
 
 def test_costs_are_learned_at_the_rounds_mean_block(tiny_llama, monkeypatch):
-    """Nothing is padded, so a ragged round (K differing per sequence) is recorded at its mean
-    tokens per sequence, where round_cost_s reads the table, not at its longest block."""
+    """Nothing is padded, so a ragged round (K differing per sequence) is recorded at its tokens in
+    all (its mean block, where round_cost_s reads the table), not at its longest block."""
     engine = make_engine(tiny_config(), tiny_llama)
     engine.prepare()
-    current, seen = [], []  # the round's blocks; (blocks, b, n) per observation
+    current, seen = [], []  # the round's blocks; (blocks, b, tokens) per observation
     monkeypatch.setattr(CostModel, "observed", lambda self, b, n, s, weight=0.3: seen.append((current[-1], b, n)) or self)
     propose = engine._propose
     monkeypatch.setattr(engine, "_propose", lambda seqs, timing: current.append(propose(seqs, timing)) or current[-1])
@@ -78,4 +78,4 @@ def test_costs_are_learned_at_the_rounds_mean_block(tiny_llama, monkeypatch):
     ragged = [(blocks, b, n) for blocks, b, n in seen if len({len(x) for x in blocks}) > 1]
     assert ragged, "no round drafted different K: the case does not test the mean"
     for blocks, b, n in seen:
-        assert len(blocks) == b and n == round((b + sum(len(x) for x in blocks)) / b)
+        assert len(blocks) == b and n == b + sum(len(x) for x in blocks)

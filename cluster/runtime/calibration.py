@@ -27,7 +27,7 @@ CALIBRATION_TEXT = (
     "def mean(values):\n    return sum(values) / len(values)\n"
     "Spring arrived early that year, and the river rose quickly as the snow melted in the hills."
 )
-FORMAT = 2  # bump when what is measured (or how fast the code runs it) changes: older files are ignored
+FORMAT = 4  # bump when what is measured (or how fast the code runs it) changes: older files are ignored
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,11 @@ class Calibration:
 
 
 def measured_lengths(max_k: int, batch: int) -> list[int]:
-    """Block lengths (1..max_k + 1) measured at this batch size; the others are interpolated."""
+    """Block lengths (1..max_k + 1) measured at this batch size; the others are interpolated. The
+    first draft token is measured everywhere: matmul kernels step in cost with the row count, so
+    one token more per sequence can cost far more than its share of the longest block."""
     top = max_k + 1
-    points = {1, top} if batch > 1 else {1, 2, (top + 1) // 2, top}
+    points = {1, 2, top} if batch > 1 else {1, 2, (top + 1) // 2, top}
     return sorted(points)
 
 
@@ -56,35 +58,39 @@ def interpolate(measured: dict[int, float], top: int) -> tuple[float, ...]:
 
 
 def measure_costs(target, drafter: Drafter | None, vocab: int, max_k: int, clock: Callable[[], float] = time.perf_counter,
-                  context_len: int = 64, reps: int = 1, batch_sizes: tuple[int, ...] = (4, 16)) -> CostModel:
+                  context_len: int = 48, reps: int = 3, batch_sizes: tuple[int, ...] = (4, 16, 64)) -> CostModel:
     """One target call verifying blocks of 1..max_k + 1 tokens for 1 and for each of batch_sizes
     sequences at once after context_len tokens (a few lengths measured, see measured_lengths),
-    and one draft step. `target` has CausalLM's interface."""
+    and one draft step. `target` has CausalLM's interface.
+
+    Every shape is run once before it is timed (oneDNN builds its kernels per shape on first use:
+    an untimed first call measured a 2-token verify 50% dearer than a 9-token one), then timed
+    `reps` times in interleaved passes, so that a stall of the machine spoils one sample of a
+    shape, not all of them; the median counts. A larger batch never costs less than a smaller one."""
     ctx = [(7 * i + 3) % vocab for i in range(context_len)]
     caches = [target.new_cache() for _ in range(max((1, *batch_sizes)))]
     target.forward_batch(caches, [ctx[:-1]] * len(caches), last=[0] * len(caches))  # one flattened prefill
-
-    def timed(fn, warm_up: bool = True) -> float:
-        if warm_up:
-            fn()
-        times = []
-        for _ in range(reps):
-            t = clock()
-            fn()
-            times.append(clock() - t)
-        return statistics.median(times)
 
     def verify(b: int, n: int) -> None:
         target.forward_batch(caches[:b], [ctx[-n:]] * b)
         for c in caches[:b]:
             target.rollback(c, n)
 
-    def table(b: int) -> tuple[float, ...]:  # one warm-up per batch size: the shapes share their kernels
-        lengths = measured_lengths(max_k, b)
-        return interpolate({n: timed(lambda n=n: verify(b, n), warm_up=n == lengths[0]) for n in lengths}, max_k + 1)
-
-    verify_s = table(1)
-    batch_verify_s = {b: table(b) for b in batch_sizes if b > 1}
+    sizes = sorted({1, *(b for b in batch_sizes if b > 1)})
+    shapes = [(b, n) for b in sizes for n in measured_lengths(max_k, b)]
+    for shape in shapes:
+        verify(*shape)
+    samples: dict[tuple[int, int], list[float]] = {shape: [] for shape in shapes}
+    for _ in range(reps):
+        for shape in shapes:
+            t = clock()
+            verify(*shape)
+            samples[shape].append(clock() - t)
+    tables: dict[int, tuple[float, ...]] = {}
+    for b in sizes:
+        row = interpolate({n: statistics.median(samples[(b, n)]) for n in measured_lengths(max_k, b)}, max_k + 1)
+        below = tables[max(tables)] if tables else (0.0,) * len(row)
+        tables[b] = tuple(map(max, row, below))
     for c in caches:
         target.release(c)
     draft_step_s = 0.0
@@ -93,9 +99,16 @@ def measure_costs(target, drafter: Drafter | None, vocab: int, max_k: int, clock
         propose = _feature_probe(drafter, probe_id, ctx, k, greedy) if getattr(drafter, "needs_features", False) \
             else lambda: drafter.propose(probe_id, ctx, k, greedy, 0)
         propose()  # prefill the probe's draft cache
-        draft_step_s = timed(propose) / k
+        propose()  # and a first block: warm
+        times = []
+        for _ in range(reps):
+            t = clock()
+            propose()
+            times.append(clock() - t)
+        draft_step_s = statistics.median(times) / k
         drafter.release(probe_id)
-    return CostModel(draft_step_s, verify_s, batch_verify_s, draft_parallelism=getattr(drafter, "parallelism", 1))
+    verify_s = tables.pop(1)
+    return CostModel(draft_step_s, verify_s, tables, draft_parallelism=getattr(drafter, "parallelism", 1))
 
 
 def _feature_probe(drafter, probe_id: int, ctx: list[int], k: int, params: SamplingParams) -> Callable[[], None]:

@@ -12,6 +12,7 @@ import torch
 from ..speculation import (
     AcceptanceTracker,
     AdaptiveK,
+    ProbeSchedule,
     CostModel,
     InvalidRequest,
     SamplingParams,
@@ -113,6 +114,7 @@ class _Sequence:
     generator: torch.Generator
     cache: object
     tracker: AcceptanceTracker | None  # alpha of an adaptive-K sequence
+    probes: ProbeSchedule | None = None  # when it drafts again after rounds at K = 0 (adaptive K)
     output: list[int] = field(default_factory=list)
     stats: SpeculationStats = field(default_factory=SpeculationStats)
     cached: int = 0  # tokens in the target's cache: all but the last one while decoding
@@ -256,9 +258,9 @@ class SpeculativeEngine:
             return []
         results = self._accept(seqs, blocks, [o.scores for o in verified], timing)
         if self._policy is not None and self._learn_costs and not prefilling:  # real rounds refine the costs
-            # nothing is padded: the round cost what its mean tokens per sequence cost (as round_cost_s reads it)
-            mean = round((len(seqs) + sum(len(b) for b in blocks)) / len(seqs))
-            self._policy.cost = self._policy.cost.observed(len(seqs), mean, timing.verify_s + timing.sample_s)
+            # nothing is padded: the round cost what its tokens in all cost (as round_cost_s reads it)
+            tokens = len(seqs) + sum(len(b) for b in blocks)
+            self._policy.cost = self._policy.cost.observed(len(seqs), tokens, timing.verify_s + timing.sample_s)
         outputs = [self._commit(s, block, result, out.hidden, timing)
                    for s, block, result, out in zip(seqs, blocks, results, verified)]
         self.last_round = timing
@@ -372,7 +374,11 @@ class SpeculativeEngine:
             return {}
         if self._policy is None:
             self._policy = AdaptiveK(self.cost_model, self.max_draft_tokens)
-        return dict(zip((s.seq_id for s in adaptive), self._policy.next_ks([s.tracker.alpha for s in adaptive])))
+        for s in adaptive:
+            if s.probes is None:
+                s.probes = self._policy.new_schedule()
+        ks = self._policy.next_ks([s.tracker.alpha for s in adaptive], [s.probes for s in adaptive])
+        return dict(zip((s.seq_id for s in adaptive), ks))
 
     def _choose_k(self, s: _Sequence, adaptive_k: int) -> int:
         if self.drafter is None:

@@ -3,7 +3,8 @@
 No module here imports Ray, gRPC, DeepSpeed or transformers (tests/test_boundary.py).
 """
 
-from .adaptive import AcceptanceTracker, AdaptiveK, CostModel, best_k, expected_tokens, mean_expected_tokens
+from .adaptive import (AcceptanceTracker, AdaptiveK, CostModel, ProbeSchedule, best_k, expected_tokens,
+                       mean_expected_tokens)
 from .errors import InvalidRequest
 from .greedy import greedy_accept
 from .params import SamplingParams
@@ -21,6 +22,7 @@ __all__ = [
     "Target",
     "AcceptanceTracker",
     "AdaptiveK",
+    "ProbeSchedule",
     "CostModel",
     "InvalidRequest",
     "RejectionOutput",

@@ -37,26 +37,31 @@ class CostModel:
     def round_s(self, k: int) -> float:
         return k * self.draft_step_s + self.verify_s[k]
 
-    def observed(self, b: int, n: int, seconds: float, weight: float = 0.3) -> CostModel:
-        """The model after a real verify call over b sequences padded to n tokens took `seconds`:
-        the nearest measured batch size's entry for n moves toward it (scaled to that size).
+    def observed(self, b: int, tokens: int, seconds: float, weight: float = 0.3) -> CostModel:
+        """The model after a real verify call over b sequences and `tokens` tokens in all took
+        `seconds`. The row of the nearest measured batch size moves by the ratio of `seconds` to
+        what the model predicted for this very round: the entries at the round's tokens per
+        sequence by `weight`, every other entry by half of it (contention and longer contexts raise
+        them all; an entry that calibration got wrong is set right where rounds use it).
         Calibration uses one context length; real contexts are longer and ragged, and what they
         cost is learned from the rounds themselves."""
-        k = n - 1
-        if not 0 <= k <= self.max_k or b < 1 or seconds <= 0 or self.at_batch(b).verify_s[k] <= 0:
+        n = tokens / b if b >= 1 else 0.0
+        if not 1 <= n <= self.max_k + 1 or seconds <= 0:
             return self
         table = {1: self.verify_s} | self.batch_verify_s
         bucket = 2 ** round(math.log2(b))
         if bucket >= 2 * max(table):  # far past what calibration measured: learn that size's own row,
             return CostModel(self.draft_step_s, self.verify_s,  # starting from the extrapolation
                              self.batch_verify_s | {bucket: tuple(t * bucket for t in self.at_batch(bucket).verify_s)},
-                             self.draft_parallelism).observed(b, n, seconds, weight)
+                             self.draft_parallelism).observed(b, tokens, seconds, weight)
+        predicted = round_cost_s(self, b, tokens)
+        if predicted <= 0:
+            return self
+        ratio, at = seconds / predicted, n - 1
         ref = min(table, key=lambda size: (abs(size - b), size))
-        scaled = seconds * self.at_batch(ref).verify_s[k] * ref / (self.at_batch(b).verify_s[k] * b)
-        row = list(table[ref])
-        row[k] += weight * (scaled - row[k])
-        for j in range(k + 1, len(row)):  # more tokens never cost less: unseen entries stay honest
-            row[j] = max(row[j], row[k])
+        row = [t * (1 + (weight if abs(j - at) < 1 else weight / 2) * (ratio - 1)) for j, t in enumerate(table[ref])]
+        for j in range(1, len(row)):  # more tokens never cost less
+            row[j] = max(row[j], row[j - 1])
         if ref == 1:
             return CostModel(self.draft_step_s, tuple(row), self.batch_verify_s, self.draft_parallelism)
         return CostModel(self.draft_step_s, self.verify_s, self.batch_verify_s | {ref: tuple(row)}, self.draft_parallelism)
@@ -80,13 +85,15 @@ class CostModel:
         return CostModel(draft, verify)
 
 
-def best_k(alpha: float | Sequence[float], cost: CostModel, max_k: int | None = None) -> int:
-    """The K in [0, max_k] with the most expected tokens per second (ties go to the smaller K).
-    Given several sequences' alphas, the one K for all of them: the most tokens per round."""
+def best_k(alpha: float | Sequence[float], cost: CostModel, max_k: int | None = None, min_gain: float = 0.0) -> int:
+    """The K in [0, max_k] with the most expected tokens per second (ties go to the smaller K);
+    0 unless that beats plain decoding by min_gain (a fraction). Given several sequences'
+    alphas, the one K for all of them: the most tokens per round."""
     alphas = [alpha] if isinstance(alpha, (int, float)) else list(alpha)
     top = cost.max_k if max_k is None else min(max_k, cost.max_k)
     rates = [sum(expected_tokens(a, k) for a in alphas) / len(alphas) / cost.round_s(k) for k in range(top + 1)]
-    return max(range(top + 1), key=lambda k: (rates[k], -k))
+    k = max(range(top + 1), key=lambda k: (rates[k], -k))
+    return k if rates[k] > rates[0] * (1 + min_gain) else 0
 
 
 def round_cost_s(cost: CostModel, batch: int, tokens: int) -> float:
@@ -99,28 +106,30 @@ def round_cost_s(cost: CostModel, batch: int, tokens: int) -> float:
     return batch * (per_seq[lo] + (n - lo) * (per_seq[hi] - per_seq[lo]))
 
 
-def best_ks(alphas: Sequence[float], cost: CostModel, max_k: int | None = None) -> list[int]:
+def best_ks(alphas: Sequence[float], cost: CostModel, max_k: int | None = None, min_gain: float = 0.0) -> list[int]:
     """One K per sequence for a flattened round, where nothing is padded: a round costs what its
     total token count costs at this batch size, plus the drafting. Draft tokens go one at a time to
     the sequence whose next draft is most likely accepted (alpha_i^(K_i + 1)), for as long as the
-    round's expected tokens per second rises; low-alpha sequences stay at K = 0."""
+    round's expected tokens per second rises; low-alpha sequences stay at K = 0. All stay at 0
+    unless the round beats plain decoding by min_gain (a fraction)."""
     b = len(alphas)
     if b == 0:
         return []
     top = cost.max_k if max_k is None else min(max_k, cost.max_k)
     draft_s = cost.draft_step_s / cost.draft_parallelism  # one more draft token, the drafters working in parallel
     ks, expected, drafted = [0] * b, float(b), 0
-    rate = expected / round_cost_s(cost, b, b)
+    plain = rate = expected / round_cost_s(cost, b, b)
     while True:
         gains = [(a ** (k + 1) if k < top else -1.0, -i) for i, (a, k) in enumerate(zip(alphas, ks))]
         gain, neg_i = max(gains)
         if gain <= 0:
-            return ks
+            break
         new_rate = (expected + gain) / (round_cost_s(cost, b, b + drafted + 1) + (drafted + 1) * draft_s)
         if new_rate <= rate:
-            return ks
+            break
         ks[-neg_i] += 1
         expected, drafted, rate = expected + gain, drafted + 1, new_rate
+    return ks if rate > plain * (1 + min_gain) else [0] * b
 
 
 @dataclass
@@ -150,12 +159,38 @@ class AcceptanceTracker:
 
 
 @dataclass
+class ProbeSchedule:
+    """When a sequence that sits at K = 0 drafts once more (at K = 0 nothing new is learned about
+    alpha): after `after` rounds at 0, then after twice as many each time; a round that chose
+    K > 0 resets it. One per sequence, so what a sequence drafts never depends on what ran before."""
+
+    after: int = 16
+    _rounds_at_zero: int = 0
+    _interval: int = 0
+
+    def due(self, k: int) -> bool:
+        """Counts a round whose chosen K was k; True when this round should probe instead."""
+        if k > 0:
+            self._rounds_at_zero, self._interval = 0, 0
+            return False
+        self._rounds_at_zero += 1
+        interval = self._interval or self.after
+        if self._rounds_at_zero < interval:
+            return False
+        self._rounds_at_zero, self._interval = 0, interval * 2
+        return True
+
+
+@dataclass
 class AdaptiveK:
     """Per-sequence K policy: best_k on the tracker's alpha, with probes when it sits at K = 0.
 
     At K = 0 nothing new is learned about alpha, so after `probe_after` rounds at 0 one round
     drafts best_k(alpha + optimism) tokens; the interval doubles after each probe. No probe is
     made when even the optimistic alpha would not pay for drafting (a draft as slow as the target).
+    Drafting has to beat plain decoding by min_gain in the model's own prediction: the model errs
+    by about that much (matmul costs step with the row count, blocks are ragged), and where the
+    gain is smaller than the error, speculating risks running slower than the model it serves.
     """
 
     cost: CostModel
@@ -163,8 +198,15 @@ class AdaptiveK:
     tracker: AcceptanceTracker = field(default_factory=AcceptanceTracker)
     probe_after: int = 16
     optimism: float = 0.25
-    _rounds_at_zero: int = 0
-    _interval: int = 0
+    min_gain: float = 0.1  # speculate only where the model predicts 10% over plain: its own error is about that
+    probes: ProbeSchedule | None = None  # next_k's, and next_ks's when given no schedules (probe_after)
+
+    def __post_init__(self):
+        if self.probes is None:
+            self.probes = ProbeSchedule(self.probe_after)
+
+    def new_schedule(self) -> ProbeSchedule:
+        return ProbeSchedule(self.probe_after)
 
     def next_k(self, batch: int = 1, alphas: Sequence[float] | None = None) -> int:
         """K for the next round, when `batch` sequences share it (verification stops being free
@@ -172,30 +214,27 @@ class AdaptiveK:
         `alphas`: the sequences that take this K (default: this policy's own tracker)."""
         alpha = [self.tracker.alpha] if alphas is None else list(alphas)
         cost = self.cost.at_batch(batch)
-        k = best_k(alpha, cost, self.max_k)
-        if k > 0:
-            self._rounds_at_zero, self._interval = 0, 0
+        k = best_k(alpha, cost, self.max_k, self.min_gain)
+        if not self.probes.due(k):
             return k
-        self._rounds_at_zero += 1
-        interval = self._interval or self.probe_after
-        if self._rounds_at_zero < interval:
-            return 0
-        self._rounds_at_zero, self._interval = 0, interval * 2
-        return best_k([min(0.99, a + self.optimism) for a in alpha], cost, self.max_k)
+        return best_k([min(0.99, a + self.optimism) for a in alpha], cost, self.max_k, self.min_gain)
 
-    def next_ks(self, alphas: Sequence[float]) -> list[int]:
-        """One K per sequence of a flattened round (best_ks), with the same probes as next_k when
-        every sequence sits at K = 0."""
-        ks = best_ks(alphas, self.cost, self.max_k)
-        if any(ks) or not alphas:
-            self._rounds_at_zero, self._interval = 0, 0
+    def next_ks(self, alphas: Sequence[float], schedules: Sequence[ProbeSchedule] | None = None) -> list[int]:
+        """One K per sequence of a flattened round (best_ks). With a schedule per sequence, each
+        sequence probes on its own (optimistic alpha for it alone); without, the policy's one
+        schedule probes for all when every K sits at 0."""
+        ks = best_ks(alphas, self.cost, self.max_k, self.min_gain)
+        if not alphas:
             return ks
-        self._rounds_at_zero += 1
-        interval = self._interval or self.probe_after
-        if self._rounds_at_zero < interval:
+        if schedules is None:
+            probing = set(range(len(ks))) if self.probes.due(max(ks)) else set()
+        else:
+            probing = {i for i, (k, schedule) in enumerate(zip(ks, schedules)) if schedule.due(k)}
+        if not probing:
             return ks
-        self._rounds_at_zero, self._interval = 0, interval * 2
-        return best_ks([min(0.99, a + self.optimism) for a in alphas], self.cost, self.max_k)
+        optimistic = [min(0.99, a + self.optimism) if i in probing else a for i, a in enumerate(alphas)]
+        probed = best_ks(optimistic, self.cost, self.max_k, self.min_gain)
+        return [probed[i] if i in probing else k for i, k in enumerate(ks)]
 
     def observe(self, num_drafted: int, num_accepted: int) -> None:
         self.tracker.update(num_drafted, num_accepted)
