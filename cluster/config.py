@@ -103,7 +103,7 @@ class ClusterConfig(_Strict):
     address: str | None = None  # Ray cluster to join ("auto" or "ray://host:port"); None: start a local one
     tp_size: int = Field(1, ge=1)  # tensor-parallel ranks of the target (one actor each, one node)
     target_rank: ActorResources = ActorResources()  # per tensor-parallel rank
-    draft_replicas: int = Field(2, ge=0)  # 0: the drafter runs inside the coordinator
+    draft_replicas: int = Field(0, ge=0)  # 0: the drafter runs inside the coordinator (n-gram: always best)
     draft_replica: ActorResources = ActorResources(cpus=0.25)
     coordinator: ActorResources = ActorResources(cpus=0.25)
     draft_timeout_s: float = Field(10.0, gt=0)  # a replica slower than this counts as failed
@@ -198,7 +198,7 @@ DEFAULT_CONFIG = {
         "address": None,
         "tp_size": 1,
         "target_rank": {"cpus": 1.0, "gpus": 0.0, "threads": 2},
-        "draft_replicas": 2,
+        "draft_replicas": 0,
         "draft_replica": {"cpus": 0.25, "gpus": 0.0, "threads": 1},
         "coordinator": {"cpus": 0.25, "gpus": 0.0, "threads": 1},
         "draft_timeout_s": 10.0,
