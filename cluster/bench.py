@@ -42,7 +42,7 @@ def run_bench(config: SpecserveConfig, json_out: str | None = None, plot: str | 
     cpu = select_device(config.target.device).type == "cpu"
     drafters = [name for name, kind in DRAFTERS.items()
                 if (cpu or not kind.cpu_only) and (name != "model" or config.draft.model.usable)
-                and (name != "head" or config.draft.head.path is not None or builtin_head(config.target.model))]
+                and (not kind.reads_target or config.draft.head.path is not None or builtin_head(config.target.model))]
     log = lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True)  # noqa: E731
 
     log(f"loading {config.target.model} ({config.target.dtype})")

@@ -47,6 +47,10 @@ class NgramDrafterConfig(_Strict):
         return self
 
 
+class NgramHeadDrafterConfig(_Strict):
+    min_n: int = Field(2, ge=1, le=16)  # shortest repeated suffix that lookup drafts from (head otherwise)
+
+
 class HeadDrafterConfig(_Strict):
     path: str | None = None  # a head trained for the target (specserve train-draft head); None: the one shipped for it
 
@@ -55,12 +59,15 @@ class DraftConfig(_Strict):
     drafter: Literal[DRAFTER_NAMES] = "ngram"  # the drafter that runs (cluster/registry.py)
     model: ModelDrafterConfig = ModelDrafterConfig()  # settings of drafter 'model'
     ngram: NgramDrafterConfig = NgramDrafterConfig()  # settings of drafter 'ngram'
-    head: HeadDrafterConfig = HeadDrafterConfig()  # settings of drafter 'head'
+    head: HeadDrafterConfig = HeadDrafterConfig()  # settings of drafters 'head' and 'ngram_head'
+    ngram_head: NgramHeadDrafterConfig = NgramHeadDrafterConfig()  # drafter 'ngram_head' (lookup sizes up to ngram.max_n)
 
     @model_validator(mode="after")
     def _check(self):
         if self.drafter == "model" and not self.model.usable:
             raise ValueError("drafter 'model' needs draft.model.name (a draft LM) or draft.model.layers")
+        if self.drafter == "ngram_head" and self.ngram_head.min_n > self.ngram.max_n:
+            raise ValueError(f"draft.ngram_head.min_n ({self.ngram_head.min_n}) exceeds draft.ngram.max_n ({self.ngram.max_n})")
         return self
 
 
@@ -158,8 +165,9 @@ class SpecserveConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.draft.drafter == "head" and self.draft.head.path is None and builtin_head(self.target.model) is None:
-            raise ValueError(f"drafter 'head' needs draft.head.path: no head ships for target {self.target.model!r} "
+        if self.draft.drafter in ("head", "ngram_head") and self.draft.head.path is None \
+                and builtin_head(self.target.model) is None:
+            raise ValueError(f"drafter {self.draft.drafter!r} needs draft.head.path: no head ships for target {self.target.model!r} "
                              "(make one with specserve train-draft head)")
         if DRAFTERS[self.draft.drafter].reads_target and self.cluster.draft_replicas:
             raise ValueError(f"drafter {self.draft.drafter!r} reads the target's hidden states and runs beside it: "

@@ -38,6 +38,9 @@ DRAFTERS: dict[str, DrafterKind] = {
         DrafterKind("head", "a feature-conditioned draft head (draft.head.path, from specserve train-draft head) "
                     "that reads the target's hidden states; runs beside the target",
                     "cluster.runtime.factory:build_head", "dense", lambda d: True, reads_target=True),
+        DrafterKind("ngram_head", "prompt lookup where the context's last draft.ngram_head.min_n or more tokens occurred "
+                    "before, the draft head (drafter 'head') for the other sequences",
+                    "cluster.runtime.factory:build_ngram_head", "dense", lambda d: True, reads_target=True),
     )
 }
 DRAFTER_NAMES = tuple(DRAFTERS)

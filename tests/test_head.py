@@ -193,3 +193,70 @@ def test_calibration_measures_the_head_drafting(tiny_llama, tiny_head):
     drafter.lm.forward_outputs = lambda *a, **k: calls.append(1) or original(*a, **k)
     cost = measure_costs(CausalLM(tiny_llama.model), drafter, 200, 4, batch_sizes=(2,))
     assert cost.draft_step_s > 0 and len(calls) >= 3 * 4  # prefill + warm-up + timed proposals of 4 steps
+
+
+class _CountingLookupThenHead:
+    """drafter ngram_head, counting the blocks each part drafted."""
+
+    @staticmethod
+    def make(head):
+        from cluster.runtime.drafters import NgramDrafter
+        from cluster.runtime.lookup_head import LookupThenHead
+
+        class Counting(LookupThenHead):
+            def propose_many(self, requests):
+                blocks = super().propose_many(requests)
+                for r, b in zip(requests, blocks):
+                    if b.token_ids:
+                        self.counts["lookup" if b.probs is None else "head"] += 1
+                return blocks
+
+        drafter = Counting(NgramDrafter(max_n=3, min_n=2), HeadDrafter(head))
+        drafter.counts = {"lookup": 0, "head": 0}
+        return drafter
+
+
+def test_lookup_then_head_greedy_equals_plain_and_uses_both(tiny_llama, tiny_head):
+    head = DraftHead.load(tiny_head[0], tiny_llama.model)
+    drafter = _CountingLookupThenHead.make(head)
+    engine = SpeculativeEngine(tiny_llama.model, tiny_llama.tokenizer, drafter, num_draft_tokens=3)
+    prompts = [tiny_llama.tokenizer.encode(p) for p in TINY_PROMPTS]
+    results = engine.generate([GenerationRequest("", 40, SamplingParams(temperature=0.0), prompt_ids=p) for p in prompts])
+    eos = tiny_llama.tokenizer.eos_token_id
+    for ids, r in zip(prompts, results):
+        assert r.token_ids == hf_greedy(tiny_llama.model, ids, 40, eos)[: len(r.token_ids)]
+    assert drafter.counts["lookup"] > 0 and drafter.counts["head"] > 0, drafter.counts
+
+
+def test_lookup_then_head_samples_the_target_distribution(tiny_llama, tiny_head):
+    """One-hot lookup blocks and dense head blocks in the same rejection-sampling call: the samples
+    follow the target's exact two-token distribution; accepting every draft (negative control) does not."""
+    import cluster.speculation.rejection as rejection
+    from test_engine_sampling import PARAMS, _chi2_pvalue, _exact_two_token_distribution, _sample_pairs
+
+    head = DraftHead.load(tiny_head[0], tiny_llama.model)
+    drafter = _CountingLookupThenHead.make(head)
+    engine = SpeculativeEngine(tiny_llama.model, tiny_llama.tokenizer, drafter, num_draft_tokens=2)
+    prompt = "abab"
+    joint = _exact_two_token_distribution(tiny_llama, tiny_llama.tokenizer.encode(prompt), PARAMS)
+    assert _chi2_pvalue(_sample_pairs(engine, prompt, PARAMS, 1500, k=2), joint) > 1e-3
+    assert drafter.counts["lookup"] > 0 and drafter.counts["head"] > 0, drafter.counts
+    real = rejection.acceptance_probs
+    try:
+        rejection.acceptance_probs = lambda p_x, q_x: torch.ones_like(p_x)
+        assert _chi2_pvalue(_sample_pairs(engine, prompt, PARAMS, 1500, k=2), joint) < 1e-6
+    finally:
+        rejection.acceptance_probs = real
+
+
+def test_drafter_ngram_head_is_configured_and_built():
+    from cluster.runtime.factory import build_drafter, draft_sources
+    from cluster.runtime.lookup_head import LookupThenHead
+
+    with pytest.raises(ValueError, match="min_n"):
+        parse_config({"draft": {"drafter": "ngram_head", "ngram": {"max_n": 2}, "ngram_head": {"min_n": 3}}})
+    with pytest.raises(ValueError, match="draft_replicas"):
+        parse_config({"draft": {"drafter": "ngram_head"}, "cluster": {"draft_replicas": 1}})
+    config = parse_config({"draft": {"drafter": "ngram_head"}})  # SmolLM2's head ships
+    drafter = build_drafter("ngram_head", config.draft, draft_sources(config))
+    assert isinstance(drafter, LookupThenHead) and drafter.lookup.min_n == 2 and drafter.needs_features

@@ -96,7 +96,7 @@ def measure_costs(target, drafter: Drafter | None, vocab: int, max_k: int, clock
     draft_step_s = 0.0
     if drafter is not None:
         greedy, k, probe_id = SamplingParams(temperature=0.0), 4, 2**63 - 1  # no request gets this id
-        propose = _feature_probe(drafter, probe_id, ctx, k, greedy) if getattr(drafter, "needs_features", False) \
+        propose = _feature_probe(drafter, probe_id, vocab, len(ctx), k, greedy) if getattr(drafter, "needs_features", False) \
             else lambda: drafter.propose(probe_id, ctx, k, greedy, 0)
         propose()  # prefill the probe's draft cache
         propose()  # and a first block: warm
@@ -111,14 +111,15 @@ def measure_costs(target, drafter: Drafter | None, vocab: int, max_k: int, clock
     return CostModel(draft_step_s, verify_s, tables, draft_parallelism=getattr(drafter, "parallelism", 1))
 
 
-def _feature_probe(drafter, probe_id: int, ctx: list[int], k: int, params: SamplingParams) -> Callable[[], None]:
+def _feature_probe(drafter, probe_id: int, vocab: int, start: int, k: int, params: SamplingParams) -> Callable[[], None]:
     """Proposals for a probe sequence of a drafter that reads the target: one more committed token
-    (and a zero feature) a call, as in decoding."""
-    sent, length = [0], [len(ctx) - 1]
+    (and a zero feature) a call, as in decoding. The context never repeats itself, so a drafter
+    that looks up repeats first (ngram_head) is timed drafting with its model."""
+    sent, length = [0], [start - 1]
 
     def propose() -> None:
         length[0] += 1
-        context = [ctx[i % len(ctx)] for i in range(length[0])]
+        context = [(7 * i + 3) % vocab for i in range(length[0])]
         features = torch.zeros(length[0] - 1 - sent[0], drafter.feature_size)
         drafter.propose_many([DraftRequest(probe_id, context, k, params, 0, features, sent[0])])
         sent[0] = length[0] - 1

@@ -67,6 +67,12 @@ def build_head(draft: DraftConfig, sources: DraftSources) -> Drafter:
     return HeadDrafter(DraftHead.load(path, sources.target_weights().model))
 
 
+def build_ngram_head(draft: DraftConfig, sources: DraftSources) -> Drafter:
+    from .lookup_head import LookupThenHead
+
+    return LookupThenHead(NgramDrafter(max_n=draft.ngram.max_n, min_n=draft.ngram_head.min_n), build_head(draft, sources))
+
+
 def build_int8(draft: DraftConfig, sources: DraftSources) -> Drafter:
     return ModelDrafter(int8_copy(sources.target_weights().model), name="int8")
 
