@@ -114,7 +114,7 @@ def test_drafter_head_config_needs_a_path_and_no_draft_replicas():
     with pytest.raises(ValueError, match="draft.head.path"):  # no head ships for the tiny target
         parse_config({"target": {"model": "tiny-llama"}, "draft": {"drafter": "head"}, "cluster": {"draft_replicas": 0}})
     with pytest.raises(ValueError, match="draft_replicas"):
-        parse_config({"draft": {"drafter": "head", "head": {"path": "h.pt"}}})
+        parse_config({"draft": {"drafter": "head", "head": {"path": "h.pt"}}, "cluster": {"draft_replicas": 2}})
     shipped = parse_config({"draft": {"drafter": "head"}, "cluster": {"draft_replicas": 0}})  # SmolLM2's ships
     assert shipped.draft.head.path is None
 
@@ -208,7 +208,7 @@ class _CountingLookupThenHead:
                 blocks = super().propose_many(requests)
                 for r, b in zip(requests, blocks):
                     if b.token_ids:
-                        self.counts["lookup" if b.probs is None else "head"] += 1
+                        self.counts["lookup" if self.lookup.lookup(r.context, r.k) else "head"] += 1
                 return blocks
 
         drafter = Counting(NgramDrafter(max_n=3, min_n=2), HeadDrafter(head))
@@ -228,23 +228,49 @@ def test_lookup_then_head_greedy_equals_plain_and_uses_both(tiny_llama, tiny_hea
     assert drafter.counts["lookup"] > 0 and drafter.counts["head"] > 0, drafter.counts
 
 
+def _exact_joint(loaded, prompt_ids, params, n):
+    """P(y1..yn) of the warped target, by enumeration over the support at each step."""
+    from cluster.speculation import warp_probs
+
+    joint = {(): 1.0}
+    with torch.inference_mode():
+        for _ in range(n):
+            grown = {}
+            for prefix, mass in joint.items():
+                logits = loaded.model(torch.tensor([prompt_ids + list(prefix)])).logits[0, -1:].float()
+                p = warp_probs(logits, [params])[0]
+                for y in p.nonzero().squeeze(1).tolist():
+                    grown[prefix + (y,)] = mass * float(p[y])
+            joint = grown
+    return joint
+
+
 def test_lookup_then_head_samples_the_target_distribution(tiny_llama, tiny_head):
-    """One-hot lookup blocks and dense head blocks in the same rejection-sampling call: the samples
-    follow the target's exact two-token distribution; accepting every draft (negative control) does not."""
+    """One-hot lookup blocks ("abab": its last two tokens occurred before) and dense head blocks
+    (after the prefill round of "ab", which the head cannot draft in: it has no features yet) in
+    the same rejection-sampling calls: each prompt's three tokens follow the target's exact joint
+    distribution; accepting every draft (the negative control) does not."""
     import cluster.speculation.rejection as rejection
-    from test_engine_sampling import PARAMS, _chi2_pvalue, _exact_two_token_distribution, _sample_pairs
+    from test_engine_sampling import PARAMS, _chi2_pvalue
 
     head = DraftHead.load(tiny_head[0], tiny_llama.model)
     drafter = _CountingLookupThenHead.make(head)
     engine = SpeculativeEngine(tiny_llama.model, tiny_llama.tokenizer, drafter, num_draft_tokens=2)
-    prompt = "abab"
-    joint = _exact_two_token_distribution(tiny_llama, tiny_llama.tokenizer.encode(prompt), PARAMS)
-    assert _chi2_pvalue(_sample_pairs(engine, prompt, PARAMS, 1500, k=2), joint) > 1e-3
-    assert drafter.counts["lookup"] > 0 and drafter.counts["head"] > 0, drafter.counts
+    prompts = ("abab", "ab")
+    joints = [_exact_joint(tiny_llama, tiny_llama.tokenizer.encode(p), PARAMS, 3) for p in prompts]
+
+    def samples(n: int) -> list[list[tuple[int, ...]]]:
+        params = [SamplingParams(PARAMS.temperature, PARAMS.top_k, PARAMS.top_p, seed=i) for i in range(2 * n)]
+        results = engine.generate([GenerationRequest(prompts[i % 2], 3, params[i], 2) for i in range(2 * n)])
+        return [[tuple(r.token_ids) for r in results[j::2]] for j in range(2)]
+
+    for pairs, joint in zip(samples(2000), joints):
+        assert _chi2_pvalue(pairs, joint) > 1e-3
+    assert drafter.counts["lookup"] > 500 and drafter.counts["head"] > 500, drafter.counts
     real = rejection.acceptance_probs
     try:
         rejection.acceptance_probs = lambda p_x, q_x: torch.ones_like(p_x)
-        assert _chi2_pvalue(_sample_pairs(engine, prompt, PARAMS, 1500, k=2), joint) < 1e-6
+        assert min(_chi2_pvalue(pairs, joint) for pairs, joint in zip(samples(2000), joints)) < 1e-6
     finally:
         rejection.acceptance_probs = real
 
