@@ -56,7 +56,7 @@ class HeadDrafterConfig(_Strict):
 
 
 class DraftConfig(_Strict):
-    drafter: Literal[DRAFTER_NAMES] = "ngram"  # the drafter that runs (cluster/registry.py)
+    drafter: Literal[DRAFTER_NAMES] = "ngram"  # the drafter that runs (cluster/registry.py); ngram works for any target
     model: ModelDrafterConfig = ModelDrafterConfig()  # settings of drafter 'model'
     ngram: NgramDrafterConfig = NgramDrafterConfig()  # settings of drafter 'ngram'
     head: HeadDrafterConfig = HeadDrafterConfig()  # settings of drafters 'head' and 'ngram_head'
@@ -196,7 +196,7 @@ DEFAULT_CONFIG = {
     "target": {"model": "smollm2-135m-instruct", "dtype": "auto", "device": "auto", "chat_template": True,
                "prefill_chunk": 256},
     "draft": {
-        "drafter": "ngram",
+        "drafter": "ngram_head",
         "model": {"layers": [*range(16), *range(18, 30)]},
         "ngram": {"max_n": 3, "min_n": 1},
     },
