@@ -50,7 +50,7 @@ class Coordinator:
         from cluster.runtime.calibration import calibration_key
         from cluster.runtime.engine import SpeculativeEngine
         from cluster.runtime.factory import build_drafter, draft_sources
-        from cluster.runtime.models import load_tokenizer
+        from cluster.runtime.models import LoadedModel, load_tokenizer
 
         from .draft_pool import DraftPool
         from .draft_replica import DraftReplica
@@ -78,7 +78,9 @@ class Coordinator:
             drafter = self.pool
         else:  # the drafter runs here, in the coordinator
             self.pool = None
-            drafter = build_drafter(config.draft.drafter, config.draft, draft_sources(config))
+            whole = self.group.whole_model
+            loaded = None if whole is None else LoadedModel(whole, load_tokenizer(t.model), t.model, self.group.dtype)
+            drafter = build_drafter(config.draft.drafter, config.draft, draft_sources(config, loaded))
         self.engine = SpeculativeEngine(
             self.group, load_tokenizer(t.model), drafter,
             num_draft_tokens=config.speculation.num_draft_tokens,

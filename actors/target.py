@@ -208,6 +208,14 @@ class TargetGroup:
         self.bytes_received = 0  # logits bytes returned by rank 0
         self.last_compute_s = 0.0  # rank 0's time inside the last forward_batch
 
+    @property
+    def whole_model(self) -> torch.nn.Module | None:
+        """The whole target, where rank 0 runs in this process and nothing is sharded (tp_size 1):
+        a drafter made from the target's weights shares them instead of loading them again."""
+        if self._driver is None or self.tp_size != 1:
+            return None
+        return self._driver.lm.model
+
     def _all(self, method: str, *args):
         edits, self._edits = self._edits, []
         self.calls += 1

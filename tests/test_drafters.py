@@ -103,3 +103,33 @@ def test_the_roles_of_a_round_are_typed_protocols(tiny_llama):
     pool.close()
     blocks = NgramDrafter().propose_many([DraftRequest(0, [1, 2, 1], 2, SamplingParams(0.0), 0)])
     assert blocks[0].token_ids == [2, 1] and blocks[0].parents is None  # a chain
+
+
+@pytest.mark.ray
+def test_a_coordinator_shares_the_target_with_a_drafter_made_from_it(ray_cluster, monkeypatch):
+    """tp_size 1, drafter in the coordinator: a layer-subset draft is cut from the target rank 0
+    already holds; the target's weights load once."""
+    import asyncio
+
+    from actors.coordinator import Coordinator
+    from cluster.runtime import factory, models
+    from cluster.runtime.engine import GenerationRequest as Request
+    from cluster.speculation import SamplingParams
+
+    loaded = []
+    real = models.load_model
+
+    def recording(name, *args, **kwargs):
+        loaded.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", recording)
+    monkeypatch.setattr(factory, "load_model", recording)
+    coordinator = Coordinator({"target": {"model": "tiny-llama", "dtype": "float32", "chat_template": False},
+                               "draft": {"drafter": "model", "model": {"layers": [0, 1]}},
+                               "speculation": {"num_draft_tokens": 3}, "cluster": {"draft_replicas": 0}})
+    try:
+        result = asyncio.run(coordinator.generate(Request("abcabcabc", 8, SamplingParams(temperature=0.0))))
+    finally:
+        asyncio.run(coordinator.shutdown())
+    assert loaded == ["tiny-llama"] and result.stats.draft_tokens > 0
