@@ -301,3 +301,13 @@ def test_each_sequence_probes_on_its_own_schedule():
     assert got[0] > 0 and got[1] == 0  # the third round at zero of the old one: it probes alone
     assert policy.next_ks([0.3, 0.3], [old, new]) == [0, 0]
     assert policy.next_ks([0.3, 0.3], [old, new])[1] > 0  # and the new one after its own three
+
+
+def test_at_most_one_sequence_probes_a_round():
+    """Probes cost one sequence's drafts a round, however large the batch; the others stay due."""
+    policy = AdaptiveK(CostModel(0.0, tuple(1.0 + 0.5 * k for k in range(9))), max_k=4, probe_after=2, min_gain=0.0)
+    schedules = [policy.new_schedule() for _ in range(3)]
+    assert policy.next_ks([0.3] * 3, schedules) == [0, 0, 0]
+    probed = [policy.next_ks([0.3] * 3, schedules) for _ in range(3)]
+    assert [sum(k > 0 for k in ks) for ks in probed] == [1, 1, 1]
+    assert [next(i for i, k in enumerate(ks) if k) for ks in probed] == [0, 1, 2]

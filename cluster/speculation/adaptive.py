@@ -168,16 +168,26 @@ class ProbeSchedule:
     _rounds_at_zero: int = 0
     _interval: int = 0
 
-    def due(self, k: int) -> bool:
-        """Counts a round whose chosen K was k; True when this round should probe instead."""
+    def count(self, k: int) -> None:
+        """A round whose chosen K was k."""
         if k > 0:
             self._rounds_at_zero, self._interval = 0, 0
+        else:
+            self._rounds_at_zero += 1
+
+    @property
+    def due(self) -> bool:
+        return self._rounds_at_zero >= (self._interval or self.after)
+
+    def probed(self) -> None:
+        self._rounds_at_zero, self._interval = 0, (self._interval or self.after) * 2
+
+    def due_after(self, k: int) -> bool:
+        """count(k), then probed() and True if a probe is due."""
+        self.count(k)
+        if not self.due:
             return False
-        self._rounds_at_zero += 1
-        interval = self._interval or self.after
-        if self._rounds_at_zero < interval:
-            return False
-        self._rounds_at_zero, self._interval = 0, interval * 2
+        self.probed()
         return True
 
 
@@ -215,21 +225,27 @@ class AdaptiveK:
         alpha = [self.tracker.alpha] if alphas is None else list(alphas)
         cost = self.cost.at_batch(batch)
         k = best_k(alpha, cost, self.max_k, self.min_gain)
-        if not self.probes.due(k):
+        if not self.probes.due_after(k):
             return k
         return best_k([min(0.99, a + self.optimism) for a in alpha], cost, self.max_k, self.min_gain)
 
     def next_ks(self, alphas: Sequence[float], schedules: Sequence[ProbeSchedule] | None = None) -> list[int]:
         """One K per sequence of a flattened round (best_ks). With a schedule per sequence, each
-        sequence probes on its own (optimistic alpha for it alone); without, the policy's one
-        schedule probes for all when every K sits at 0."""
+        sequence probes on its own (optimistic alpha for it alone), at most one a round (the first
+        due; the others stay due), so probes cost one sequence's drafts however large the batch;
+        without, the policy's one schedule probes for all when every K sits at 0."""
         ks = best_ks(alphas, self.cost, self.max_k, self.min_gain)
         if not alphas:
             return ks
         if schedules is None:
-            probing = set(range(len(ks))) if self.probes.due(max(ks)) else set()
+            probing = set(range(len(ks))) if self.probes.due_after(max(ks)) else set()
         else:
-            probing = {i for i, (k, schedule) in enumerate(zip(ks, schedules)) if schedule.due(k)}
+            for k, schedule in zip(ks, schedules):
+                schedule.count(k)
+            first = next((i for i, schedule in enumerate(schedules) if schedule.due), None)
+            probing = set() if first is None else {first}
+            if first is not None:
+                schedules[first].probed()
         if not probing:
             return ks
         optimistic = [min(0.99, a + self.optimism) if i in probing else a for i, a in enumerate(alphas)]
