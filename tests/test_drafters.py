@@ -59,6 +59,21 @@ def test_tokenizer_mismatch_is_an_error(tiny_llama):
         check_same_vocabulary("tiny-llama", tiny_llama.tokenizer, LoadedModel(tiny_llama.model, Shifted(), "shifted"))
 
 
+def _record_loads(monkeypatch, *modules) -> list[str]:
+    """The names of the models load_model loads from now on, through any of `modules`."""
+    from cluster.runtime import models
+
+    loaded, real = [], models.load_model
+
+    def recording(name, *args, **kwargs):
+        loaded.append(name)
+        return real(name, *args, **kwargs)
+
+    for module in modules:
+        monkeypatch.setattr(module, "load_model", recording)
+    return loaded
+
+
 def test_a_draft_replica_with_a_separate_draft_model_never_loads_the_target(monkeypatch):
     """The draft is its own model (tiny-qwen2 shares tiny-llama's byte vocabulary): the replica loads
     the target's tokenizer to check the vocabulary, never the target's weights. A layer-subset
@@ -66,14 +81,7 @@ def test_a_draft_replica_with_a_separate_draft_model_never_loads_the_target(monk
     from actors.draft_replica import DraftHost
     from cluster.runtime import factory
 
-    loaded = []
-    real = factory.load_model
-
-    def recording(name, *args, **kwargs):
-        loaded.append(name)
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(factory, "load_model", recording)
+    loaded = _record_loads(monkeypatch, factory)
     separate = {"target": {"model": "tiny-llama", "dtype": "float32"},
                 "draft": {"drafter": "model", "model": {"name": "tiny-qwen2"}}}
     host = DraftHost(separate)
@@ -116,15 +124,7 @@ def test_a_coordinator_shares_the_target_with_a_drafter_made_from_it(ray_cluster
     from cluster.runtime.engine import GenerationRequest as Request
     from cluster.speculation import SamplingParams
 
-    loaded = []
-    real = models.load_model
-
-    def recording(name, *args, **kwargs):
-        loaded.append(name)
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(models, "load_model", recording)
-    monkeypatch.setattr(factory, "load_model", recording)
+    loaded = _record_loads(monkeypatch, models, factory)
     coordinator = Coordinator({"target": {"model": "tiny-llama", "dtype": "float32", "chat_template": False},
                                "draft": {"drafter": "model", "model": {"layers": [0, 1]}},
                                "speculation": {"num_draft_tokens": 3}, "cluster": {"draft_replicas": 0}})

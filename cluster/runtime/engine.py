@@ -12,9 +12,9 @@ import torch
 from ..speculation import (
     AcceptanceTracker,
     AdaptiveK,
-    ProbeSchedule,
     CostModel,
     InvalidRequest,
+    ProbeSchedule,
     SamplingParams,
     draw_seed,
     greedy_accept,
