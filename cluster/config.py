@@ -55,17 +55,25 @@ class HeadDrafterConfig(_Strict):
     path: str | None = None  # a head trained for the target (specserve train-draft head); None: the one shipped for it
 
 
+class TrainedDrafterConfig(_Strict):
+    path: str | None = None  # a folder from specserve train-draft model
+    dtype: Dtype | None = None  # default: the target's
+
+
 class DraftConfig(_Strict):
     drafter: Literal[DRAFTER_NAMES] = "ngram"  # the drafter that runs (cluster/registry.py); ngram works for any target
     model: ModelDrafterConfig = ModelDrafterConfig()  # settings of drafter 'model'
     ngram: NgramDrafterConfig = NgramDrafterConfig()  # settings of drafter 'ngram'
     head: HeadDrafterConfig = HeadDrafterConfig()  # settings of drafters 'head' and 'ngram_head'
     ngram_head: NgramHeadDrafterConfig = NgramHeadDrafterConfig()  # drafter 'ngram_head' (lookup sizes up to ngram.max_n)
+    trained: TrainedDrafterConfig = TrainedDrafterConfig()  # drafter 'trained'
 
     @model_validator(mode="after")
     def _check(self):
         if self.drafter == "model" and not self.model.usable:
             raise ValueError("drafter 'model' needs draft.model.name (a draft LM) or draft.model.layers")
+        if self.drafter == "trained" and self.trained.path is None:
+            raise ValueError("drafter 'trained' needs draft.trained.path (a folder from specserve train-draft model)")
         if self.drafter == "ngram_head" and self.ngram_head.min_n > self.ngram.max_n:
             raise ValueError(f"draft.ngram_head.min_n ({self.ngram_head.min_n}) exceeds draft.ngram.max_n ({self.ngram.max_n})")
         return self

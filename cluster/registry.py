@@ -38,6 +38,9 @@ DRAFTERS: dict[str, DrafterKind] = {
         DrafterKind("head", "a feature-conditioned draft head (draft.head.path, from specserve train-draft head) "
                     "that reads the target's hidden states; runs beside the target",
                     "cluster.runtime.factory:build_head", "dense", lambda d: True, reads_target=True),
+        DrafterKind("trained", "a draft model distilled for the target (draft.trained.path, from specserve train-draft "
+                    "model); needs nothing of the target, so it runs on draft replicas too",
+                    "cluster.runtime.factory:build_trained", "dense", lambda d: False),
         DrafterKind("ngram_head", "prompt lookup where the context's last draft.ngram_head.min_n or more tokens occurred "
                     "before, the draft head (drafter 'head') for the other sequences",
                     "cluster.runtime.factory:build_ngram_head", "dense", lambda d: True, reads_target=True),

@@ -48,6 +48,20 @@ def smollm2_fp32():
     return load_target(parse_config({"target": {"model": "smollm2-135m-instruct", "dtype": "float32"}}))
 
 
+def local_records(tokenizer, n_tokens=40_000) -> list[dict]:
+    """Corpus records of local text (the standard library's documents), about n_tokens in all."""
+    from cluster.training.corpus import local_documents
+
+    out, total = [], 0
+    for _, text in local_documents()[:400]:
+        ids = tokenizer.encode(text)[:1500]
+        out.append({"ids": ids})
+        total += len(ids)
+        if total >= n_tokens:
+            break
+    return out
+
+
 def hf_greedy(model, prompt_ids, max_new_tokens, eos_token_id):
     """Plain greedy decoding by transformers' own generate, cut at EOS (EOS excluded)."""
     ids = torch.tensor([prompt_ids])

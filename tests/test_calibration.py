@@ -93,3 +93,33 @@ def test_calibration_times_warm_shapes_and_a_stall_spoils_one_sample_only():
         cost = calibration.measure_costs(target, None, 100, 3, target.clock, context_len=8, batch_sizes=(4,))
         assert cost.verify_s == (1.0, 2.0, 3.0, 4.0)
         assert cost.batch_verify_s[4] == (4.0, 8.0, 12.0, 16.0)
+
+
+class _BatchingDrafter:
+    """A drafter whose draft step costs 2 + b units on the target's fake clock for b sequences drafted together."""
+
+    name = "batching"
+    batches_drafts = True
+
+    def __init__(self, target):
+        self.target, self.released = target, []
+
+    def propose_many(self, requests):
+        from cluster.speculation.round import DraftBlock
+
+        self.target.now += (2.0 + len(requests)) * requests[0].k
+        return [DraftBlock([1] * r.k, None) for r in requests]
+
+    def release(self, seq_id):
+        self.released.append(seq_id)
+
+
+def test_a_batched_drafters_cost_is_measured_at_each_batch_size_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECSERVE_CACHE", str(tmp_path))
+    target = _ShapedTarget(stall=0)
+    drafter = _BatchingDrafter(target)
+    cost = calibration.measure_costs(target, drafter, 100, 3, target.clock, context_len=8, batch_sizes=(4, 16))
+    assert cost.draft_step_s == 3.0 and cost.draft_batch_s == {4: 6.0, 16: 18.0}
+    assert len(drafter.released) == 1 + 4 + 16  # every probe sequence is freed after its batch size
+    c = calibration.Calibration(cost, 0.5)
+    assert calibration._from_json(calibration._to_json(c)) == c

@@ -311,3 +311,32 @@ def test_at_most_one_sequence_probes_a_round():
     probed = [policy.next_ks([0.3] * 3, schedules) for _ in range(3)]
     assert [sum(k > 0 for k in ks) for ks in probed] == [1, 1, 1]
     assert [next(i for i, k in enumerate(ks) if k) for ks in probed] == [0, 1, 2]
+
+
+def test_a_batched_drafters_token_cost_falls_with_the_sequences_drafting():
+    """draft_token_s(n): a batched drafter's measured cost at n sequences, over n (linear in
+    between, the last slope past the largest, never less in all than a smaller batch)."""
+    cost = CostModel(0.004, (1.0,), draft_batch_s={4: 0.008, 16: 0.02})
+    assert cost.draft_token_s(1) == 0.004
+    assert cost.draft_token_s(4) == pytest.approx(0.002)
+    assert cost.draft_token_s(10) == pytest.approx((0.008 + 6 * 0.001) / 10)
+    assert cost.draft_token_s(32) == pytest.approx((0.02 + 16 * 0.001) / 32)
+    flat_after = CostModel(0.004, (1.0,), draft_batch_s={4: 0.01, 16: 0.01})
+    assert flat_after.draft_token_s(8) == pytest.approx(0.01 / 8)
+    pool = CostModel(0.004, (1.0,), draft_parallelism=2)  # no batch measured: spread over the drafters
+    assert pool.draft_token_s(8) == 0.002 and CostModel(0.004, (1.0,)).draft_token_s(8) == 0.004
+
+
+def test_free_drafts_are_given_where_paid_ones_would_not_pay():
+    """best_ks with a draft cost per sequence: at the same alpha, the sequence whose drafts are free
+    (lookup) drafts, the one whose drafter costs half a step does not; a negative control with both
+    paying drafts nothing."""
+    from cluster.speculation.adaptive import best_ks
+
+    cost = CostModel(0.5, tuple(1.0 + 0.1 * k for k in range(9)))
+    assert best_ks([0.6, 0.6], cost, 4, draft_s=[0.0, 0.5])[0] > 0
+    assert best_ks([0.6, 0.6], cost, 4, draft_s=[0.0, 0.5])[1] == 0
+    assert best_ks([0.6, 0.6], cost, 4, draft_s=[0.5, 0.5]) == [0, 0]
+    assert best_ks([0.6, 0.6], cost, 4) == [0, 0]  # default: cost.draft_token_s for all
+    policy = AdaptiveK(cost, max_k=4)
+    assert policy.next_ks([0.6, 0.6], None, [0.0, 0.5]) == best_ks([0.6, 0.6], cost, 4, 0.1, [0.0, 0.5])

@@ -12,29 +12,18 @@ from cluster.runtime.head import DraftHead
 from cluster.runtime.head_drafter import HeadDrafter
 from cluster.runtime.kv import CausalLM
 from cluster.speculation import SamplingParams
-from cluster.training.corpus import local_documents, read_corpus
+from cluster.training.corpus import read_corpus
 from cluster.training.features import cut_windows, extract_features
 from cluster.training.train_head import HeadTraining, train_head
-from conftest import TINY_PROMPTS, hf_greedy
+from conftest import TINY_PROMPTS, hf_greedy, local_records
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _records(tokenizer, n_tokens=40_000):
-    out, total = [], 0
-    for _, text in local_documents()[:400]:
-        ids = tokenizer.encode(text)[:1500]
-        out.append({"ids": ids})
-        total += len(ids)
-        if total >= n_tokens:
-            break
-    return out
 
 
 @pytest.fixture(scope="module")
 def tiny_head(tiny_llama, tmp_path_factory):
     """A head trained briefly on the tiny target's features, saved and the training log."""
-    data = extract_features(tiny_llama.model, cut_windows(_records(tiny_llama.tokenizer), 64), progress=False)
+    data = extract_features(tiny_llama.model, cut_windows(local_records(tiny_llama.tokenizer), 64), progress=False)
     path = str(tmp_path_factory.mktemp("head") / "head.pt")
     cfg = HeadTraining(vocab=200, steps=120, batch=8, eval_every=40, eval_windows=16, warmup=10, precision="float32")
     head, log = train_head(tiny_llama.model, data, cfg, path, progress=False)
@@ -152,7 +141,7 @@ def test_build_corpus_and_train_draft_commands(tmp_path, capsys):
             "--plot", str(tmp_path / "p.png")]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["head_step_s"] > 0 and 0 <= report["greedy_agreement"] <= 1 and feats.exists()
+    assert report["draft_step_s"] > 0 and 0 <= report["greedy_agreement"] <= 1 and feats.exists()
     assert (tmp_path / "p.png").stat().st_size > 0
     assert main(argv) == 0  # the cached features are read back
     assert main(["train-draft", "head", "--corpus", str(corpus), "--out", str(out), "--config", "configs/tiny.yaml",
@@ -227,6 +216,29 @@ def test_lookup_then_head_greedy_equals_plain_and_uses_both(tiny_llama, tiny_hea
     for ids, r in zip(prompts, results):
         assert r.token_ids == hf_greedy(tiny_llama.model, ids, 40, eos)[: len(r.token_ids)]
     assert drafter.counts["lookup"] > 0 and drafter.counts["head"] > 0, drafter.counts
+
+
+def test_adaptive_k_charges_lookup_nothing_and_the_head_its_cost(tiny_llama, tiny_head):
+    """ngram_head under adaptive K: each sequence's source is known before it drafts, and only the
+    head's drafts are charged. With a head as dear as half a target step only lookup drafts; with
+    a free head (the control) the head drafts too. Greedy output equals plain either way."""
+    from cluster.speculation import CostModel
+
+    head = DraftHead.load(tiny_head[0], tiny_llama.model)
+    prompts = [tiny_llama.tokenizer.encode(p) for p in TINY_PROMPTS]
+    eos = tiny_llama.tokenizer.eos_token_id
+    counts = {}
+    for draft_step_s in (0.5, 0.0):
+        drafter = _CountingLookupThenHead.make(head)
+        cost = CostModel(draft_step_s, tuple(1.0 + 0.05 * k for k in range(7)))
+        engine = SpeculativeEngine(tiny_llama.model, tiny_llama.tokenizer, drafter, max_draft_tokens=6,
+                                   cost_model=cost, prior_alpha=0.6)
+        results = engine.generate([GenerationRequest("", 40, SamplingParams(temperature=0.0), prompt_ids=p) for p in prompts])
+        for ids, r in zip(prompts, results):
+            assert r.token_ids == hf_greedy(tiny_llama.model, ids, 40, eos)[: len(r.token_ids)]
+        counts[draft_step_s] = drafter.counts
+    assert counts[0.5]["lookup"] > 0 and counts[0.5]["head"] == 0, counts
+    assert counts[0.0]["head"] > 0, counts
 
 
 def _exact_joint(loaded, prompt_ids, params, n):

@@ -27,7 +27,7 @@ CALIBRATION_TEXT = (
     "def mean(values):\n    return sum(values) / len(values)\n"
     "Spring arrived early that year, and the river rose quickly as the snow melted in the hills."
 )
-FORMAT = 4  # bump when what is measured (or how fast the code runs it) changes: older files are ignored
+FORMAT = 5  # bump when what is measured (or how fast the code runs it) changes: older files are ignored
 
 
 @dataclass(frozen=True)
@@ -93,26 +93,38 @@ def measure_costs(target, drafter: Drafter | None, vocab: int, max_k: int, clock
         tables[b] = tuple(map(max, row, below))
     for c in caches:
         target.release(c)
-    draft_step_s = 0.0
-    if drafter is not None:
-        greedy, k, probe_id = SamplingParams(temperature=0.0), 4, 2**63 - 1  # no request gets this id
-        propose = _feature_probe(drafter, probe_id, vocab, len(ctx), k, greedy) if getattr(drafter, "needs_features", False) \
-            else lambda: drafter.propose(probe_id, ctx, k, greedy, 0)
-        propose()  # prefill the probe's draft cache
-        propose()  # and a first block: warm
-        times = []
-        for _ in range(reps):
-            t = clock()
-            propose()
-            times.append(clock() - t)
-        draft_step_s = statistics.median(times) / k
-        drafter.release(probe_id)
     verify_s = tables.pop(1)
-    return CostModel(draft_step_s, verify_s, tables, draft_parallelism=getattr(drafter, "parallelism", 1))
+    draft_s: dict[int, float] = {}
+    if drafter is not None:  # one draft step for one sequence; for each batch size too where drafts batch
+        draft_sizes = sizes if getattr(drafter, "batches_drafts", False) else [1]
+        draft_s = {b: _draft_step_s(drafter, b, ctx, vocab, reps, clock) for b in draft_sizes}
+    draft_batch_s = {b: max(t, max(draft_s[c] for c in draft_s if c < b)) for b, t in draft_s.items() if b > 1}
+    return CostModel(draft_s.get(1, 0.0), verify_s, tables, draft_parallelism=getattr(drafter, "parallelism", 1),
+                     draft_batch_s=draft_batch_s)
 
 
-def _feature_probe(drafter, probe_id: int, vocab: int, start: int, k: int, params: SamplingParams) -> Callable[[], None]:
-    """Proposals for a probe sequence of a drafter that reads the target: one more committed token
+def _draft_step_s(drafter: Drafter, b: int, ctx: list[int], vocab: int, reps: int, clock: Callable[[], float]) -> float:
+    """Median seconds of one draft token for each of b probe sequences drafting together."""
+    greedy, k = SamplingParams(temperature=0.0), 4
+    probe_ids = [2**63 - 1 - i for i in range(b)]  # no request gets these ids
+    if getattr(drafter, "needs_features", False):
+        propose = _feature_probe(drafter, probe_ids, vocab, len(ctx), k, greedy)
+    else:
+        propose = lambda: drafter.propose_many([DraftRequest(i, ctx, k, greedy, 0) for i in probe_ids])  # noqa: E731
+    propose()  # prefill the probes' draft caches
+    propose()  # and a first block: warm
+    times = []
+    for _ in range(reps):
+        t = clock()
+        propose()
+        times.append(clock() - t)
+    for i in probe_ids:
+        drafter.release(i)
+    return statistics.median(times) / k
+
+
+def _feature_probe(drafter, probe_ids: list[int], vocab: int, start: int, k: int, params: SamplingParams) -> Callable[[], None]:
+    """Proposals for probe sequences of a drafter that reads the target: one more committed token
     (and a zero feature) a call, as in decoding. The context never repeats itself, so a drafter
     that looks up repeats first (ngram_head) is timed drafting with its model."""
     sent, length = [0], [start - 1]
@@ -121,7 +133,7 @@ def _feature_probe(drafter, probe_id: int, vocab: int, start: int, k: int, param
         length[0] += 1
         context = [(7 * i + 3) % vocab for i in range(length[0])]
         features = torch.zeros(length[0] - 1 - sent[0], drafter.feature_size)
-        drafter.propose_many([DraftRequest(probe_id, context, k, params, 0, features, sent[0])])
+        drafter.propose_many([DraftRequest(i, context, k, params, 0, features, sent[0]) for i in probe_ids])
         sent[0] = length[0] - 1
 
     return propose
@@ -153,14 +165,16 @@ def _path(key: dict) -> Path:
 
 def _to_json(c: Calibration) -> dict:
     cost = c.cost
-    return {"draft_step_s": cost.draft_step_s, "verify_s": list(cost.verify_s),
+    return {"draft_step_s": cost.draft_step_s, "draft_batch_s": {str(b): t for b, t in cost.draft_batch_s.items()},
+            "verify_s": list(cost.verify_s),
             "batch_verify_s": {str(b): list(v) for b, v in cost.batch_verify_s.items()},
             "draft_parallelism": cost.draft_parallelism, "prior_alpha": c.prior_alpha}
 
 
 def _from_json(d: dict) -> Calibration:
     cost = CostModel(float(d["draft_step_s"]), tuple(map(float, d["verify_s"])),
-                     {int(b): tuple(map(float, v)) for b, v in d["batch_verify_s"].items()}, int(d["draft_parallelism"]))
+                     {int(b): tuple(map(float, v)) for b, v in d["batch_verify_s"].items()}, int(d["draft_parallelism"]),
+                     {int(b): float(t) for b, t in d["draft_batch_s"].items()})
     return Calibration(cost, float(d["prior_alpha"]))
 
 

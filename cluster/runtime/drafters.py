@@ -14,6 +14,11 @@ from .kv import CausalLM
 
 class Drafter(ABC):
     name: str
+    free_sources: frozenset[str] = frozenset()  # sources whose drafts cost nothing next to a target step
+
+    def source(self, seq_id: int, context: list[int]) -> str:
+        """Which of its parts would draft for this context (adaptive K tracks alpha and cost per part)."""
+        return self.name
 
     @abstractmethod
     def propose(self, seq_id: int, context: list[int], k: int, params: SamplingParams, seed: int) -> DraftBlock:
@@ -37,6 +42,7 @@ class NgramDrafter(Drafter):
     (n from max_n down to min_n) and propose what followed it. No model, q is one-hot."""
 
     name = "ngram"
+    free_sources = frozenset({"ngram"})  # microseconds a block
 
     def __init__(self, max_n: int = 3, min_n: int = 1):
         if not 1 <= min_n <= max_n:
@@ -47,16 +53,20 @@ class NgramDrafter(Drafter):
         return DraftBlock(self.lookup(context, k), None)
 
     def lookup(self, context: list[int], k: int) -> list[int]:
-        if k <= 0:
-            return []
+        start = self.match(context) if k > 0 else None
+        return [] if start is None else context[start : start + k]
+
+    def match(self, context: list[int]) -> int | None:
+        """Where what followed the latest earlier occurrence of the longest matching suffix starts
+        (None: no suffix of min_n or more tokens occurred before)."""
         end = len(context)
         for n in range(min(self.max_n, end - 1), self.min_n - 1, -1):
             pattern = context[end - n :]
             first = pattern[0]
             for start in range(end - n - 1, -1, -1):  # latest match first, never the suffix itself
                 if context[start] == first and context[start : start + n] == pattern:
-                    return context[start + n : start + n + k]
-        return []
+                    return start + n
+        return None
 
 
 class ModelDrafter(Drafter):

@@ -113,8 +113,9 @@ class _Sequence:
     prompt_ids: list[int]
     generator: torch.Generator
     cache: object
-    tracker: AcceptanceTracker | None  # alpha of an adaptive-K sequence
+    trackers: dict[str, AcceptanceTracker] | None  # adaptive K: alpha per draft source (None: K fixed)
     probes: ProbeSchedule | None = None  # when it drafts again after rounds at K = 0 (adaptive K)
+    source: str = ""  # the part of the drafter that drafts for it this round (adaptive K)
     output: list[int] = field(default_factory=list)
     stats: SpeculationStats = field(default_factory=SpeculationStats)
     cached: int = 0  # tokens in the target's cache: all but the last one while decoding
@@ -211,11 +212,10 @@ class SpeculativeEngine:
         ids = self.validate(request) if prompt_ids is None else prompt_ids
         seq_id, self._next_id = self._next_id, self._next_id + 1
         adaptive = request.num_draft_tokens is None and self.num_draft_tokens == "adaptive" and self.drafter
-        tracker = None
         if adaptive:
-            tracker = AcceptanceTracker(prior_alpha=self.prior_alpha)
+            _ = self.prior_alpha  # measured now, not inside a round
         self._seqs[seq_id] = _Sequence(
-            seq_id, request, ids, make_generator(request.sampling.seed), self.target.new_cache(), tracker
+            seq_id, request, ids, make_generator(request.sampling.seed), self.target.new_cache(), {} if adaptive else None
         )
         return seq_id
 
@@ -340,8 +340,8 @@ class SpeculativeEngine:
         st.draft_tokens += k
         st.accepted_tokens += n
         st.evaluated_tokens += n + (n < k)
-        if s.tracker is not None:
-            s.tracker.update(k, n)
+        if s.trackers is not None and s.source:
+            self._tracker(s, s.source).update(k, n)
         if k:
             self.drafter.observe(s.seq_id, block, result)
         timing.draft_tokens += k
@@ -369,23 +369,34 @@ class SpeculativeEngine:
         the allocation with the most expected tokens per second of the whole round at this batch
         size (K = 0 where a sequence's drafts would cost more than they yield), with the policy's
         probes when every K sits at 0."""
-        adaptive = [s for s in seqs if s.tracker is not None and s.request.num_draft_tokens is None]
+        adaptive = [s for s in seqs if s.trackers is not None and s.request.num_draft_tokens is None]
         if not adaptive:
             return {}
         if self._policy is None:
             self._policy = AdaptiveK(self.cost_model, self.max_draft_tokens)
+        free = self.drafter.free_sources
         for s in adaptive:
             if s.probes is None:
                 s.probes = self._policy.new_schedule()
-        ks = self._policy.next_ks([s.tracker.alpha for s in adaptive], [s.probes for s in adaptive])
+            s.source = self.drafter.source(s.seq_id, s.tokens)
+        paying = sum(s.source not in free for s in adaptive)  # sequences a drafter with a cost drafts for
+        per_token = self._policy.cost.draft_token_s(paying)
+        ks = self._policy.next_ks([self._tracker(s, s.source).alpha for s in adaptive], [s.probes for s in adaptive],
+                                  [0.0 if s.source in free else per_token for s in adaptive])
         return dict(zip((s.seq_id for s in adaptive), ks))
+
+    def _tracker(self, s: _Sequence, source: str) -> AcceptanceTracker:
+        """The sequence's alpha for drafts from `source` (lookup and a model accept differently)."""
+        if source not in s.trackers:
+            s.trackers[source] = AcceptanceTracker(prior_alpha=self.prior_alpha)
+        return s.trackers[source]
 
     def _choose_k(self, s: _Sequence, adaptive_k: int) -> int:
         if self.drafter is None:
             return 0
         if s.request.num_draft_tokens is not None:
             k = s.request.num_draft_tokens
-        elif s.tracker is not None:
+        elif s.trackers is not None:
             k = adaptive_k
         else:
             k = int(self.num_draft_tokens)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Callable
 
 from ..config import DraftConfig, SpecserveConfig
@@ -13,7 +14,8 @@ from ..speculation import CostModel, InvalidRequest
 from .calibration import calibration_key
 from .drafters import Drafter, ModelDrafter, NgramDrafter
 from .engine import SpeculativeEngine
-from .models import DTYPES, LoadedModel, choose_dtype, int8_copy, layer_subset, load_model, load_tokenizer, select_device
+from .models import (DTYPES, LoadedModel, choose_dtype, int8_copy, layer_subset, load_model, load_tokenizer,
+                     load_trained_draft, select_device)
 from .tokenizer import Tokenizer
 
 
@@ -33,6 +35,8 @@ def check_drafter_name(name: str, draft: DraftConfig) -> None:
         raise InvalidRequest("drafter", f"unknown drafter {name!r}; choose one of {', '.join(DRAFTERS)}")
     if name == "model" and not draft.model.usable:
         raise InvalidRequest("drafter", "drafter 'model' needs draft.model.name or draft.model.layers in the config")
+    if name == "trained" and draft.trained.path is None:
+        raise InvalidRequest("drafter", "drafter 'trained' needs draft.trained.path in the config")
 
 
 def draft_sources(config: SpecserveConfig, target: LoadedModel | None = None) -> DraftSources:
@@ -88,6 +92,16 @@ def build_model(draft: DraftConfig, sources: DraftSources) -> Drafter:
         base = loaded.model
     model = layer_subset(base, spec.layers) if spec.layers is not None else base
     return ModelDrafter(model.to(DTYPES[dtype]), name="model")
+
+
+def build_trained(draft: DraftConfig, sources: DraftSources) -> Drafter:
+    """A draft model from specserve train-draft model; the target's weights are never loaded for it."""
+    spec = draft.trained
+    dtype = choose_dtype(spec.dtype or sources.dtype, select_device(sources.device))
+    model = load_trained_draft(spec.path, sources.target_name, dtype, sources.device)
+    if (Path(spec.path) / "tokenizer.json").is_file():
+        check_same_vocabulary(sources.target_name, sources.tokenizer(), LoadedModel(model, load_tokenizer(spec.path), spec.path))
+    return ModelDrafter(model, name="trained")
 
 
 def check_same_vocabulary(target_name: str, target_tokenizer: Tokenizer, draft: LoadedModel) -> None:

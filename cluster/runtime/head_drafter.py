@@ -31,6 +31,7 @@ class _HeadState:
 class HeadDrafter(Drafter):
     name = "head"
     needs_features = True  # the engine sends the target's last hidden states with each request
+    batches_drafts = True  # one forward per depth for all sequences: calibration times a batch too
 
     def __init__(self, head: DraftHead):
         self.head = head.eval()

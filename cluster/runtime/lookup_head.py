@@ -18,19 +18,34 @@ from .head_drafter import HeadDrafter
 class LookupThenHead(Drafter):
     name = "ngram_head"
     needs_features = True
+    batches_drafts = True  # the head drafts all its sequences a depth at a time
+    free_sources = frozenset({"lookup"})
 
     def __init__(self, lookup: NgramDrafter, head: HeadDrafter):
         self.lookup, self.head = lookup, head
+        self._matches: dict[int, tuple[int, int | None]] = {}  # seq_id -> (context length, lookup.match)
         self.feature_size = head.feature_size
         self.vocab_size = head.vocab_size
 
     def propose(self, seq_id, context, k, params, seed) -> DraftBlock:
         return self.propose_many([DraftRequest(seq_id, context, k, params, seed)])[0]
 
+    def source(self, seq_id: int, context: list[int]) -> str:
+        return "lookup" if self._match(seq_id, context) is not None else "head"
+
+    def _match(self, seq_id: int, context: list[int]) -> int | None:
+        """lookup.match(context), found once per sequence and context length (source, then propose)."""
+        known = self._matches.get(seq_id)
+        if known is None or known[0] != len(context):
+            known = self._matches[seq_id] = (len(context), self.lookup.match(context))
+        return known[1]
+
     def propose_many(self, requests: list[DraftRequest]) -> list[DraftBlock]:
-        copied = [self.lookup.lookup(r.context, r.k) for r in requests]
+        starts = [self._match(r.seq_id, r.context) for r in requests]
+        copied = [[] if i is None or r.k <= 0 else r.context[i : i + r.k] for r, i in zip(requests, starts)]
         drafted = self.head.propose_many([replace(r, k=0) if c else r for r, c in zip(requests, copied)])
         return [DraftBlock(c, None) if c else block for c, block in zip(copied, drafted)]
 
     def release(self, seq_id: int) -> None:
+        self._matches.pop(seq_id, None)
         self.head.release(seq_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -21,6 +22,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = {"tiny-llama": 0, "tiny-qwen2": 1}  # name -> weight seed
 BUILTIN_MODELS = (SMOLLM2, *TINY)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DRAFT_META = "specserve-draft.json"  # in a folder from specserve train-draft model: the target it was trained for
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs that compute bf16 natively
 
 
@@ -91,6 +93,25 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto") -> Loade
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
     model = model.to(where).eval()
     return LoadedModel(model, load_tokenizer(name), name, dtype)
+
+
+def load_trained_draft(path: str, target_name: str, dtype: str = "float32", device: str = "auto") -> torch.nn.Module:
+    """A draft model folder written by specserve train-draft model, checked against the target's
+    config (no weights loaded): a clear error names draft.trained.path when it does not fit."""
+    meta_file = Path(path) / DRAFT_META
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"draft.trained.path: {path} is not a draft from specserve train-draft model ({e})") from None
+    want = int(load_model_config(target_name).vocab_size)
+    got = meta.get("signature", {}).get("vocab_size")
+    if got != want:
+        raise ValueError(f"draft.trained.path: {path} was trained for a target with vocab_size {got}, "
+                         f"target {target_name!r} has {want}")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[choose_dtype(dtype, select_device(device))])
+    return model.to(select_device(device)).eval()
 
 
 def load_tokenizer(name: str) -> Tokenizer:

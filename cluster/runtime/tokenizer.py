@@ -29,6 +29,10 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
+    def save(self, folder) -> None:
+        """Writes the tokenizer's files into a Hugging Face folder."""
+        self._tok.save_pretrained(folder)
+
     def encode_chat(self, prompt: str) -> list[int]:
         text = self._tok.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True

@@ -9,7 +9,7 @@ K = 0 (plain decoding) wins whenever speculation would cost more than it saves.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 
@@ -29,6 +29,23 @@ class CostModel:
     verify_s: tuple[float, ...]
     batch_verify_s: dict[int, tuple[float, ...]] = field(default_factory=dict)
     draft_parallelism: int = 1  # sequences drafted at once (draft replicas)
+    draft_batch_s: dict[int, float] = field(default_factory=dict)  # one draft token for each of b sequences, drafted together
+
+    def draft_token_s(self, n: int) -> float:
+        """One draft token's cost when n sequences draft in a round: a batched drafter's measured
+        cost at n (interpolated between measured sizes, extrapolated past the largest) over n;
+        else one step spread over draft_parallelism drafters."""
+        if not self.draft_batch_s or n <= 1:
+            return self.draft_step_s / self.draft_parallelism
+        table = {1: self.draft_step_s} | self.draft_batch_s
+        sizes = sorted(table)
+        lo = max(size for size in sizes if size <= n)
+        hi = min([size for size in sizes if size > n], default=None)
+        floor = table[lo]  # more sequences never cost less
+        if hi is None:
+            lo, hi = sizes[-2], sizes[-1]
+        total = table[lo] + (n - lo) * (table[hi] - table[lo]) / (hi - lo)
+        return max(total, floor) / n
 
     @property
     def max_k(self) -> int:
@@ -51,9 +68,8 @@ class CostModel:
         table = {1: self.verify_s} | self.batch_verify_s
         bucket = 2 ** round(math.log2(b))
         if bucket >= 2 * max(table):  # far past what calibration measured: learn that size's own row,
-            return CostModel(self.draft_step_s, self.verify_s,  # starting from the extrapolation
-                             self.batch_verify_s | {bucket: tuple(t * bucket for t in self.at_batch(bucket).verify_s)},
-                             self.draft_parallelism).observed(b, tokens, seconds, weight)
+            extrapolated = tuple(t * bucket for t in self.at_batch(bucket).verify_s)  # the start
+            return replace(self, batch_verify_s=self.batch_verify_s | {bucket: extrapolated}).observed(b, tokens, seconds, weight)
         predicted = round_cost_s(self, b, tokens)
         if predicted <= 0:
             return self
@@ -63,8 +79,8 @@ class CostModel:
         for j in range(1, len(row)):  # more tokens never cost less
             row[j] = max(row[j], row[j - 1])
         if ref == 1:
-            return CostModel(self.draft_step_s, tuple(row), self.batch_verify_s, self.draft_parallelism)
-        return CostModel(self.draft_step_s, self.verify_s, self.batch_verify_s | {ref: tuple(row)}, self.draft_parallelism)
+            return replace(self, verify_s=tuple(row))
+        return replace(self, batch_verify_s=self.batch_verify_s | {ref: tuple(row)})
 
     def at_batch(self, b: int) -> CostModel:
         """Per-sequence costs when b sequences share each round, all with the same K: a round's
@@ -106,29 +122,33 @@ def round_cost_s(cost: CostModel, batch: int, tokens: int) -> float:
     return batch * (per_seq[lo] + (n - lo) * (per_seq[hi] - per_seq[lo]))
 
 
-def best_ks(alphas: Sequence[float], cost: CostModel, max_k: int | None = None, min_gain: float = 0.0) -> list[int]:
+def best_ks(alphas: Sequence[float], cost: CostModel, max_k: int | None = None, min_gain: float = 0.0,
+            draft_s: Sequence[float] | None = None) -> list[int]:
     """One K per sequence for a flattened round, where nothing is padded: a round costs what its
     total token count costs at this batch size, plus the drafting. Draft tokens go one at a time to
-    the sequence whose next draft is most likely accepted (alpha_i^(K_i + 1)), for as long as the
-    round's expected tokens per second rises; low-alpha sequences stay at K = 0. All stay at 0
-    unless the round beats plain decoding by min_gain (a fraction)."""
+    the sequence with the most expected tokens per unit of cost (alpha_i^(K_i + 1) over the token's
+    verify and draft cost), for as long as the round's expected tokens per second rises; low-alpha
+    sequences stay at K = 0. All stay at 0 unless the round beats plain decoding by min_gain (a
+    fraction). draft_s: each sequence's cost of one draft token (a drafter with several sources,
+    such as free lookup beside a model); default: cost.draft_token_s(b) for all."""
     b = len(alphas)
     if b == 0:
         return []
     top = cost.max_k if max_k is None else min(max_k, cost.max_k)
-    draft_s = cost.draft_step_s / cost.draft_parallelism  # one more draft token, the drafters working in parallel
-    ks, expected, drafted = [0] * b, float(b), 0
+    draft_s = [cost.draft_token_s(b)] * b if draft_s is None else list(draft_s)
+    ks, expected, drafted, drafting_s = [0] * b, float(b), 0, 0.0
     plain = rate = expected / round_cost_s(cost, b, b)
     while True:
-        gains = [(a ** (k + 1) if k < top else -1.0, -i) for i, (a, k) in enumerate(zip(alphas, ks))]
-        gain, neg_i = max(gains)
-        if gain <= 0:
+        verify_s = round_cost_s(cost, b, b + drafted + 1)
+        rates = [((expected + a ** (k + 1)) / (verify_s + drafting_s + d), -i)
+                 for i, (a, k, d) in enumerate(zip(alphas, ks, draft_s)) if k < top]
+        if not rates:
             break
-        new_rate = (expected + gain) / (round_cost_s(cost, b, b + drafted + 1) + (drafted + 1) * draft_s)
+        new_rate, neg_i = max(rates)
         if new_rate <= rate:
             break
         ks[-neg_i] += 1
-        expected, drafted, rate = expected + gain, drafted + 1, new_rate
+        expected, drafted, drafting_s, rate = expected + alphas[-neg_i] ** ks[-neg_i], drafted + 1, drafting_s + draft_s[-neg_i], new_rate
     return ks if rate > plain * (1 + min_gain) else [0] * b
 
 
@@ -229,12 +249,13 @@ class AdaptiveK:
             return k
         return best_k([min(0.99, a + self.optimism) for a in alpha], cost, self.max_k, self.min_gain)
 
-    def next_ks(self, alphas: Sequence[float], schedules: Sequence[ProbeSchedule] | None = None) -> list[int]:
-        """One K per sequence of a flattened round (best_ks). With a schedule per sequence, each
+    def next_ks(self, alphas: Sequence[float], schedules: Sequence[ProbeSchedule] | None = None,
+                draft_s: Sequence[float] | None = None) -> list[int]:
+        """One K per sequence of a flattened round (best_ks; draft_s as there). With a schedule per sequence, each
         sequence probes on its own (optimistic alpha for it alone), at most one a round (the first
         due; the others stay due), so probes cost one sequence's drafts however large the batch;
         without, the policy's one schedule probes for all when every K sits at 0."""
-        ks = best_ks(alphas, self.cost, self.max_k, self.min_gain)
+        ks = best_ks(alphas, self.cost, self.max_k, self.min_gain, draft_s)
         if not alphas:
             return ks
         if schedules is None:
@@ -249,7 +270,7 @@ class AdaptiveK:
         if not probing:
             return ks
         optimistic = [min(0.99, a + self.optimism) if i in probing else a for i, a in enumerate(alphas)]
-        probed = best_ks(optimistic, self.cost, self.max_k, self.min_gain)
+        probed = best_ks(optimistic, self.cost, self.max_k, self.min_gain, draft_s)
         return [probed[i] if i in probing else k for i, k in enumerate(ks)]
 
     def observe(self, num_drafted: int, num_accepted: int) -> None:

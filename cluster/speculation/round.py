@@ -87,6 +87,10 @@ class Drafter(Protocol):
     """A proposer of draft blocks (runtime.drafters, actors.draft_pool, actors.remote_drafter)."""
 
     name: str
+    free_sources: frozenset[str]  # sources whose drafts cost nothing next to a target step (lookup)
+
+    def source(self, seq_id: int, context: list[int]) -> str:
+        """Which of its parts would draft for this context: adaptive K keeps alpha and cost per part."""
 
     def propose_many(self, requests: list[DraftRequest]) -> list[DraftBlock]:
         """One block per request, in order; remote drafters run them in parallel."""

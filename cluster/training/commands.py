@@ -11,7 +11,11 @@ from pathlib import Path
 
 import torch
 
+from ..speculation import InvalidRequest
 from .train_head import HeadTraining
+from .train_model import ModelTraining
+
+TRAININGS = {"head": HeadTraining, "model": ModelTraining}  # train-draft KIND -> its settings
 
 
 def add_parsers(sub) -> None:
@@ -25,24 +29,30 @@ def add_parsers(sub) -> None:
     corpus.add_argument("--seed", type=int, default=0)
 
     train = sub.add_parser("train-draft", help="train a draft for the config's target on a corpus (target frozen)")
-    train.add_argument("kind", choices=["head"], help="head: a feature-conditioned draft head")
+    train.add_argument("kind", choices=list(TRAININGS), help="head: a feature-conditioned draft head (drafter head); "
+                       "model: a standalone draft model (drafter trained)")
     train.add_argument("--corpus", required=True, help="from specserve build-corpus")
-    train.add_argument("--out", required=True, help="the draft file to write (draft.head.path)")
+    train.add_argument("--out", required=True, help="the draft to write: a head file (draft.head.path) or a model "
+                       "folder (draft.trained.path)")
     train.add_argument("--config", default=None, help="YAML config (its target is the one drafted for)")
     train.add_argument("--features", default=None,
                        help="cache of the target's features: read if it exists, else extracted and written here")
     train.add_argument("--window", type=int, default=256, help="tokens per training window")
     train.add_argument("--max-tokens", type=int, default=None, help="use at most this many corpus tokens")
     train.add_argument("--plot", default=None, metavar="OUT.png", help="loss and acceptance against steps")
-    defaults = HeadTraining()
-    for f in fields(HeadTraining):
-        train.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)), default=None,
-                           help=f"default {getattr(defaults, f.name)}")
+    seen = {}
+    for kind, training in TRAININGS.items():
+        defaults = training()
+        for f in fields(training):
+            seen.setdefault(f.name, []).append(f"{getattr(defaults, f.name)} ({kind})")
+    for kind, training in TRAININGS.items():
+        for f in fields(training):
+            if f.name in seen:
+                train.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(training(), f.name)), default=None,
+                                   help="default " + ", ".join(seen.pop(f.name)))
 
 
 def _positive(name: str, value) -> None:
-    from ..speculation import InvalidRequest
-
     if value is not None and value <= 0:
         raise InvalidRequest(name, f"must be > 0, got {value}")
 
@@ -80,16 +90,18 @@ def _features(target, args) -> dict:
 
 
 @torch.inference_mode()
-def step_costs(target, head, context: int = 256, reps: int = 10) -> tuple[float, float]:
-    """Seconds of one target decode step and one head draft step at batch 1 after `context` tokens."""
+def step_costs(target, draft, features: bool, context: int = 256, reps: int = 10) -> tuple[float, float]:
+    """Seconds of one target decode step and one draft step at batch 1 after `context` tokens
+    (features: the draft reads the target's hidden states, as a head does)."""
     from ..runtime.kv import CausalLM
 
     out = []
-    for model, features in ((target, None), (head, True)):
+    d = target.config.hidden_size
+    dtype = target.get_output_embeddings().weight.dtype
+    for model, reads in ((target, False), (draft, features)):
         lm = CausalLM(model)
         cache = lm.new_cache()
-        d = head.hidden_size
-        feats = (lambda n: [torch.zeros(n, d, dtype=head.fc.weight.dtype)]) if features else (lambda n: None)
+        feats = (lambda n: [torch.zeros(n, d, dtype=dtype)]) if reads else (lambda n: None)
         lm.forward_outputs([cache], [[1] * context], last=[1], features=feats(context))
         for _ in range(2):
             lm.forward_outputs([cache], [[1]], features=feats(1))
@@ -103,28 +115,42 @@ def step_costs(target, head, context: int = 256, reps: int = 10) -> tuple[float,
 
 def train_draft_command(config, args) -> int:
     from ..runtime.factory import load_target
-    from .train_head import plot, train_head
+    from .loop import plot
 
     for name in ("window", "max_tokens"):
         _positive(name.replace("_", "-"), getattr(args, name))
-    chosen = {f.name: getattr(args, f.name) for f in fields(HeadTraining) if getattr(args, f.name) is not None}
-    cfg = HeadTraining(**chosen)
-    for name in ("vocab", "steps", "batch", "lr", "eval_every", "eval_windows"):
-        _positive(name.replace("_", "-"), getattr(cfg, name))
+    training = TRAININGS[args.kind]
+    names = {f.name for f in fields(training)}
+    for other in {f.name for t in TRAININGS.values() for f in fields(t)} - names:
+        if getattr(args, other) is not None:
+            raise InvalidRequest(other.replace("_", "-"), f"is not a setting of train-draft {args.kind}")
+    cfg = training(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
+    for name in ("vocab", "layers", "steps", "batch", "lr", "eval_every", "eval_windows"):
+        if name in names:
+            _positive(name.replace("_", "-"), getattr(cfg, name))
     target = load_target(config)
     data = _features(target.model, args)
-    head, log = train_head(target.model, data, cfg, args.out)
-    head = head.to(target.model.get_output_embeddings().weight.dtype)
+    dtype = target.model.get_output_embeddings().weight.dtype
+    if args.kind == "head":
+        from .train_head import train_head
+
+        draft, log = train_head(target.model, data, cfg, args.out)
+    else:
+        from .train_model import train_model
+
+        draft, log = train_model(target.model, target.tokenizer, data, cfg, args.out)
+    draft = draft.to(dtype)
     if args.plot:
         plot(log, args.plot)
-    target_s, head_s = step_costs(target.model, head)
+    target_s, draft_s = step_costs(target.model, draft, features=args.kind == "head")
     report = {
-        "out": args.out, "training": asdict(cfg), "seconds": round(log.seconds, 1),
+        "out": args.out, "kind": args.kind, "training": asdict(cfg), "seconds": round(log.seconds, 1),
         "train_tokens": int((~data["held_out"]).sum()) * data["tokens"].shape[1],
         "held_out_tokens": int(data["held_out"].sum()) * data["tokens"].shape[1],
         "held_out_loss": round(log.eval_loss[-1], 4), "greedy_agreement": round(log.agreement[-1], 4),
         "expected_acceptance_t1": round(log.expected_acceptance[-1], 4),
-        "target_step_s": round(target_s, 5), "head_step_s": round(head_s, 5), "head_vs_target_step": round(head_s / target_s, 3),
+        "target_step_s": round(target_s, 5), "draft_step_s": round(draft_s, 5),
+        "draft_vs_target_step": round(draft_s / target_s, 3),
     }
     print(json.dumps(report, indent=2))
     return 0
