@@ -22,7 +22,7 @@ from .registry import DRAFTERS
 from .runtime.engine import GenerationRequest
 from .runtime.factory import load_target, make_engine
 from .runtime.models import select_device
-from .speculation import SamplingParams, mean_expected_tokens
+from .speculation import InvalidRequest, SamplingParams, mean_expected_tokens
 
 CATEGORIES = ("chat", "grounded", "code")
 
@@ -33,16 +33,34 @@ def load_prompts(quick: bool) -> list[tuple[str, str]]:
     return [(cat, p) for cat in CATEGORIES for p in data[cat][:per]]
 
 
-def run_bench(config: SpecserveConfig, json_out: str | None = None, plot: str | None = None, quick: bool = False) -> int:
+def runnable_drafters(config: SpecserveConfig) -> list[str]:
+    """The registry's drafters this config can build on this device."""
+    cpu = select_device(config.target.device).type == "cpu"
+    d = config.draft
+    return [name for name, kind in DRAFTERS.items()
+            if (cpu or not kind.cpu_only) and (name != "model" or d.model.usable) and (name != "trained" or d.trained.path)
+            and (not kind.reads_target or d.head.path is not None or builtin_head(config.target.model))]
+
+
+def choose_drafters(config: SpecserveConfig, names: list[str] | None) -> list[str]:
+    """`names` (--drafters), checked against what this config can run; None: all it can."""
+    runnable = runnable_drafters(config)
+    if names is None:
+        return runnable
+    for name in names:
+        if name not in runnable:
+            raise InvalidRequest("drafters", f"{name!r} cannot run with this config; choose from {', '.join(runnable)}")
+    return list(dict.fromkeys(names))
+
+
+def run_bench(config: SpecserveConfig, json_out: str | None = None, plot: str | None = None, quick: bool = False,
+              drafters: list[str] | None = None, temperatures: list[float] | None = None) -> int:
     prompts = load_prompts(quick)
     max_new = 48 if quick else 96
     reps = 3
-    temperatures = [0.0] if quick else [0.0, 1.0]
+    temperatures = temperatures or ([0.0] if quick else [0.0, 1.0])
     fixed_ks = [k for k in ([4] if quick else [2, 4, 8]) if k <= config.speculation.max_draft_tokens]
-    cpu = select_device(config.target.device).type == "cpu"
-    drafters = [name for name, kind in DRAFTERS.items()
-                if (cpu or not kind.cpu_only) and (name != "model" or config.draft.model.usable)
-                and (not kind.reads_target or config.draft.head.path is not None or builtin_head(config.target.model))]
+    drafters = choose_drafters(config, drafters)
     log = lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True)  # noqa: E731
 
     log(f"loading {config.target.model} ({config.target.dtype})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -59,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--distributed", action="store_true",
                        help="the distributed path against the in-process engine: time per round, bytes, throughput under load")
     bench.add_argument("--concurrency", type=int, default=16, help="sequences at once in the --distributed load test")
+    bench.add_argument("--drafters", default=None, metavar="A,B",
+                       help="the in-process bench's drafters, comma-separated (default: every one the config can run)")
+    bench.add_argument("--temperatures", default=None, metavar="T,T",
+                       help="the in-process bench's temperatures (default: 0 with --quick, else 0,1)")
     bench.add_argument("--load", action="store_true",
                        help="prompts of 50-1,000 tokens at 1-64 concurrent sequences against the raw model forward, "
                             "and the served gRPC API against in process")
@@ -68,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_parsers(sub)
     return parser
+
+
+def _temperatures(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(t) for t in text.split(",")]
+    except ValueError:
+        raise InvalidRequest("temperatures", f"must be numbers separated by commas, got {text!r}") from None
+    if any(not (t >= 0.0 and math.isfinite(t)) for t in values):
+        raise InvalidRequest("temperatures", f"must be finite and >= 0, got {text!r}")
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_distributed_bench(config, json_out=args.json_out, quick=args.quick, concurrency=args.concurrency)
         from .bench import run_bench
 
-        return run_bench(config, json_out=args.json_out, plot=args.plot, quick=args.quick)
+        drafters = args.drafters.split(",") if args.drafters else None
+        return run_bench(config, json_out=args.json_out, plot=args.plot, quick=args.quick, drafters=drafters,
+                         temperatures=_temperatures(args.temperatures))
     except InvalidRequest as e:
         print(f"specserve: invalid {e.field}: {e.message}", file=sys.stderr)
         return 2

@@ -66,3 +66,16 @@ def test_cpu_seconds_except_counts_other_processes_only():
         child.kill()
         child.wait()
         assert (used >= 0.5) == counted, (marker, used)
+
+
+def test_bench_runs_the_chosen_drafters_and_temperatures(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--config", "configs/tiny.yaml", "--quick", "--drafters", "ngram", "--temperatures", "0,1",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["drafter"] for r in rows} == {"none", "ngram"} and {r["temperature"] for r in rows} == {0.0, 1.0}
+    assert all(r["acceptance_rate"] is None or 0 <= r["acceptance_rate"] <= 1 for r in rows)
+    assert main(["bench", "--config", "configs/tiny.yaml", "--quick", "--drafters", "head"]) == 2
+    assert "invalid drafters: 'head' cannot run with this config" in capsys.readouterr().err
+    assert main(["bench", "--config", "configs/tiny.yaml", "--quick", "--temperatures", "0,nan"]) == 2
+    assert "invalid temperatures" in capsys.readouterr().err
