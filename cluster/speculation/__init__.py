@@ -12,12 +12,14 @@ from .rejection import RejectionOutput, acceptance_probs, recovered_probs, rejec
 from .reference import reference_rejection_sample
 from .round import Acceptance, DraftBlock, DraftRequest, Drafter, Target, TargetOutput
 from .sample import draw_seed, make_generator, sample_token
+from .tree import DraftTree, TreeAcceptance, accept_trees, child_outcomes, reference_accept_tree
 from .warp import warp_probs
 
 __all__ = [
     "Acceptance",
     "DraftBlock",
     "DraftRequest",
+    "DraftTree",
     "Drafter",
     "Target",
     "AcceptanceTracker",
@@ -27,7 +29,10 @@ __all__ = [
     "InvalidRequest",
     "RejectionOutput",
     "SamplingParams",
+    "TreeAcceptance",
     "acceptance_probs",
+    "accept_trees",
+    "child_outcomes",
     "best_k",
     "draw_seed",
     "expected_tokens",
@@ -35,6 +40,7 @@ __all__ = [
     "make_generator",
     "mean_expected_tokens",
     "recovered_probs",
+    "reference_accept_tree",
     "reference_rejection_sample",
     "rejection_sample",
     "sample_token",
