@@ -87,6 +87,8 @@ class Coordinator:
             max_draft_tokens=config.speculation.max_draft_tokens,
             chat_template=t.chat_template,
             prefill_chunk=t.prefill_chunk,
+            tree_nodes=config.speculation.tree.max_nodes,
+            tree_branch=config.speculation.tree.max_branch,
             calibration_key=calibration_key(
                 model=t.model, dtype=self.group.dtype, tp_size=c.tp_size, target_rank=c.target_rank.model_dump(),
                 draft_replicas=c.draft_replicas, drafter=config.draft.drafter, draft=config.draft.model_dump(),

@@ -9,7 +9,7 @@ import os
 import sys
 
 from .client import API_TOKEN_ENV
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, parse_config
 from .registry import DRAFTERS
 from .speculation import InvalidRequest, SamplingParams
 
@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--num-draft-tokens", type=_k_arg, default=None, help="K; 0 is plain decoding; default: the config's")
     gen.add_argument("--drafter", default=None, help=f"{', '.join(DRAFTERS)}; default: the config's")
+    gen.add_argument("--tree-nodes", type=int, default=None,
+                     help="draft tree nodes a round (0: a chain; drafters that draft trees: ngram, ngram_head's lookup); "
+                          "default: the config's speculation.tree.max_nodes")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--config", default=None, help="YAML config; default: the embedded default (configs/local.yaml)")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
@@ -139,6 +142,13 @@ def _generate(args) -> int:
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     config = load_config(args.config)
+    if args.tree_nodes is not None:
+        data = config.model_dump()
+        data["speculation"]["tree"]["max_nodes"] = args.tree_nodes
+        try:
+            config = parse_config(data, "--tree-nodes")
+        except ConfigError as e:
+            raise InvalidRequest("tree-nodes", f"must be in [0, 64], got {args.tree_nodes}") from e
     request = GenerationRequest(
         args.prompt, args.max_new_tokens, sampling, num_draft_tokens=args.num_draft_tokens, stop=tuple(args.stop)
     )

@@ -79,9 +79,15 @@ class DraftConfig(_Strict):
         return self
 
 
+class TreeConfig(_Strict):
+    max_nodes: int = Field(0, ge=0, le=64)  # draft nodes a round per sequence; 0: a chain of K tokens
+    max_branch: int = Field(2, ge=1, le=8)  # children per node at most
+
+
 class SpeculationConfig(_Strict):
     num_draft_tokens: int | Literal["adaptive"] = "adaptive"  # K; 0 is plain decoding
     max_draft_tokens: int = Field(8, ge=1, le=32)  # upper bound for adaptive K and for requests
+    tree: TreeConfig = TreeConfig()  # draft trees (drafters that propose them: ngram); K bounds their depth
 
     @model_validator(mode="after")
     def _check(self):

@@ -52,9 +52,45 @@ class NgramDrafter(Drafter):
     def propose(self, seq_id, context, k, params, seed) -> DraftBlock:
         return DraftBlock(self.lookup(context, k), None)
 
+    drafts_trees = True  # several earlier matches that continue differently make a tree
+
+    def propose_many(self, requests: list[DraftRequest]) -> list[DraftBlock]:
+        return [self.tree(r.context, r.k, r.max_nodes, r.max_branch) if r.max_nodes > 0
+                else DraftBlock(self.lookup(r.context, r.k), None) for r in requests]
+
     def lookup(self, context: list[int], k: int) -> list[int]:
         start = self.match(context) if k > 0 else None
         return [] if start is None else context[start : start + k]
+
+    def tree(self, context: list[int], depth: int, max_nodes: int, max_branch: int) -> DraftBlock:
+        """What followed earlier occurrences of the context's suffix, merged into a trie: longer
+        suffixes first, latest match first; at most max_nodes nodes, max_branch children a node,
+        depth tokens deep. Children are chosen, not sampled (q None). A trie that is one path
+        comes back as a chain."""
+        tokens: list[int] = []
+        parents: list[int] = []
+        children: dict[int, dict[int, int]] = {-1: {}}  # node -> {token: child}
+        end = len(context)
+        for n in range(min(self.max_n, end - 1), self.min_n - 1, -1):
+            pattern = context[end - n :]
+            for start in range(end - n - 1, -1, -1):
+                if len(tokens) >= max_nodes or depth <= 0:
+                    break
+                if context[start] != pattern[0] or context[start : start + n] != pattern:
+                    continue
+                node = -1
+                for t in context[start + n : start + n + depth]:
+                    child = children[node].get(t)
+                    if child is None:
+                        if len(children[node]) >= max_branch or len(tokens) >= max_nodes:
+                            break
+                        child = children[node][t] = len(tokens)
+                        tokens.append(t)
+                        parents.append(node)
+                        children[child] = {}
+                    node = child
+        chain = parents == list(range(-1, len(tokens) - 1))
+        return DraftBlock(tokens, None, None if chain else tuple(parents))
 
     def match(self, context: list[int]) -> int | None:
         """Where what followed the latest earlier occurrence of the longest matching suffix starts

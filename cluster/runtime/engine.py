@@ -13,9 +13,11 @@ from ..speculation import (
     AcceptanceTracker,
     AdaptiveK,
     CostModel,
+    DraftTree,
     InvalidRequest,
     ProbeSchedule,
     SamplingParams,
+    accept_trees,
     draw_seed,
     greedy_accept,
     make_generator,
@@ -29,6 +31,14 @@ from .kv import CausalLM
 from .tokenizer import Tokenizer
 
 _NO_DRAFT = DraftBlock([], None)
+
+
+def _layout(head: int, parents: tuple[int, ...] | None) -> list[int] | None:
+    """The verify input's parents (kv.attention_mask) for `head` uncached tokens, then a tree's
+    nodes: the head is a chain, its last token is the tree's root. None: all a chain."""
+    if parents is None:
+        return None
+    return list(range(-1, head - 1)) + [head - 1 if p < 0 else head + p for p in parents]
 
 
 def _draft_ids(blocks: list[DraftBlock]) -> torch.Tensor:
@@ -51,7 +61,8 @@ class SpeculationStats:
     draft_tokens: int = 0  # tokens proposed by the drafter
     accepted_tokens: int = 0  # draft tokens accepted
     evaluated_tokens: int = 0  # draft tokens the target judged: accepted + one per early stop
-    rounds_k: list[int] = field(default_factory=list)  # K drafted in each round
+    rounds_k: list[int] = field(default_factory=list)  # K drafted in each round (a tree's node count)
+    tree_rounds: int = 0  # rounds whose draft was a tree
     prefill_s: float = 0.0
     draft_s: float = 0.0
     verify_s: float = 0.0
@@ -68,6 +79,7 @@ class SpeculationStats:
             "draft_tokens": self.draft_tokens,
             "accepted_tokens": self.accepted_tokens,
             "acceptance_rate": round(self.acceptance_rate, 4),
+            "tree_rounds": self.tree_rounds,
             "timings_s": {
                 "prefill": round(self.prefill_s, 4),
                 "draft": round(self.draft_s, 4),
@@ -164,6 +176,8 @@ class SpeculativeEngine:
         prior_alpha: float | None = None,
         calibration_key: dict | None = None,  # where measured costs are cached (calibration.py); None: not cached
         clock: Callable[[], float] = time.perf_counter,
+        tree_nodes: int = 0,  # > 0: drafters that draft trees propose up to this many nodes (depth <= K)
+        tree_branch: int = 2,  # children per tree node at most
     ):
         # an nn.Module runs in process; anything with CausalLM's interface (a TargetGroup) as is
         self.target = CausalLM(target) if isinstance(target, torch.nn.Module) else target
@@ -175,6 +189,8 @@ class SpeculativeEngine:
         self.chat_template = chat_template and getattr(tokenizer, "has_chat_template", False)
         self.prefill_chunk = prefill_chunk
         self.clock = clock
+        self.tree_nodes = tree_nodes if getattr(drafter, "drafts_trees", False) else 0
+        self.tree_branch = tree_branch
         self._cost_model = cost_model
         self._learn_costs = cost_model is None  # a given cost model stays as given (deterministic K)
         self._prior_alpha = prior_alpha
@@ -272,14 +288,14 @@ class SpeculativeEngine:
         ks = [self._choose_k(s, adaptive.get(s.seq_id, 0)) for s in seqs]
         requests = [
             DraftRequest(s.seq_id, s.tokens, k, s.request.sampling,
-                         0 if s.request.sampling.greedy else draw_seed(s.generator), *self._unsent_features(s))
+                         0 if s.request.sampling.greedy else draw_seed(s.generator), *self._unsent_features(s),
+                         max_nodes=self.tree_nodes, max_branch=self.tree_branch)
             for s, k in zip(seqs, ks) if k
         ]
         t = self.clock()
         proposed = iter(self.drafter.propose_many(requests) if requests else [])
         timing.draft_s = self.clock() - t
         blocks = [next(proposed) if k else _NO_DRAFT for k in ks]
-        assert all(b.parents is None for b in blocks), "a tree block: this engine verifies chains"
         for s, k in zip(seqs, ks):
             s.stats.draft_s += timing.draft_s / len(requests) if k else 0.0
         return blocks
@@ -302,10 +318,12 @@ class SpeculativeEngine:
         t = self.clock()
         heads = [s.uncached for s in seqs]
         inputs = [h + b.token_ids for h, b in zip(heads, blocks)] + [ids for _, ids in chunks]
+        trees = [_layout(len(h), b.parents) for h, b in zip(heads, blocks)]
         outputs = self.target.forward_outputs(
             [s.cache for s in seqs] + [s.cache for s, _ in chunks], inputs,
             argmax_only=[s.request.sampling.greedy for s in seqs] + [True] * len(chunks),
             last=[len(b) + 1 for b in blocks] + [0] * len(chunks),
+            parents=trees + [None] * len(chunks) if any(t is not None for t in trees) else None,
             hidden=[len(x) for x in inputs] if self.reads_features else None,
         )
         for (s, _), o in zip(chunks, outputs[len(seqs) :]):
@@ -330,18 +348,26 @@ class SpeculativeEngine:
         """The target's cache keeps the accepted drafts; stats, alpha and the drafter learn the
         outcome; the tokens are emitted."""
         k, n = len(block), result.num_accepted
-        self.target.rollback(s.cache, k - n)
-        if hidden is not None:  # [len(uncached) + k, d]: the committed positions' rows
-            s.features.append(hidden[: len(hidden) - (k - n)])
+        if result.path is None:
+            self.target.rollback(s.cache, k - n)
+            if hidden is not None:  # [len(uncached) + k, d]: the committed positions' rows
+                s.features.append(hidden[: len(hidden) - (k - n)])
+        else:  # a tree: keep the accepted path's positions, gathered behind the committed ones
+            self.target.keep(s.cache, list(range(s.cached)) + [s.cached + j for j in result.path])
+            if hidden is not None:
+                head = len(hidden) - k
+                s.features.append(hidden[list(range(head)) + [head + j for j in result.path]])
         s.cached += n
         st = s.stats
         st.target_calls += 1
         st.rounds_k.append(k)
+        st.tree_rounds += result.path is not None
         st.draft_tokens += k
         st.accepted_tokens += n
-        st.evaluated_tokens += n + (n < k)
+        rejected = not result.at_leaf if result.path is not None else n < k  # a draft was judged and refused
+        st.evaluated_tokens += n + rejected
         if s.trackers is not None and s.source:
-            self._tracker(s, s.source).update(k, n)
+            self._tracker(s, s.source).update(n + rejected, n)
         if k:
             self.drafter.observe(s.seq_id, block, result)
         timing.draft_tokens += k
@@ -410,8 +436,14 @@ class SpeculativeEngine:
         the others by modified rejection sampling on their logits."""
         t = self.clock()
         out: list[Acceptance | None] = [None] * len(seqs)
-        greedy = [i for i, s in enumerate(seqs) if s.request.sampling.greedy]
-        sampled = [i for i, s in enumerate(seqs) if not s.request.sampling.greedy]
+        trees = [i for i, b in enumerate(blocks) if b.parents is not None]
+        if trees:
+            for i, result in zip(trees, self._accept_trees([seqs[i] for i in trees], [blocks[i] for i in trees],
+                                                           [scores[i] for i in trees])):
+                out[i] = result
+        chains = [i for i, b in enumerate(blocks) if b.parents is None]
+        greedy = [i for i in chains if seqs[i].request.sampling.greedy]
+        sampled = [i for i in chains if not seqs[i].request.sampling.greedy]
         if greedy:
             result = greedy_accept(torch.cat([scores[i] for i in greedy]), _draft_ids([blocks[i] for i in greedy]),
                                    [len(blocks[i]) for i in greedy])
@@ -426,6 +458,16 @@ class SpeculativeEngine:
         for s in seqs:
             s.stats.sample_s += timing.sample_s / len(seqs)
         return out
+
+    @staticmethod
+    def _accept_trees(seqs: list[_Sequence], blocks: list[DraftBlock], scores: list[torch.Tensor]) -> list[Acceptance]:
+        """Tree blocks: the core's tree acceptance on argmax ids (greedy) or warped logits."""
+        trees = [DraftTree(tuple(b.token_ids), b.parents, b.probs) for b in blocks]
+        greedy = [s.request.sampling.greedy for s in seqs]
+        rows = [x if g else warp_probs(x, [s.request.sampling] * len(x)) for x, g, s in zip(scores, greedy, seqs)]
+        results = accept_trees(rows, trees, greedy, [s.generator for s in seqs])
+        return [Acceptance(list(r.tokens), r.num_accepted, r.path, not t.children(r.path[-1] if r.path else -1))
+                for r, t in zip(results, trees)]
 
     def _rejection_sample(self, seqs: list[_Sequence], blocks: list[DraftBlock], logits: list[torch.Tensor]):
         row_params = [s.request.sampling for s, b in zip(seqs, blocks) for _ in range(len(b) + 1)]

@@ -142,6 +142,8 @@ def make_engine(
         cost_model=cost_model,
         prior_alpha=prior_alpha,
         calibration_key=key,
+        tree_nodes=config.speculation.tree.max_nodes,
+        tree_branch=config.speculation.tree.max_branch,
     )
 
 

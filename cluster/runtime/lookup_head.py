@@ -20,6 +20,7 @@ class LookupThenHead(Drafter):
     needs_features = True
     batches_drafts = True  # the head drafts all its sequences a depth at a time
     free_sources = frozenset({"lookup"})
+    drafts_trees = True  # lookup's blocks may be trees (several earlier matches); the head's are chains
 
     def __init__(self, lookup: NgramDrafter, head: HeadDrafter):
         self.lookup, self.head = lookup, head
@@ -42,9 +43,11 @@ class LookupThenHead(Drafter):
 
     def propose_many(self, requests: list[DraftRequest]) -> list[DraftBlock]:
         starts = [self._match(r.seq_id, r.context) for r in requests]
-        copied = [[] if i is None or r.k <= 0 else r.context[i : i + r.k] for r, i in zip(requests, starts)]
+        copied = [None if i is None or r.k <= 0
+                  else self.lookup.tree(r.context, r.k, r.max_nodes, r.max_branch) if r.max_nodes > 0
+                  else DraftBlock(r.context[i : i + r.k], None) for r, i in zip(requests, starts)]
         drafted = self.head.propose_many([replace(r, k=0) if c else r for r, c in zip(requests, copied)])
-        return [DraftBlock(c, None) if c else block for c, block in zip(copied, drafted)]
+        return [c if c else block for c, block in zip(copied, drafted)]
 
     def release(self, seq_id: int) -> None:
         self._matches.pop(seq_id, None)

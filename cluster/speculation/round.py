@@ -27,6 +27,8 @@ class DraftRequest:
     # committed positions features_start .. features_start + n - 1 not sent before; [n, d]
     features: torch.Tensor | None = None
     features_start: int = 0
+    max_nodes: int = 0  # > 0: a tree of at most this many nodes, depth at most k, may come back
+    max_branch: int = 1  # its children per node at most
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ class Acceptance:
 
     tokens: list[int]  # [num_accepted + 1]
     num_accepted: int
+    path: tuple[int, ...] | None = None  # a tree's accepted nodes, root to leaf (None: a chain's first num_accepted)
+    at_leaf: bool = False  # a tree's path ended at a leaf: nothing drafted was rejected
 
 
 @runtime_checkable
