@@ -299,3 +299,53 @@ def test_drafter_ngram_head_is_configured_and_built():
     config = parse_config({"draft": {"drafter": "ngram_head"}})  # SmolLM2's head ships
     drafter = build_drafter("ngram_head", config.draft, draft_sources(config))
     assert isinstance(drafter, LookupThenHead) and drafter.lookup.min_n == 2 and drafter.needs_features
+
+
+def _tree_engine(model, tokenizer, head, k=4, nodes=8, branch=3):
+    return SpeculativeEngine(model, tokenizer, HeadDrafter(head), num_draft_tokens=k, tree_nodes=nodes, tree_branch=branch)
+
+
+def test_greedy_with_head_trees_equals_plain_greedy(tiny_llama, tiny_head):
+    """The head's top-3 at depth 1, then a chain each (forked head caches): greedy equals plain,
+    trees are drafted and accepted, and every forked cache is freed."""
+    head = DraftHead.load(tiny_head[0], tiny_llama.model)
+    engine = _tree_engine(tiny_llama.model, tiny_llama.tokenizer, head)
+    prompts = [tiny_llama.tokenizer.encode(p) for p in TINY_PROMPTS]
+    results = engine.generate([GenerationRequest("", 40, SamplingParams(temperature=0.0), prompt_ids=p) for p in prompts])
+    eos = tiny_llama.tokenizer.eos_token_id
+    for ids, r in zip(prompts, results):
+        assert r.token_ids == hf_greedy(tiny_llama.model, ids, 40, eos)[: len(r.token_ids)]
+    assert sum(r.stats.tree_rounds for r in results) > 20 and sum(r.stats.accepted_tokens for r in results) > 0
+    assert all(n <= 8 for r in results for n in r.stats.rounds_k)
+    assert not [ref for ref in engine.drafter.lm.pool._owners if ref() is not None]  # no fork left behind
+
+
+def test_head_trees_sample_the_target_distribution(tiny_llama, tiny_head, monkeypatch):
+    """Sampled requests: the head's children at depth 1 are drawn independently from q (SpecInfer's
+    rule checks them): three tokens of "ab" follow the target's exact joint; taking every first
+    child (the negative control) does not."""
+    import cluster.speculation.tree as tree_module
+    from test_engine_sampling import PARAMS, _chi2_pvalue
+
+    head = DraftHead.load(tiny_head[0], tiny_llama.model)
+    engine = _tree_engine(tiny_llama.model, tiny_llama.tokenizer, head, k=2, nodes=4, branch=2)
+    joint = _exact_joint(tiny_llama, tiny_llama.tokenizer.encode("ab"), PARAMS, 3)
+
+    def samples(n: int) -> list[tuple[int, ...]]:
+        params = [SamplingParams(PARAMS.temperature, PARAMS.top_k, PARAMS.top_p, seed=i) for i in range(n)]
+        results = engine.generate([GenerationRequest("ab", 3, params[i], 2) for i in range(n)])
+        assert sum(r.stats.tree_rounds for r in results) > n // 2
+        return [tuple(r.token_ids) for r in results]
+
+    assert _chi2_pvalue(samples(3000), joint) > 1e-3
+
+    def first_children(p, tree, generator):
+        path, node = [], -1
+        while tree.children(node):
+            node = tree.children(node)[0]
+            path.append(node)
+        return tree_module.TreeAcceptance(tuple(path), tuple(tree.tokens[c] for c in path)
+                                          + (tree_module.sample_token(p[node + 1], generator),))
+
+    monkeypatch.setattr(tree_module, "accept_tree", first_children)
+    assert _chi2_pvalue(samples(3000), joint) < 1e-6

@@ -28,9 +28,37 @@ class _HeadState:
     fed: int = 0  # teacher-forced positions in the head's cache (drafted ones follow them)
 
 
+@dataclass
+class _Tree:
+    """A sequence's draft as it grows: nodes in the order drafted (parents before children)."""
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    rows: list[torch.Tensor] = field(default_factory=list)  # [V] q each node was drawn from (sampled)
+
+    def add(self, token: int, parent: int, q: torch.Tensor | None) -> int:
+        self.tokens.append(token)
+        self.parents.append(parent)
+        if q is not None:
+            self.rows.append(q)
+        return len(self.tokens) - 1
+
+    def block(self) -> DraftBlock:
+        chain = self.parents == list(range(-1, len(self.tokens) - 1))
+        return DraftBlock(self.tokens, torch.stack(self.rows) if self.rows else None, None if chain else tuple(self.parents))
+
+
+@dataclass(frozen=True)
+class _Branch:
+    request: DraftRequest
+    cache: object  # the head's cache it drafts in (the sequence's, or a fork of it)
+    parent: int  # the tree node it continues from (-1: the root)
+
+
 class HeadDrafter(Drafter):
     name = "head"
     needs_features = True  # the engine sends the target's last hidden states with each request
+    drafts_trees = True  # the head's top-b (greedy) or b samples (T > 0) at depth 1, then a chain each
     batches_drafts = True  # one forward per depth for all sequences: calibration times a batch too
 
     def __init__(self, head: DraftHead):
@@ -69,34 +97,44 @@ class HeadDrafter(Drafter):
             inputs.append(list(r.context[s.fed + 1 : m]))
             features.append(feats)
             s.fed = m - 1
-        drafted: dict[int, tuple[list[int], list[torch.Tensor]]] = {r.seq_id: ([], []) for r, _ in live}
+        trees = {r.seq_id: _Tree() for r, _ in live}
         generators = {r.seq_id: None if r.params.greedy else make_generator(r.seed) for r, _ in live}
+        branches = [_Branch(r, s.cache, -1) for r, s in live]
+        forks = []
         depth = 0
-        while live:
-            outs = self.lm.forward_outputs([s.cache for _, s in live], inputs, features=features,
-                                           last=[1] * len(live), hidden=[1] * len(live))
+        while branches:
+            outs = self.lm.forward_outputs([b.cache for b in branches], inputs, features=features,
+                                           last=[1] * len(branches), hidden=[1] * len(branches))
             depth += 1
-            next_live, inputs, features = [], [], []
-            for (r, s), out in zip(live, outs):
-                tokens, rows = drafted[r.seq_id]
+            next_branches, inputs, features = [], [], []
+            for b, out in zip(branches, outs):
+                r, tree = b.request, trees[b.request.seq_id]
                 logits = out.scores[0]  # [V'] over the head's vocabulary
-                if r.params.greedy:
-                    x = int(self.vocab[int(logits.argmax())])
-                else:
+                budget = r.max_nodes if r.max_nodes > 0 else r.k
+                n = min(r.max_branch, budget - len(tree.tokens)) if depth == 1 and r.max_nodes > 0 else 1
+                if r.params.greedy:  # chosen children: the head's top n
+                    picks = [int(logits.argmax())] if n == 1 else logits.topk(n).indices.tolist()
+                    q_full = None
+                else:  # sampled children, drawn independently from q
                     q_vocab = warp_probs(logits[None], [r.params])[0]
-                    x = int(self.vocab[sample_token(q_vocab, generators[r.seq_id])])
-                    rows.append(torch.zeros(self.vocab_size).index_copy_(0, self.vocab, q_vocab))
-                tokens.append(x)
-                if depth < r.k:
-                    next_live.append((r, s))
-                    inputs.append([x])
-                    features.append(out.hidden.to(self.head.fc.weight.dtype))  # [1, d] the predicted f
-            live = next_live
-        blocks = []
-        for r in requests:
-            tokens, rows = drafted.get(r.seq_id, ([], []))
-            blocks.append(DraftBlock(tokens, torch.stack(rows) if rows else None))
-        return blocks
+                    picks = [sample_token(q_vocab, generators[r.seq_id]) for _ in range(n)]
+                    q_full = torch.zeros(self.vocab_size).index_copy_(0, self.vocab, q_vocab)
+                for i, pick in enumerate(picks):
+                    if len(tree.tokens) >= budget:  # the other branches took the node budget
+                        break
+                    x = int(self.vocab[pick])
+                    node = tree.add(x, b.parent, q_full)
+                    if depth < r.k and len(tree.tokens) < budget:
+                        cache = b.cache if i == 0 else self.lm.fork(b.cache)
+                        if i:
+                            forks.append(cache)
+                        next_branches.append(_Branch(r, cache, node))
+                        inputs.append([x])
+                        features.append(out.hidden.to(self.head.fc.weight.dtype))  # [1, d] the predicted f
+            branches = next_branches
+        for cache in forks:
+            self.lm.release(cache)
+        return [trees[r.seq_id].block() if r.seq_id in trees else DraftBlock([], None) for r in requests]
 
     def release(self, seq_id: int) -> None:
         s = self._states.pop(seq_id, None)

@@ -55,6 +55,18 @@ class SequenceKV:
         self.length = len(positions)
 
 
+def fork(cache: SequenceKV) -> SequenceKV:
+    """A new cache in the same pool holding a copy of this one's positions (a tree's branch)."""
+    pool = cache.pool
+    child = pool.new()
+    if cache.length:
+        with torch.inference_mode():
+            pool.reserve(cache.length, pool.tensor[0, 0, :1])
+            pool.tensor[:, :, child.slot, :, : cache.length] = pool.tensor[:, :, cache.slot, :, : cache.length]
+    child.length = cache.length
+    return child
+
+
 class KVPool:
     """One tensor of keys and values for every sequence of a model, a slot each; slots grow by
     doubling, positions by half again (the pool holds slots x the longest sequence)."""
@@ -398,6 +410,11 @@ class CausalLM:
         """Drops the last n cached positions: a length change."""
         if n > 0:
             cache.length -= min(n, cache.length)
+
+    @staticmethod
+    def fork(cache: SequenceKV) -> SequenceKV:
+        """A copy of a cache (its own slot), for a branch that continues apart from it."""
+        return fork(cache)
 
     @staticmethod
     def keep(cache: SequenceKV, positions: list[int]) -> None:
