@@ -5,7 +5,7 @@ import json
 from cluster.cli import main
 
 FIELDS = {"drafter", "k", "temperature", "prompts", "tokens_per_s", "speedup", "acceptance_rate",
-          "tokens_per_target_call", "expected_tokens_per_target_call"}
+          "tokens_per_target_call", "expected_tokens_per_target_call", "shape", "stages", "mean_accepted"}
 
 
 def test_bench_quick_rows(tmp_path, capsys):
@@ -21,6 +21,8 @@ def test_bench_quick_rows(tmp_path, capsys):
         assert row["matches_plain"] is True  # greedy: every variant equals plain decoding
     drafters = {r["drafter"] for r in rows}
     assert drafters == {"none", "ngram", "int8", "model"}
+    assert {r["shape"] for r in rows if r["drafter"] == "ngram"} == {"chain", "tree"}  # ngram drafts trees
+    assert {r["shape"] for r in rows if r["drafter"] in ("int8", "model")} == {"chain"} and all(r["stages"] == 1 for r in rows)
     for r in rows:
         if r["drafter"] == "none":
             assert r["speedup"] == 1.0 and r["tokens_per_target_call"] <= 1.0  # < 1 only when EOS ends a prompt
