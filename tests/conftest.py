@@ -62,6 +62,32 @@ def local_records(tokenizer, n_tokens=40_000) -> list[dict]:
     return out
 
 
+def tiny_distributed(draft: dict, draft_replicas: int, speculation: dict):
+    """A DistributedEngine of configs/tiny.yaml (tensor parallel 2) with this draft section,
+    draft replica count and speculation settings; the caller shuts it down."""
+    import yaml
+
+    from cluster.launcher import DistributedEngine
+
+    data = yaml.safe_load(open("configs/tiny.yaml"))
+    data["draft"] = draft
+    data["cluster"]["draft_replicas"] = draft_replicas
+    data["speculation"] |= speculation
+    return DistributedEngine(parse_config(data))
+
+
+def first_children(p, tree, generator):
+    """A wrong tree acceptance (negative controls): takes every first child, then samples at the leaf."""
+    from cluster.speculation.tree import TreeAcceptance
+    from cluster.speculation import sample_token
+
+    path, node = [], -1
+    while tree.children(node):
+        node = tree.children(node)[0]
+        path.append(node)
+    return TreeAcceptance(tuple(path), tuple(tree.tokens[c] for c in path) + (sample_token(p[node + 1], generator),))
+
+
 def hf_greedy(model, prompt_ids, max_new_tokens, eos_token_id):
     """Plain greedy decoding by transformers' own generate, cut at EOS (EOS excluded)."""
     ids = torch.tensor([prompt_ids])

@@ -9,7 +9,7 @@ from cluster.runtime.drafters import NgramDrafter
 from cluster.runtime.engine import GenerationRequest, SpeculativeEngine
 from cluster.runtime.kv import CausalLM
 from cluster.speculation import SamplingParams
-from conftest import TINY_PROMPTS, hf_greedy
+from conftest import TINY_PROMPTS, first_children, hf_greedy, tiny_distributed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,14 +106,6 @@ def test_trees_sample_the_target_distribution(tiny_llama, monkeypatch):
 
     assert _chi2_pvalue(samples(3000), joint) > 1e-3
     assert drafter.trees >= 3000
-    def first_children(p, tree, generator):  # takes every first child, then samples at the leaf
-        path, node = [], -1
-        while tree.children(node):
-            node = tree.children(node)[0]
-            path.append(node)
-        return tree_module.TreeAcceptance(tuple(path), tuple(tree.tokens[c] for c in path)
-                                          + (tree_module.sample_token(p[node + 1], generator),))
-
     monkeypatch.setattr(tree_module, "accept_tree", first_children)
     assert _chi2_pvalue(samples(3000), joint) < 1e-6
 
@@ -136,15 +128,7 @@ def test_speculation_tree_config_reaches_the_engine(tiny_llama):
 @pytest.mark.ray
 def test_distributed_greedy_with_trees_equals_plain(ray_cluster, tiny_llama):
     """Tensor parallel 2: every rank lays the tree out the same way and gathers the same path."""
-    import yaml
-
-    from cluster.launcher import DistributedEngine
-
-    data = yaml.safe_load(open("configs/tiny.yaml"))
-    data["draft"] = {"drafter": "ngram"}
-    data["cluster"]["draft_replicas"] = 0
-    data["speculation"] |= {"num_draft_tokens": 4, "tree": {"max_nodes": 10, "max_branch": 3}}
-    engine = DistributedEngine(parse_config(data))
+    engine = tiny_distributed({"drafter": "ngram"}, 0, {"num_draft_tokens": 4, "tree": {"max_nodes": 10, "max_branch": 3}})
     try:
         requests = [GenerationRequest(p * 3, 32) for p in TINY_PROMPTS]
         got = engine.generate(requests)

@@ -15,7 +15,7 @@ from cluster.speculation import SamplingParams
 from cluster.training.corpus import read_corpus
 from cluster.training.features import cut_windows, extract_features
 from cluster.training.train_head import HeadTraining, train_head
-from conftest import TINY_PROMPTS, hf_greedy, local_records
+from conftest import TINY_PROMPTS, first_children, hf_greedy, local_records, tiny_distributed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -152,15 +152,8 @@ def test_build_corpus_and_train_draft_commands(tmp_path, capsys):
 @pytest.mark.ray
 def test_distributed_greedy_with_the_head_equals_plain(ray_cluster, tiny_llama, tiny_head):
     """Tensor parallel 2 with the head beside rank 0 in the coordinator's process: greedy equals plain."""
-    import yaml
-
-    from cluster.launcher import DistributedEngine
-
-    data = yaml.safe_load(open("configs/tiny.yaml"))
-    data["draft"] = {"drafter": "head", "head": {"path": tiny_head[0]}}
-    data["cluster"]["draft_replicas"] = 0
-    data["speculation"]["num_draft_tokens"] = 3  # the head drafts every round (adaptive K may find it too dear here)
-    engine = DistributedEngine(parse_config(data))
+    # K = 3: the head drafts every round (adaptive K may find it too dear here)
+    engine = tiny_distributed({"drafter": "head", "head": {"path": tiny_head[0]}}, 0, {"num_draft_tokens": 3})
     try:
         requests = [GenerationRequest(p, 24, SamplingParams(temperature=0.0)) for p in TINY_PROMPTS]
         got = engine.generate(requests)
@@ -338,14 +331,6 @@ def test_head_trees_sample_the_target_distribution(tiny_llama, tiny_head, monkey
         return [tuple(r.token_ids) for r in results]
 
     assert _chi2_pvalue(samples(3000), joint) > 1e-3
-
-    def first_children(p, tree, generator):
-        path, node = [], -1
-        while tree.children(node):
-            node = tree.children(node)[0]
-            path.append(node)
-        return tree_module.TreeAcceptance(tuple(path), tuple(tree.tokens[c] for c in path)
-                                          + (tree_module.sample_token(p[node + 1], generator),))
 
     monkeypatch.setattr(tree_module, "accept_tree", first_children)
     assert _chi2_pvalue(samples(3000), joint) < 1e-6

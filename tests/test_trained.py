@@ -15,7 +15,7 @@ from cluster.runtime.models import DRAFT_META, load_trained_draft
 from cluster.speculation import SamplingParams
 from cluster.training.features import cut_windows, extract_features
 from cluster.training.train_model import ModelTraining, draft_from_target, save_draft, train_model
-from conftest import TINY_PROMPTS, hf_greedy, local_records
+from conftest import TINY_PROMPTS, hf_greedy, local_records, tiny_distributed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,15 +102,7 @@ def test_train_draft_model_command(tiny_draft, tmp_path, capsys):
 @pytest.mark.ray
 def test_distributed_greedy_with_the_trained_draft_on_a_draft_replica(ray_cluster, tiny_llama, tiny_draft):
     """The trained draft runs on a draft replica (it needs nothing of the target) behind tensor parallel 2."""
-    import yaml
-
-    from cluster.launcher import DistributedEngine
-
-    data = yaml.safe_load(open("configs/tiny.yaml"))
-    data["draft"] = {"drafter": "trained", "trained": {"path": tiny_draft[0]}}
-    data["cluster"]["draft_replicas"] = 1
-    data["speculation"]["num_draft_tokens"] = 3
-    engine = DistributedEngine(parse_config(data))
+    engine = tiny_distributed({"drafter": "trained", "trained": {"path": tiny_draft[0]}}, 1, {"num_draft_tokens": 3})
     try:
         requests = [GenerationRequest(p, 24) for p in TINY_PROMPTS[:4]]
         got = engine.generate(requests)
