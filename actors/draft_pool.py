@@ -26,6 +26,7 @@ FAILURES = {
 
 class DraftPool(Drafter):
     name = "pool"
+    drafts_trees = True  # passes the tree budget on; the replicas' drafter decides (chains or trees)
 
     def __init__(self, addresses: list[str], timeout_s: float = 10.0):
         self.timeout_s = timeout_s

@@ -11,6 +11,7 @@ from specserve.internal.v1 import draft_pb2_grpc as pb_grpc
 
 from cluster.runtime.drafters import Drafter
 from cluster.speculation import InvalidRequest, SamplingParams
+from cluster.speculation.round import DraftRequest
 
 from .wire import encode_probs
 
@@ -37,6 +38,8 @@ class DraftServicer(pb_grpc.DraftServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "context_len: the context must not be empty")
         if request.k > MAX_K:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"k: at most {MAX_K}, got {request.k}")
+        if request.max_nodes > MAX_K:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"max_nodes: at most {MAX_K}, got {request.max_nodes}")
         s = request.sampling
         try:
             params = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
@@ -45,8 +48,11 @@ class DraftServicer(pb_grpc.DraftServiceServicer):
         tokens = tokens + list(request.new_tokens)
         self.contexts[seq] = tokens
         start = time.perf_counter()
-        block = self.drafter.propose(seq, tokens, request.k, params, request.seed)
-        response = pb.ProposeResponse(token_ids=block.token_ids, compute_s=time.perf_counter() - start)
+        draft = DraftRequest(seq, tokens, request.k, params, request.seed, max_nodes=request.max_nodes,
+                             max_branch=max(1, request.max_branch))
+        block = self.drafter.propose_many([draft])[0]
+        response = pb.ProposeResponse(token_ids=block.token_ids, compute_s=time.perf_counter() - start,
+                                      parents=block.parents or ())
         if block.probs is not None:
             response.probs.CopyFrom(encode_probs(block.probs))
         return response

@@ -15,6 +15,8 @@ from .wire import decode_probs
 class RemoteDrafter(Drafter):
     """Sends each sequence's context incrementally; resends it whole when the service lost it."""
 
+    drafts_trees = True  # passes the tree budget on; the replica's drafter decides (chains or trees)
+
     def __init__(self, address: str, timeout_s: float = 30.0, name: str = "remote"):
         self.address = address
         self.name = name
@@ -55,7 +57,11 @@ class RemoteDrafter(Drafter):
         self.bytes_received += response.ByteSize()
         self.compute_s += response.compute_s
         probs = decode_probs(response.probs) if response.HasField("probs") else None
-        return DraftBlock(list(response.token_ids), probs)
+        parents = tuple(response.parents) or None
+        if parents is not None and (len(parents) != len(response.token_ids)
+                                    or any(not -1 <= p < j for j, p in enumerate(parents))):
+            raise ValueError(f"draft service {self.address}: a malformed tree (parents {list(parents)})")
+        return DraftBlock(list(response.token_ids), probs, parents)
 
     def propose_many(self, requests: list[DraftRequest]) -> list[DraftBlock]:
         return [self.finish(p) for p in [self.start(r) for r in requests]]
@@ -70,6 +76,8 @@ class RemoteDrafter(Drafter):
             k=draft.k,
             sampling=pb.Sampling(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p),
             seed=draft.seed,
+            max_nodes=draft.max_nodes,
+            max_branch=draft.max_branch,
         )
 
     def forget(self, seq_id: int) -> None:

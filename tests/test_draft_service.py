@@ -145,3 +145,32 @@ def test_ngram_service_sends_no_probabilities():
         remote.close()
     finally:
         server.stop(grace=None)
+
+
+def test_ngram_trees_travel_over_the_service(tiny_llama):
+    """A tree's parents cross the wire as drafted; the engine verifies remote trees exactly."""
+    from cluster.speculation.round import DraftRequest
+
+    server, port = create_server(NgramDrafter())
+    server.start()
+    try:
+        remote = RemoteDrafter(f"127.0.0.1:{port}")
+        ctx = [1, 2, 3, 4, 9, 1, 2, 3, 5, 9, 1, 2, 3, 4, 7, 9, 1, 2]
+        got = remote.propose_many([DraftRequest(1, ctx, 4, SamplingParams(1.0), 0, max_nodes=8, max_branch=2)])[0]
+        want = NgramDrafter().tree(ctx, 4, 8, 2)
+        assert (got.token_ids, got.parents, got.probs) == (want.token_ids, want.parents, None) and want.parents
+        request = pb.ProposeRequest(seq_id=2, new_tokens=[1, 2], context_len=2, reset=True, k=2, max_nodes=65,
+                                    sampling=pb.Sampling(temperature=1.0, top_p=1.0))
+        with pytest.raises(grpc.RpcError) as err:
+            remote._stub.Propose(request, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("max_nodes:")
+        engine = SpeculativeEngine(tiny_llama.model, tiny_llama.tokenizer, remote, num_draft_tokens=4, tree_nodes=8,
+                                   tree_branch=3)
+        prompts = [p * 3 for p in TINY_PROMPTS]
+        results = engine.generate([GenerationRequest(p, 32) for p in prompts])
+        plain = engine.generate([GenerationRequest(p, 32, num_draft_tokens=0) for p in prompts])
+        assert [r.token_ids for r in results] == [r.token_ids for r in plain]
+        assert sum(r.stats.tree_rounds for r in results) > 0
+        remote.close()
+    finally:
+        server.stop(grace=None)

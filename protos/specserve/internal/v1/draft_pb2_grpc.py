@@ -55,7 +55,7 @@ class DraftServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Propose(self, request, context):
-        """Up to k draft tokens continuing the sequence's committed context, with the q they came from.
+        """Up to k draft tokens continuing the sequence's committed context (or a tree of them), with the q they came from.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
