@@ -1,6 +1,7 @@
 """A one-off check of drafters on six prompts never used for training or tuning (two per category),
 T = 0 and T = 1, 96 tokens, one request at a time, each prompt its faster of 2 runs; prints speedup
-over plain decoding. Run from the repository root: .venv/bin/python docs/heldout-check.py"""
+over plain decoding (+tree: draft trees of 8 nodes, speculation.tree). Run from the repository
+root: .venv/bin/python docs/heldout-check.py"""
 import os, sys, time, statistics
 sys.path.insert(0, os.getcwd())
 from cluster.config import load_config
@@ -18,7 +19,10 @@ prompts = {
           "Write a Python class Stack with push, pop, peek and is_empty methods, and a short usage example."],
 }
 engines = {"none": make_engine(cfg, target, drafter="ngram"), "ngram": make_engine(cfg, target, drafter="ngram"),
-           "ngram_head": make_engine(cfg, target, drafter="ngram_head"), "head": make_engine(cfg, target, drafter="head")}
+           "ngram_head": make_engine(cfg, target, drafter="ngram_head"), "head": make_engine(cfg, target, drafter="head"),
+           "ngram_head+tree": make_engine(cfg, target, drafter="ngram_head"), "head+tree": make_engine(cfg, target, drafter="head")}
+for name in ("ngram_head+tree", "head+tree"):
+    engines[name].tree_nodes = 8  # speculation.tree: 8 nodes, 2 children a node
 for e in engines.values(): e.generate([GenerationRequest("Hi", 4)])
 for T in (0.0, 1.0):
     for cat, ps in prompts.items():

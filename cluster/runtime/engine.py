@@ -407,8 +407,9 @@ class SpeculativeEngine:
             s.source = self.drafter.source(s.seq_id, s.tokens)
         paying = sum(s.source not in free for s in adaptive)  # sequences a drafter with a cost drafts for
         per_token = self._policy.cost.draft_token_s(paying)
+        width = [float(self.tree_branch) if self.tree_nodes else 1.0] * len(adaptive)  # a tree's nodes a depth, at most
         ks = self._policy.next_ks([self._tracker(s, s.source).alpha for s in adaptive], [s.probes for s in adaptive],
-                                  [0.0 if s.source in free else per_token for s in adaptive])
+                                  [0.0 if s.source in free else per_token for s in adaptive], width)
         return dict(zip((s.seq_id for s in adaptive), ks))
 
     def _tracker(self, s: _Sequence, source: str) -> AcceptanceTracker:
