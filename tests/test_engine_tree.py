@@ -154,3 +154,22 @@ def test_generate_takes_tree_nodes(capsys):
     assert tree["token_ids"] == chain["token_ids"] and chain["stats"]["tree_rounds"] == 0
     assert main(argv + ["--tree-nodes", "-1"]) == 2
     assert "invalid tree-nodes: must be in [0, 64]" in capsys.readouterr().err
+
+
+@pytest.mark.smollm2
+def test_greedy_with_trees_equals_plain_on_smollm2(smollm2_fp32):
+    """SmolLM2 in float32 with ngram_head trees (the lookup trie and the head's top-2 branches):
+    greedy output equals plain greedy, and trees were drafted."""
+    from cluster.runtime.factory import make_engine
+
+    config = parse_config({"target": {"model": "smollm2-135m-instruct", "dtype": "float32"},
+                           "draft": {"drafter": "ngram_head"}, "speculation": {"tree": {"max_nodes": 8}}})
+    engine = make_engine(config, smollm2_fp32)
+    prompts = ["Write a Python function that checks whether a number is prime, with a docstring.",
+               "Repeat this list exactly: apples, pears, plums, apples, pears, plums."]
+    results = engine.generate([GenerationRequest(p, 40, SamplingParams(temperature=0.0), 4) for p in prompts])
+    eos = smollm2_fp32.tokenizer.eos_token_id
+    for p, r in zip(prompts, results):
+        ids = smollm2_fp32.tokenizer.encode_chat(p)
+        assert r.token_ids == hf_greedy(smollm2_fp32.model, ids, 40, eos)[: len(r.token_ids)]
+    assert sum(r.stats.tree_rounds for r in results) > 5
