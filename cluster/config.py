@@ -214,7 +214,7 @@ DEFAULT_CONFIG = {
         "model": {"layers": [*range(16), *range(18, 30)]},
         "ngram": {"max_n": 3, "min_n": 1},
     },
-    "speculation": {"num_draft_tokens": "adaptive", "max_draft_tokens": 8},
+    "speculation": {"num_draft_tokens": "adaptive", "max_draft_tokens": 8, "tree": {"max_nodes": 0, "max_branch": 2}},
     "cluster": {
         "enabled": False,
         "address": None,
