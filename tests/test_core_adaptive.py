@@ -354,3 +354,27 @@ def test_trees_are_costed_by_their_width():
     chain, tree = best_ks([0.8, 0.8], linear, width=[1.0, 3.0])
     assert chain > tree
     assert best_ks([0.8, 0.8], linear, width=[1.0, 1.0]) == best_ks([0.8, 0.8], linear)
+
+
+def test_trees_only_where_their_extra_nodes_are_nearly_free():
+    """widening_pays: at a batch whose verify cost is flat a tree (which holds the chain's path)
+    costs nothing more and is drafted; where each token costs, the chain is kept; no drafts, no tree."""
+    from cluster.speculation import widening_pays
+
+    flat = CostModel(0.0, tuple(1.0 + 0.002 * k for k in range(9)))
+    linear = CostModel(0.0, tuple(1.0 + 0.2 * k for k in range(9)))
+    assert widening_pays(flat, [4, 4], 2) and not widening_pays(linear, [4, 4], 2)
+    assert not widening_pays(flat, [0, 0], 2)
+    assert widening_pays(flat, [8], 2)  # wider than the table: its last slope, still flat
+    assert not widening_pays(CostModel(0.0, (1.0, 1.0, 1.0, 2.0)), [3], 2)  # past the table the last slope (1.0) counts
+
+
+def test_a_batched_drafter_drafts_a_trees_branches_together():
+    """The head drafts all branches a depth in one forward: widening costs its batched cost, so
+    at one sequence with a flat verify a tree pays although each draft token costs 4% of a step."""
+    from cluster.speculation import widening_pays
+
+    flat = tuple(1.0 for _ in range(9))
+    batched = CostModel(0.04, flat, draft_batch_s={4: 0.045})
+    assert widening_pays(batched, [4], 2, [0.04])
+    assert not widening_pays(CostModel(0.04, flat), [4], 2, [0.04])  # drafted one branch at a time: 14% dearer

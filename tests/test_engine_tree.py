@@ -173,3 +173,21 @@ def test_greedy_with_trees_equals_plain_on_smollm2(smollm2_fp32):
         ids = smollm2_fp32.tokenizer.encode_chat(p)
         assert r.token_ids == hf_greedy(smollm2_fp32.model, ids, 40, eos)[: len(r.token_ids)]
     assert sum(r.stats.tree_rounds for r in results) > 5
+
+
+def test_adaptive_k_drafts_trees_where_verification_is_flat_and_chains_where_it_costs(tiny_llama):
+    from cluster.speculation import CostModel
+
+    prompts = [tiny_llama.tokenizer.encode(p * 3) for p in TINY_PROMPTS]
+    eos = tiny_llama.tokenizer.eos_token_id
+    rounds = {}
+    for name, slope in (("flat", 0.002), ("linear", 0.06)):
+        cost = CostModel(0.0, tuple(1.0 + slope * k for k in range(7)))
+        engine = SpeculativeEngine(tiny_llama.model, tiny_llama.tokenizer, NgramDrafter(), max_draft_tokens=6,
+                                   cost_model=cost, prior_alpha=0.8, tree_nodes=8, tree_branch=2)
+        results = engine.generate([GenerationRequest("", 32, SamplingParams(temperature=0.0), prompt_ids=p) for p in prompts])
+        for ids, r in zip(prompts, results):
+            assert r.token_ids == hf_greedy(tiny_llama.model, ids, 32, eos)[: len(r.token_ids)]
+        rounds[name] = (sum(r.stats.tree_rounds for r in results), sum(r.stats.draft_tokens for r in results))
+    assert rounds["flat"][0] > 0, rounds
+    assert rounds["linear"][0] == 0 and rounds["linear"][1] > 0, rounds  # chains drafted, no trees

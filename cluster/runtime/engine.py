@@ -23,6 +23,7 @@ from ..speculation import (
     make_generator,
     rejection_sample,
     warp_probs,
+    widening_pays,
 )
 from ..speculation.round import Acceptance, DraftBlock, DraftRequest, TargetOutput
 from .calibration import Calibration, load_or_measure, measure_agreement, measure_costs
@@ -191,6 +192,7 @@ class SpeculativeEngine:
         self.clock = clock
         self.tree_nodes = tree_nodes if getattr(drafter, "drafts_trees", False) else 0
         self.tree_branch = tree_branch
+        self._round_trees = False  # whether this round drafts trees (adaptive K decides under load)
         self._cost_model = cost_model
         self._learn_costs = cost_model is None  # a given cost model stays as given (deterministic K)
         self._prior_alpha = prior_alpha
@@ -284,12 +286,14 @@ class SpeculativeEngine:
 
     def _propose(self, seqs: list[_Sequence], timing: RoundTiming) -> list[DraftBlock]:
         """Each sequence's draft block (empty at K = 0), from one propose_many call."""
+        self._round_trees = bool(self.tree_nodes)  # as configured, unless adaptive K finds trees dear this round
         adaptive = self._adaptive_ks(seqs)
         ks = [self._choose_k(s, adaptive.get(s.seq_id, 0)) for s in seqs]
+        nodes = self.tree_nodes if self._round_trees else 0
         requests = [
             DraftRequest(s.seq_id, s.tokens, k, s.request.sampling,
                          0 if s.request.sampling.greedy else draw_seed(s.generator), *self._unsent_features(s),
-                         max_nodes=self.tree_nodes, max_branch=self.tree_branch)
+                         max_nodes=nodes, max_branch=self.tree_branch)
             for s, k in zip(seqs, ks) if k
         ]
         t = self.clock()
@@ -407,9 +411,11 @@ class SpeculativeEngine:
             s.source = self.drafter.source(s.seq_id, s.tokens)
         paying = sum(s.source not in free for s in adaptive)  # sequences a drafter with a cost drafts for
         per_token = self._policy.cost.draft_token_s(paying)
-        width = [float(self.tree_branch) if self.tree_nodes else 1.0] * len(adaptive)  # a tree's nodes a depth, at most
+        draft_s = [0.0 if s.source in free else per_token for s in adaptive]
         ks = self._policy.next_ks([self._tracker(s, s.source).alpha for s in adaptive], [s.probes for s in adaptive],
-                                  [0.0 if s.source in free else per_token for s in adaptive], width)
+                                  draft_s)
+        # trees where their extra nodes cost (almost) nothing at this batch size, chains elsewhere
+        self._round_trees = bool(self.tree_nodes) and widening_pays(self._policy.cost, ks, self.tree_branch, draft_s)
         return dict(zip((s.seq_id for s in adaptive), ks))
 
     def _tracker(self, s: _Sequence, source: str) -> AcceptanceTracker:

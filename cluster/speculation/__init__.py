@@ -4,7 +4,7 @@ No module here imports Ray, gRPC, DeepSpeed or transformers (tests/test_boundary
 """
 
 from .adaptive import (AcceptanceTracker, AdaptiveK, CostModel, ProbeSchedule, best_k, expected_tokens,
-                       mean_expected_tokens)
+                       mean_expected_tokens, widening_pays)
 from .errors import InvalidRequest
 from .greedy import greedy_accept
 from .params import SamplingParams
@@ -45,4 +45,5 @@ __all__ = [
     "rejection_sample",
     "sample_token",
     "warp_probs",
+    "widening_pays",
 ]

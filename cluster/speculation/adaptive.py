@@ -119,10 +119,32 @@ def round_cost_s(cost: CostModel, batch: int, tokens: float) -> float:
 
 
 def _verify_cost(per_seq: tuple[float, ...], batch: int, tokens: float) -> float:
-    n = min(max(tokens / batch, 1.0), len(per_seq)) - 1  # drafts per sequence, fractional
+    n = max(tokens / batch, 1.0) - 1  # drafts per sequence, fractional
+    if n > len(per_seq) - 1 and len(per_seq) > 1:  # wider than the table (a tree): its last slope on
+        return batch * (per_seq[-1] + (n - len(per_seq) + 1) * (per_seq[-1] - per_seq[-2]))
+    n = min(n, len(per_seq) - 1)
     lo = int(n)
     hi = min(lo + 1, len(per_seq) - 1)
     return batch * (per_seq[lo] + (n - lo) * (per_seq[hi] - per_seq[lo]))
+
+
+def widening_pays(cost: CostModel, ks: Sequence[int], width: float, draft_s: Sequence[float] | None = None,
+                  margin: float = 0.1) -> bool:
+    """Whether drafting every depth `width` wide (a tree) costs at most `margin` more than the chain
+    allocation ks, verified and drafted. A tree holds the chain's path, so it never accepts less,
+    and its side branches added 10-20% tokens per target call where measured (README, *Draft
+    trees*): where verification is nearly flat (few sequences) the extra nodes cost less than
+    that; under load each one costs more, and the chain is kept."""
+    b = len(ks)
+    if b == 0 or not any(ks):
+        return False
+    per_seq = cost.at_batch(b).verify_s
+    d = [cost.draft_token_s(b)] * b if draft_s is None else list(draft_s)
+    drafting = sum(di * k for di, k in zip(d, ks))
+    batched = cost.draft_token_s(round(b * width)) / cost.draft_token_s(b) if cost.draft_token_s(b) > 0 else 1.0
+    chain = _verify_cost(per_seq, b, b + sum(ks)) + drafting
+    tree = _verify_cost(per_seq, b, b + width * sum(ks)) + width * drafting * batched  # branches drafted together
+    return tree <= (1 + margin) * chain
 
 
 def best_ks(alphas: Sequence[float], cost: CostModel, max_k: int | None = None, min_gain: float = 0.0,
