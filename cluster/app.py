@@ -89,3 +89,24 @@ def start(config: SpecserveConfig, blocking: bool = False):
     serve.start(http_options={"host": s.host, "port": s.http_port}, grpc_options=grpc_options(config))
     # a route prefix is required: the gRPC proxy does not find an app deployed without one
     return serve.run(build_app(config), name=s.app_name, route_prefix="/", blocking=blocking)
+
+
+def free_port(low: int = 20000, high: int = 32000) -> int:
+    """A TCP port free right now on every address, below Linux's ephemeral range (32768 and up),
+    which outgoing connections draw from: a port found by binding port 0 can be taken by one of
+    them before the server binds it (a local Ray cluster opens many)."""
+    import random
+    import socket
+
+    start = random.randrange(low, high)
+    for port in [*range(start, high), *range(low, start)]:
+        try:
+            with socket.socket() as s4:
+                s4.bind(("0.0.0.0", port))
+            if socket.has_ipv6:
+                with socket.socket(socket.AF_INET6) as s6:
+                    s6.bind(("::", port))
+            return port
+        except OSError:
+            continue
+    raise OSError(f"no free TCP port in [{low}, {high})")

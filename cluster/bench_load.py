@@ -181,7 +181,7 @@ def served_rows(config: SpecserveConfig, engine, texts: list[str], concurrency: 
     from .config import parse_config
 
     data = config.model_dump()
-    data["serve"] |= {"grpc_port": _free_port(), "http_port": _free_port(), "max_ongoing_requests": max(concurrency)}
+    data["serve"] |= {"grpc_port": app.free_port(), "http_port": app.free_port(), "max_ongoing_requests": max(concurrency)}
     served = parse_config(data, "bench")
     ray.init(address=config.cluster.address, include_dashboard=False, log_to_driver=False)
     rows = []
@@ -212,14 +212,6 @@ def served_rows(config: SpecserveConfig, engine, texts: list[str], concurrency: 
         finally:
             ray.shutdown()
     return rows
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_load_bench(config: SpecserveConfig, json_out: str | None = None, quick: bool = False,

@@ -101,12 +101,10 @@ def hf_greedy(model, prompt_ids, max_new_tokens, eos_token_id):
 
 
 def free_port() -> int:
-    """A loopback port free right now (for a server under test)."""
-    import socket
+    """A port free right now for a server under test (cluster.app.free_port)."""
+    from cluster.app import free_port as find
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return find()
 
 
 def wait_until(predicate, timeout=60.0, what="", interval=0.2) -> None:
