@@ -88,6 +88,19 @@ def first_children(p, tree, generator):
     return TreeAcceptance(tuple(path), tuple(tree.tokens[c] for c in path) + (sample_token(p[node + 1], generator),))
 
 
+def assert_greedy_equals_plain_on_smollm2(engine, loaded, prompts: list[str], n: int, k) -> list:
+    """Greedy requests (chat template, K = k) through `engine` equal plain greedy decoding of the
+    loaded SmolLM2, token for token; returns the results for the caller's own checks."""
+    from cluster.runtime.engine import GenerationRequest
+    from cluster.speculation import SamplingParams
+
+    results = engine.generate([GenerationRequest(p, n, SamplingParams(temperature=0.0), k) for p in prompts])
+    for p, r in zip(prompts, results):
+        ids = loaded.tokenizer.encode_chat(p)
+        assert r.token_ids == hf_greedy(loaded.model, ids, n, loaded.tokenizer.eos_token_id)[: len(r.token_ids)]
+    return results
+
+
 def hf_greedy(model, prompt_ids, max_new_tokens, eos_token_id):
     """Plain greedy decoding by transformers' own generate, cut at EOS (EOS excluded)."""
     ids = torch.tensor([prompt_ids])

@@ -342,20 +342,6 @@ def test_free_drafts_are_given_where_paid_ones_would_not_pay():
     assert policy.next_ks([0.6, 0.6], None, [0.0, 0.5]) == best_ks([0.6, 0.6], cost, 4, 0.1, [0.0, 0.5])
 
 
-def test_trees_are_costed_by_their_width():
-    """width: one more depth of a tree adds its children to the verify block. Where verification
-    is nearly flat (batch 1) a tree drafts as deep as a chain; where each token costs, a wide
-    tree's sequence gets fewer depths than a chain's at the same alpha."""
-    from cluster.speculation.adaptive import best_ks
-
-    flat = CostModel(0.0, tuple(1.0 + 0.01 * k for k in range(9)))
-    assert best_ks([0.8], flat, width=[2.0]) == best_ks([0.8], flat) == [8]
-    linear = CostModel(0.0, tuple(1.0 + 0.2 * k for k in range(9)))
-    chain, tree = best_ks([0.8, 0.8], linear, width=[1.0, 3.0])
-    assert chain > tree
-    assert best_ks([0.8, 0.8], linear, width=[1.0, 1.0]) == best_ks([0.8, 0.8], linear)
-
-
 def test_trees_only_where_their_extra_nodes_are_nearly_free():
     """widening_pays: at a batch whose verify cost is flat a tree (which holds the chain's path)
     costs nothing more and is drafted; where each token costs, the chain is kept; no drafts, no tree."""

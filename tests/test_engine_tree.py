@@ -9,7 +9,7 @@ from cluster.runtime.drafters import NgramDrafter
 from cluster.runtime.engine import GenerationRequest, SpeculativeEngine
 from cluster.runtime.kv import CausalLM
 from cluster.speculation import SamplingParams
-from conftest import TINY_PROMPTS, first_children, hf_greedy, tiny_distributed
+from conftest import TINY_PROMPTS, assert_greedy_equals_plain_on_smollm2, first_children, hf_greedy, tiny_distributed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -164,14 +164,9 @@ def test_greedy_with_trees_equals_plain_on_smollm2(smollm2_fp32):
 
     config = parse_config({"target": {"model": "smollm2-135m-instruct", "dtype": "float32"},
                            "draft": {"drafter": "ngram_head"}, "speculation": {"tree": {"max_nodes": 8}}})
-    engine = make_engine(config, smollm2_fp32)
     prompts = ["Write a Python function that checks whether a number is prime, with a docstring.",
                "Repeat this list exactly: apples, pears, plums, apples, pears, plums."]
-    results = engine.generate([GenerationRequest(p, 40, SamplingParams(temperature=0.0), 4) for p in prompts])
-    eos = smollm2_fp32.tokenizer.eos_token_id
-    for p, r in zip(prompts, results):
-        ids = smollm2_fp32.tokenizer.encode_chat(p)
-        assert r.token_ids == hf_greedy(smollm2_fp32.model, ids, 40, eos)[: len(r.token_ids)]
+    results = assert_greedy_equals_plain_on_smollm2(make_engine(config, smollm2_fp32), smollm2_fp32, prompts, 40, 4)
     assert sum(r.stats.tree_rounds for r in results) > 5
 
 

@@ -15,7 +15,7 @@ from cluster.speculation import SamplingParams
 from cluster.training.corpus import read_corpus
 from cluster.training.features import cut_windows, extract_features
 from cluster.training.train_head import HeadTraining, train_head
-from conftest import TINY_PROMPTS, first_children, hf_greedy, local_records, tiny_distributed
+from conftest import TINY_PROMPTS, assert_greedy_equals_plain_on_smollm2, first_children, hf_greedy, local_records, tiny_distributed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -116,13 +116,8 @@ def test_greedy_with_the_shipped_head_equals_plain_on_smollm2(smollm2_fp32):
     config = parse_config({"target": {"model": "smollm2-135m-instruct", "dtype": "float32"},
                            "draft": {"drafter": "head"}, "cluster": {"draft_replicas": 0},
                            "speculation": {"num_draft_tokens": 4}})
-    engine = make_engine(config, smollm2_fp32)
     prompts = ["Explain why the sky is blue.", "Write a Python function that adds two numbers."]
-    results = engine.generate([GenerationRequest(p, 32, SamplingParams(temperature=0.0), 4) for p in prompts])
-    eos = smollm2_fp32.tokenizer.eos_token_id
-    for p, r in zip(prompts, results):
-        ids = smollm2_fp32.tokenizer.encode_chat(p)
-        assert r.token_ids == hf_greedy(smollm2_fp32.model, ids, 32, eos)[: len(r.token_ids)]
+    results = assert_greedy_equals_plain_on_smollm2(make_engine(config, smollm2_fp32), smollm2_fp32, prompts, 32, 4)
     assert sum(r.stats.accepted_tokens for r in results) > 0
 
 

@@ -15,7 +15,7 @@ from cluster.runtime.models import DRAFT_META, load_trained_draft
 from cluster.speculation import SamplingParams
 from cluster.training.features import cut_windows, extract_features
 from cluster.training.train_model import ModelTraining, draft_from_target, save_draft, train_model
-from conftest import TINY_PROMPTS, hf_greedy, local_records, tiny_distributed
+from conftest import TINY_PROMPTS, assert_greedy_equals_plain_on_smollm2, hf_greedy, local_records, tiny_distributed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -125,10 +125,5 @@ def test_greedy_with_a_trained_draft_equals_plain_on_smollm2(smollm2_fp32, tmp_p
     config = parse_config({"target": {"model": "smollm2-135m-instruct", "dtype": "float32"},
                            "draft": {"drafter": "trained", "trained": {"path": str(tmp_path / "d")}},
                            "speculation": {"num_draft_tokens": 3}})
-    engine = make_engine(config, smollm2_fp32)
     prompts = ["Explain why the sky is blue.", "Write a Python function that adds two numbers."]
-    results = engine.generate([GenerationRequest(p, 24, SamplingParams(temperature=0.0), 3) for p in prompts])
-    eos = smollm2_fp32.tokenizer.eos_token_id
-    for p, r in zip(prompts, results):
-        ids = smollm2_fp32.tokenizer.encode_chat(p)
-        assert r.token_ids == hf_greedy(smollm2_fp32.model, ids, 24, eos)[: len(r.token_ids)]
+    assert_greedy_equals_plain_on_smollm2(make_engine(config, smollm2_fp32), smollm2_fp32, prompts, 24, 3)

@@ -148,29 +148,26 @@ def widening_pays(cost: CostModel, ks: Sequence[int], width: float, draft_s: Seq
 
 
 def best_ks(alphas: Sequence[float], cost: CostModel, max_k: int | None = None, min_gain: float = 0.0,
-            draft_s: Sequence[float] | None = None, width: Sequence[float] | None = None) -> list[int]:
+            draft_s: Sequence[float] | None = None) -> list[int]:
     """One K per sequence for a flattened round, where nothing is padded: a round costs what its
     total token count costs at this batch size, plus the drafting. Draft tokens go one at a time to
     the sequence with the most expected tokens per unit of cost (alpha_i^(K_i + 1) over the token's
     verify and draft cost), for as long as the round's expected tokens per second rises; low-alpha
     sequences stay at K = 0. All stay at 0 unless the round beats plain decoding by min_gain (a
     fraction). draft_s: each sequence's cost of one draft token (a drafter with several sources,
-    such as free lookup beside a model); default: cost.draft_token_s(b) for all. width: the tokens
-    one more depth adds to a sequence's block (1 for a chain; a tree's children a depth), verified
-    and drafted; its alpha is then the per-depth acceptance its trees reach."""
+    such as free lookup beside a model); default: cost.draft_token_s(b) for all."""
     b = len(alphas)
     if b == 0:
         return []
     top = cost.max_k if max_k is None else min(max_k, cost.max_k)
     draft_s = [cost.draft_token_s(b)] * b if draft_s is None else list(draft_s)
-    width = [1.0] * b if width is None else list(width)
     per_seq = cost.at_batch(b).verify_s
-    ks, expected, tokens, drafting_s = [0] * b, float(b), float(b), 0.0
+    ks, expected, tokens, drafting_s = [0] * b, float(b), b, 0.0
     plain = rate = expected / _verify_cost(per_seq, b, b)
     while True:
-        verify = {w: _verify_cost(per_seq, b, tokens + w) for w in set(width)}  # a few distinct widths
-        rates = [((expected + a ** (k + 1)) / (verify[w] + drafting_s + d * w), -i)
-                 for i, (a, k, d, w) in enumerate(zip(alphas, ks, draft_s, width)) if k < top]
+        verify = _verify_cost(per_seq, b, tokens + 1)
+        rates = [((expected + a ** (k + 1)) / (verify + drafting_s + d), -i)
+                 for i, (a, k, d) in enumerate(zip(alphas, ks, draft_s)) if k < top]
         if not rates:
             break
         new_rate, neg_i = max(rates)
@@ -178,7 +175,7 @@ def best_ks(alphas: Sequence[float], cost: CostModel, max_k: int | None = None, 
             break
         i = -neg_i
         ks[i] += 1
-        expected, tokens, drafting_s, rate = expected + alphas[i] ** ks[i], tokens + width[i], drafting_s + draft_s[i] * width[i], new_rate
+        expected, tokens, drafting_s, rate = expected + alphas[i] ** ks[i], tokens + 1, drafting_s + draft_s[i], new_rate
     return ks if rate > plain * (1 + min_gain) else [0] * b
 
 
@@ -280,12 +277,12 @@ class AdaptiveK:
         return best_k([min(0.99, a + self.optimism) for a in alpha], cost, self.max_k, self.min_gain)
 
     def next_ks(self, alphas: Sequence[float], schedules: Sequence[ProbeSchedule] | None = None,
-                draft_s: Sequence[float] | None = None, width: Sequence[float] | None = None) -> list[int]:
-        """One K per sequence of a flattened round (best_ks; draft_s and width as there). With a schedule per sequence, each
+                draft_s: Sequence[float] | None = None) -> list[int]:
+        """One K per sequence of a flattened round (best_ks; draft_s as there). With a schedule per sequence, each
         sequence probes on its own (optimistic alpha for it alone), at most one a round (the first
         due; the others stay due), so probes cost one sequence's drafts however large the batch;
         without, the policy's one schedule probes for all when every K sits at 0."""
-        ks = best_ks(alphas, self.cost, self.max_k, self.min_gain, draft_s, width)
+        ks = best_ks(alphas, self.cost, self.max_k, self.min_gain, draft_s)
         if not alphas:
             return ks
         if schedules is None:
@@ -300,7 +297,7 @@ class AdaptiveK:
         if not probing:
             return ks
         optimistic = [min(0.99, a + self.optimism) if i in probing else a for i, a in enumerate(alphas)]
-        probed = best_ks(optimistic, self.cost, self.max_k, self.min_gain, draft_s, width)
+        probed = best_ks(optimistic, self.cost, self.max_k, self.min_gain, draft_s)
         return [probed[i] if i in probing else k for i, k in enumerate(ks)]
 
     def observe(self, num_drafted: int, num_accepted: int) -> None:
