@@ -10,7 +10,7 @@ import sys
 
 from .client import API_TOKEN_ENV
 from .config import ConfigError, load_config, parse_config
-from .registry import DRAFTERS
+from .registry import DRAFTERS, SECOND_STAGES
 from .speculation import InvalidRequest, SamplingParams
 
 
@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tree-nodes", type=int, default=None,
                      help="draft tree nodes a round (0: a chain; drafters that draft trees: ngram, head, ngram_head); "
                           "default: the config's speculation.tree.max_nodes")
+    gen.add_argument("--second-stage", default=None, metavar="NAME|none",
+                     help=f"speeds up a draft model's own decoding ({', '.join(SECOND_STAGES)}, or none); "
+                          "default: the config's draft.second_stage")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--config", default=None, help="YAML config; default: the embedded default (configs/local.yaml)")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
@@ -149,6 +152,18 @@ def _generate(args) -> int:
             config = parse_config(data, "--tree-nodes")
         except ConfigError as e:
             raise InvalidRequest("tree-nodes", f"must be in [0, 64], got {args.tree_nodes}") from e
+    if args.second_stage is not None:
+        if args.second_stage not in ("none", *SECOND_STAGES):
+            raise InvalidRequest("second-stage", f"unknown second stage {args.second_stage!r}; choose one of "
+                                 f"{', '.join(SECOND_STAGES)} or none")
+        data = config.model_dump()
+        data["draft"]["second_stage"] = args.second_stage
+        if args.drafter is not None:
+            data["draft"]["drafter"] = args.drafter
+        try:
+            config = parse_config(data, "--second-stage")
+        except ConfigError as e:
+            raise InvalidRequest("second-stage", str(e).splitlines()[-1].strip()) from e
     request = GenerationRequest(
         args.prompt, args.max_new_tokens, sampling, num_draft_tokens=args.num_draft_tokens, stop=tuple(args.stop)
     )

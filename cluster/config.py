@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .heads import builtin_head
-from .registry import DRAFTER_NAMES, DRAFTERS
+from .registry import DRAFTER_NAMES, DRAFTERS, SECOND_STAGES
 
 Dtype = Literal["auto", "float32", "bfloat16"]  # auto: bfloat16 on GPUs and CPUs with native bf16, else float32
 
@@ -67,6 +67,7 @@ class DraftConfig(_Strict):
     head: HeadDrafterConfig = HeadDrafterConfig()  # settings of drafters 'head' and 'ngram_head'
     ngram_head: NgramHeadDrafterConfig = NgramHeadDrafterConfig()  # drafter 'ngram_head' (lookup sizes up to ngram.max_n)
     trained: TrainedDrafterConfig = TrainedDrafterConfig()  # drafter 'trained'
+    second_stage: Literal[("none", *SECOND_STAGES)] = "none"  # speeds up a draft model's own decoding (int8, model, trained)
 
     @model_validator(mode="after")
     def _check(self):
@@ -74,6 +75,9 @@ class DraftConfig(_Strict):
             raise ValueError("drafter 'model' needs draft.model.name (a draft LM) or draft.model.layers")
         if self.drafter == "trained" and self.trained.path is None:
             raise ValueError("drafter 'trained' needs draft.trained.path (a folder from specserve train-draft model)")
+        if self.second_stage != "none" and not DRAFTERS[self.drafter].staged:
+            raise ValueError(f"draft.second_stage {self.second_stage!r} speeds up a draft model's own decoding; drafter "
+                             f"{self.drafter!r} has none (use one of {', '.join(n for n, k in DRAFTERS.items() if k.staged)})")
         if self.drafter == "ngram_head" and self.ngram_head.min_n > self.ngram.max_n:
             raise ValueError(f"draft.ngram_head.min_n ({self.ngram_head.min_n}) exceeds draft.ngram.max_n ({self.ngram.max_n})")
         return self

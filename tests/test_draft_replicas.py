@@ -28,7 +28,7 @@ def replicas(ray_cluster):
 
 
 def test_replica_serves_the_engine_exactly(replicas, tiny_llama):
-    from cluster.runtime.drafters import ModelDrafter
+    from cluster.runtime.model_drafter import ModelDrafter
     from cluster.runtime.models import layer_subset
 
     _, (model_address, _) = replicas

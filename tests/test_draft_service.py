@@ -8,7 +8,8 @@ from specserve.internal.v1 import draft_pb2 as pb
 from actors.draft_service import create_server
 from actors.remote_drafter import RemoteDrafter
 from actors.wire import decode_probs, encode_probs, tensor_from_proto, tensor_to_proto
-from cluster.runtime.drafters import ModelDrafter, NgramDrafter
+from cluster.runtime.drafters import NgramDrafter
+from cluster.runtime.model_drafter import ModelDrafter
 from cluster.runtime.engine import GenerationRequest, SpeculativeEngine
 from cluster.runtime.models import layer_subset
 from cluster.speculation import SamplingParams, warp_probs

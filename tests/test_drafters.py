@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from cluster.runtime.drafters import ModelDrafter, NgramDrafter
+from cluster.runtime.drafters import NgramDrafter
+from cluster.runtime.model_drafter import ModelDrafter
 from cluster.runtime.engine import SpeculativeEngine
 from cluster.runtime.factory import check_same_vocabulary
 from cluster.runtime.models import LoadedModel, layer_subset, tiny_config

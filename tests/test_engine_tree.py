@@ -122,7 +122,13 @@ def test_speculation_tree_config_reaches_the_engine(tiny_llama):
     model = make_engine(parse_config({"target": {"model": "tiny-llama", "dtype": "float32"},
                                       "draft": {"drafter": "model", "model": {"layers": [0, 1]}},
                                       "speculation": {"tree": {"max_nodes": 6}}}), tiny_llama)
-    assert model.tree_nodes == 0  # a drafter that drafts chains only gets chain requests
+    assert model.tree_nodes == 6  # model drafters branch at the root
+
+    class ChainsOnly(NgramDrafter):
+        drafts_trees = False
+
+    chains = SpeculativeEngine(tiny_llama.model, tiny_llama.tokenizer, ChainsOnly(), tree_nodes=6)
+    assert chains.tree_nodes == 0  # a drafter that drafts chains only gets chain requests
 
 
 @pytest.mark.ray

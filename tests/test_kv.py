@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cluster.runtime.drafters import ModelDrafter
+from cluster.runtime.model_drafter import ModelDrafter
 from cluster.runtime.engine import GenerationRequest
 from cluster.runtime.factory import make_engine
 from cluster.runtime import kv

@@ -45,11 +45,11 @@ def test_the_coordinator_loads_calibrates_and_runs_rounds_on_one_thread(ray_clus
 def test_a_draft_replica_builds_its_drafter_on_the_thread_that_serves_it(monkeypatch):
     from actors.draft_replica import DraftHost
     from cluster.runtime import factory
-    from cluster.runtime.drafters import ModelDrafter
+    from cluster.runtime.model_drafter import ModelDrafter
 
     builds, proposals = set(), set()
     _recording(monkeypatch, factory, "build_drafter", builds)
-    _recording(monkeypatch, ModelDrafter, "propose", proposals)
+    _recording(monkeypatch, ModelDrafter, "propose_many", proposals)
     host = DraftHost({"target": {"model": "tiny-llama", "dtype": "float32"},
                       "draft": {"drafter": "model", "model": {"layers": [0, 1]}}})
     try:

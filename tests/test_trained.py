@@ -8,7 +8,7 @@ import torch
 
 from cluster.cli import main
 from cluster.config import parse_config
-from cluster.runtime.drafters import ModelDrafter
+from cluster.runtime.model_drafter import ModelDrafter
 from cluster.runtime.engine import GenerationRequest
 from cluster.runtime.factory import make_engine
 from cluster.runtime.models import DRAFT_META, load_trained_draft

@@ -18,7 +18,8 @@ from typing import Callable
 import torch
 
 from ..speculation import CostModel, DraftRequest, SamplingParams
-from .drafters import Drafter, ModelDrafter
+from .drafters import Drafter
+from .model_drafter import ModelDrafter
 from .models import cache_dir
 
 CALIBRATION_TEXT = (

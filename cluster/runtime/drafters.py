@@ -1,15 +1,15 @@
-"""Drafters behind one interface: a draft model (`model`), prompt lookup (`ngram`) and an int8
-copy of the target (`int8`). A drafter proposes up to k tokens and the q they were sampled from."""
+"""The drafter interface, and prompt lookup (`ngram`). A drafter proposes up to k tokens (a chain,
+or a tree) and the q they were sampled from. Model drafters: runtime/model_drafter.py."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 
 import torch
 
-from ..speculation import SamplingParams, make_generator, sample_token, warp_probs
+from ..speculation import SamplingParams
 from ..speculation.round import Acceptance, DraftBlock, DraftRequest
-from .kv import CausalLM
 
 
 class Drafter(ABC):
@@ -105,55 +105,32 @@ class NgramDrafter(Drafter):
         return None
 
 
-class ModelDrafter(Drafter):
-    """Any causal LM sharing the target's vocabulary; one KV cache per sequence.
+@dataclass
+class TreeBuilder:
+    """A sequence's draft as it grows: nodes in the order drafted (parents before children)."""
 
-    The cache is rolled back lazily: at each proposal it is cropped to the longest prefix it
-    shares with the committed context, so rejected drafts never need an explicit call.
-    """
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    rows: list[torch.Tensor] = field(default_factory=list)  # [V] q each node was drawn from (sampled drafts)
 
-    def __init__(self, model: torch.nn.Module, name: str = "model"):
-        self.lm = CausalLM(model)
-        self.name = name
-        self.vocab_size = self.lm.vocab_size
-        self._caches: dict[int, object] = {}
-        self._cached: dict[int, list[int]] = {}  # token ids held in each cache
-        self._committed: dict[int, int] = {}  # context length at the last proposal
+    def __len__(self) -> int:
+        return len(self.tokens)
 
-    def propose(self, seq_id, context, k, params, seed) -> DraftBlock:
-        if k <= 0:
-            return DraftBlock([], None)
-        generator = None if params.greedy else make_generator(seed)
-        cache = self._caches.get(seq_id)
-        if cache is None:
-            cache = self._caches[seq_id] = self.lm.new_cache()
-            self._cached[seq_id], self._committed[seq_id] = [], 0
-        cached = self._cached[seq_id]
-        keep = self._committed[seq_id]  # the context only grows, so this prefix still matches
-        limit = min(len(cached), len(context) - 1)
-        while keep < limit and cached[keep] == context[keep]:
-            keep += 1
-        keep = min(keep, limit)
-        self.lm.rollback(cache, len(cached) - keep)
-        del cached[keep:]
-        self._committed[seq_id] = len(context)
+    def add(self, token: int, parent: int, q: torch.Tensor | None) -> int:
+        self.tokens.append(token)
+        self.parents.append(parent)
+        if q is not None:
+            self.rows.append(q)
+        return len(self.tokens) - 1
 
-        tokens, rows = [], []
-        feed = context[keep:]
-        for _ in range(k):
-            logits = self.lm.forward(cache, feed, last_only=True)  # [1, V]
-            cached.extend(feed)
-            if params.greedy:  # q is one-hot on the argmax: no vocab-sized row needed
-                x = int(logits[0].argmax())
-            else:
-                q = warp_probs(logits, [params])[0]  # [V]
-                x = sample_token(q, generator)
-                rows.append(q)
-            tokens.append(x)
-            feed = [x]
-        return DraftBlock(tokens, None if params.greedy else torch.stack(rows))
+    def path(self, node: int) -> list[int]:
+        """The tokens from the root's child down to `node` (-1: none)."""
+        out = []
+        while node >= 0:
+            out.append(self.tokens[node])
+            node = self.parents[node]
+        return out[::-1]
 
-    def release(self, seq_id: int) -> None:
-        self._caches.pop(seq_id, None)
-        self._cached.pop(seq_id, None)
-        self._committed.pop(seq_id, None)
+    def block(self) -> DraftBlock:
+        chain = self.parents == list(range(-1, len(self.tokens) - 1))
+        return DraftBlock(self.tokens, torch.stack(self.rows) if self.rows else None, None if chain else tuple(self.parents))

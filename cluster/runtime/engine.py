@@ -27,7 +27,8 @@ from ..speculation import (
 )
 from ..speculation.round import Acceptance, DraftBlock, DraftRequest, TargetOutput
 from .calibration import Calibration, load_or_measure, measure_agreement, measure_costs
-from .drafters import Drafter, ModelDrafter
+from .drafters import Drafter
+from .model_drafter import ModelDrafter
 from .kv import CausalLM
 from .tokenizer import Tokenizer
 

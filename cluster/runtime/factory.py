@@ -12,7 +12,8 @@ from ..config import DraftConfig, SpecserveConfig
 from ..registry import DRAFTERS
 from ..speculation import CostModel, InvalidRequest
 from .calibration import calibration_key
-from .drafters import Drafter, ModelDrafter, NgramDrafter
+from .drafters import Drafter, NgramDrafter
+from .model_drafter import ModelDrafter
 from .engine import SpeculativeEngine
 from .models import (DTYPES, LoadedModel, choose_dtype, int8_copy, layer_subset, load_model, load_tokenizer,
                      load_trained_draft, select_device)
@@ -37,6 +38,8 @@ def check_drafter_name(name: str, draft: DraftConfig) -> None:
         raise InvalidRequest("drafter", "drafter 'model' needs draft.model.name or draft.model.layers in the config")
     if name == "trained" and draft.trained.path is None:
         raise InvalidRequest("drafter", "drafter 'trained' needs draft.trained.path in the config")
+    if draft.second_stage != "none" and not DRAFTERS[name].staged:
+        raise InvalidRequest("drafter", f"drafter {name!r} takes no second stage (draft.second_stage is {draft.second_stage!r})")
 
 
 def draft_sources(config: SpecserveConfig, target: LoadedModel | None = None) -> DraftSources:
@@ -77,8 +80,13 @@ def build_ngram_head(draft: DraftConfig, sources: DraftSources) -> Drafter:
     return LookupThenHead(NgramDrafter(max_n=draft.ngram.max_n, min_n=draft.ngram_head.min_n), build_head(draft, sources))
 
 
+def second_stage(draft: DraftConfig) -> NgramDrafter | None:
+    """The proposer that speeds up a draft model's own decoding (cluster.registry.SECOND_STAGES)."""
+    return NgramDrafter(max_n=draft.ngram.max_n, min_n=draft.ngram.min_n) if draft.second_stage == "ngram" else None
+
+
 def build_int8(draft: DraftConfig, sources: DraftSources) -> Drafter:
-    return ModelDrafter(int8_copy(sources.target_weights().model), name="int8")
+    return ModelDrafter(int8_copy(sources.target_weights().model), name="int8", second_stage=second_stage(draft))
 
 
 def build_model(draft: DraftConfig, sources: DraftSources) -> Drafter:
@@ -91,7 +99,7 @@ def build_model(draft: DraftConfig, sources: DraftSources) -> Drafter:
         check_same_vocabulary(sources.target_name, sources.tokenizer(), loaded)
         base = loaded.model
     model = layer_subset(base, spec.layers) if spec.layers is not None else base
-    return ModelDrafter(model.to(DTYPES[dtype]), name="model")
+    return ModelDrafter(model.to(DTYPES[dtype]), name="model", second_stage=second_stage(draft))
 
 
 def build_trained(draft: DraftConfig, sources: DraftSources) -> Drafter:
@@ -101,7 +109,7 @@ def build_trained(draft: DraftConfig, sources: DraftSources) -> Drafter:
     model = load_trained_draft(spec.path, sources.target_name, dtype, sources.device)
     if (Path(spec.path) / "tokenizer.json").is_file():
         check_same_vocabulary(sources.target_name, sources.tokenizer(), LoadedModel(model, load_tokenizer(spec.path), spec.path))
-    return ModelDrafter(model, name="trained")
+    return ModelDrafter(model, name="trained", second_stage=second_stage(draft))
 
 
 def check_same_vocabulary(target_name: str, target_tokenizer: Tokenizer, draft: LoadedModel) -> None:

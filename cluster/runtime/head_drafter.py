@@ -15,7 +15,7 @@ import torch
 
 from ..speculation import make_generator, sample_token, warp_probs
 from ..speculation.round import DraftBlock, DraftRequest
-from .drafters import Drafter
+from .drafters import Drafter, TreeBuilder
 from .head import DraftHead
 from .kv import CausalLM
 
@@ -26,26 +26,6 @@ class _HeadState:
     features: list[torch.Tensor] = field(default_factory=list)  # [n, d] blocks: f_fed .. f_{known-1}
     known: int = 0  # positions whose target feature the head has been sent
     fed: int = 0  # teacher-forced positions in the head's cache (drafted ones follow them)
-
-
-@dataclass
-class _Tree:
-    """A sequence's draft as it grows: nodes in the order drafted (parents before children)."""
-
-    tokens: list[int] = field(default_factory=list)
-    parents: list[int] = field(default_factory=list)
-    rows: list[torch.Tensor] = field(default_factory=list)  # [V] q each node was drawn from (sampled)
-
-    def add(self, token: int, parent: int, q: torch.Tensor | None) -> int:
-        self.tokens.append(token)
-        self.parents.append(parent)
-        if q is not None:
-            self.rows.append(q)
-        return len(self.tokens) - 1
-
-    def block(self) -> DraftBlock:
-        chain = self.parents == list(range(-1, len(self.tokens) - 1))
-        return DraftBlock(self.tokens, torch.stack(self.rows) if self.rows else None, None if chain else tuple(self.parents))
 
 
 @dataclass(frozen=True)
@@ -97,7 +77,7 @@ class HeadDrafter(Drafter):
             inputs.append(list(r.context[s.fed + 1 : m]))
             features.append(feats)
             s.fed = m - 1
-        trees = {r.seq_id: _Tree() for r, _ in live}
+        trees = {r.seq_id: TreeBuilder() for r, _ in live}
         generators = {r.seq_id: None if r.params.greedy else make_generator(r.seed) for r, _ in live}
         branches = [_Branch(r, s.cache, -1) for r, s in live]
         forks = []
