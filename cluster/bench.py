@@ -20,7 +20,7 @@ from .config import SpecserveConfig
 from .heads import builtin_head
 from .registry import DRAFTERS
 from .runtime.engine import GenerationRequest
-from .runtime.factory import load_target, make_engine
+from .runtime.factory import load_target, make_engine, second_stage
 from .runtime.models import select_device
 from .speculation import InvalidRequest, SamplingParams, mean_expected_tokens
 
@@ -73,9 +73,11 @@ def run_bench(config: SpecserveConfig, json_out: str | None = None, plot: str | 
         engines[name] = make_engine(adaptive, target, drafter=name)
         engines[name].generate([GenerationRequest(prompts[0][1], 8)])  # warm-up, calibrates costs
     tree_nodes = config.speculation.tree.max_nodes or DEFAULT_TREE_NODES
-    variants = [("none", "chain", 0)] + [
-        (d, shape, k) for d in drafters
+    stage = second_stage(config.draft.model_copy(update={"second_stage": "ngram"}))
+    variants = [("none", "chain", 1, 0)] + [
+        (d, shape, stages, k) for d in drafters
         for shape in (("chain", "tree") if getattr(engines[d].drafter, "drafts_trees", False) else ("chain",))
+        for stages in ((1, 2) if DRAFTERS[d].staged else (1,))
         for k in [*fixed_ks, "adaptive"]
     ]
 
@@ -88,9 +90,12 @@ def run_bench(config: SpecserveConfig, json_out: str | None = None, plot: str | 
             engines[drafters[0]].generate([GenerationRequest(prompt, 4, num_draft_tokens=0)])  # first-shape warm-up
             best, plain_times = {}, []
             for _ in range(reps):
-                for drafter, shape, k in variants:
+                for variant in variants:
+                    drafter, shape, stages, k = variant
                     engine = engines[drafters[0] if drafter == "none" else drafter]
                     engine.tree_nodes = tree_nodes if shape == "tree" else 0
+                    if DRAFTERS.get(drafter) and DRAFTERS[drafter].staged:
+                        engine.drafter.second_stage = stage if stages == 2 else None
                     request = GenerationRequest(
                         prompt, max_new, SamplingParams(temperature=temperature, seed=1000 + i),
                         num_draft_tokens=None if k == "adaptive" else k,
@@ -100,10 +105,10 @@ def run_bench(config: SpecserveConfig, json_out: str | None = None, plot: str | 
                     seconds = time.perf_counter() - t
                     if drafter == "none":
                         plain_times.append(seconds)
-                    if (drafter, shape, k) not in best or seconds < best[(drafter, shape, k)]["seconds"]:
-                        best[(drafter, shape, k)] = dict(temperature=temperature, category=category, prompt=i,
-                                                         drafter=drafter, shape=shape, k=k, seconds=seconds,
-                                                         token_ids=result.token_ids, stats=result.stats)
+                    if variant not in best or seconds < best[variant]["seconds"]:
+                        best[variant] = dict(temperature=temperature, category=category, prompt=i, drafter=drafter,
+                                             shape=shape, stages=stages, k=k, seconds=seconds,
+                                             token_ids=result.token_ids, stats=result.stats)
             runs.extend(best.values())
             plain_spread.append(max(plain_times) / min(plain_times) - 1)
     log(f"measured in {time.perf_counter() - started:.0f} s")
@@ -129,13 +134,13 @@ def aggregate(runs: list[dict]) -> list[dict]:
     groups = defaultdict(list)
     for r in runs:
         for prompts in (r["category"], "all"):
-            groups[(r["drafter"], r["shape"], r["k"], r["temperature"], prompts)].append(r)
+            groups[(r["drafter"], r["shape"], r["stages"], r["k"], r["temperature"], prompts)].append(r)
     plain = {}
     for r in runs:
         if r["drafter"] == "none":
             plain[(r["temperature"], r["prompt"])] = r["token_ids"]
     rows = []
-    for (drafter, shape, k, temperature, prompts), rs in groups.items():
+    for (drafter, shape, stages, k, temperature, prompts), rs in groups.items():
         tokens = sum(len(r["token_ids"]) for r in rs)
         seconds = sum(r["seconds"] for r in rs)
         calls = sum(r["stats"].target_calls for r in rs)
@@ -143,15 +148,18 @@ def aggregate(runs: list[dict]) -> list[dict]:
         evaluated = sum(r["stats"].evaluated_tokens for r in rs)
         alpha = accepted / evaluated if evaluated else None  # None: no draft was judged
         rounds = [kr for r in rs for kr in r["stats"].rounds_k]
+        drafted = sum(r["stats"].draft_tokens for r in rs)
+        draft_s = sum(r["stats"].draft_s for r in rs)
         row = dict(
-            drafter=drafter, shape=shape, stages=1, k=k, temperature=temperature, prompts=prompts,
+            drafter=drafter, shape=shape, stages=stages, k=k, temperature=temperature, prompts=prompts,
             tokens=tokens, seconds=round(seconds, 3), tokens_per_s=round(tokens / seconds, 2),
             acceptance_rate=None if alpha is None else round(alpha, 4),
             tokens_per_target_call=round(tokens / calls, 3),
             expected_tokens_per_target_call=round(mean_expected_tokens(alpha or 0.0, rounds), 3),
             mean_k=round(sum(rounds) / len(rounds), 2),
             mean_accepted=round(accepted / calls, 3),
-            draft_s=round(sum(r["stats"].draft_s for r in rs), 3),
+            draft_s=round(draft_s, 3),
+            draft_ms_per_token=round(1000 * draft_s / drafted, 3) if drafted else None,
             verify_s=round(sum(r["stats"].verify_s for r in rs), 3),
         )
         if temperature == 0:
@@ -163,15 +171,17 @@ def aggregate(runs: list[dict]) -> list[dict]:
     order = {name: i for i, name in enumerate(("none", *DRAFTERS))}
     kkey = lambda k: 99 if k == "adaptive" else k  # noqa: E731
     prompt_order = {p: i for i, p in enumerate((*CATEGORIES, "all"))}
-    rows.sort(key=lambda r: (r["temperature"], prompt_order[r["prompts"]], order[r["drafter"]], r["shape"], kkey(r["k"])))
+    rows.sort(key=lambda r: (r["temperature"], prompt_order[r["prompts"]], order[r["drafter"]], r["shape"], r["stages"],
+                             kkey(r["k"])))
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = [("T", "temperature"), ("prompts", "prompts"), ("drafter", "drafter"), ("shape", "shape"), ("K", "k"),
+    cols = [("T", "temperature"), ("prompts", "prompts"), ("drafter", "drafter"), ("shape", "shape"),
+            ("stages", "stages"), ("K", "k"),
             ("tok/s", "tokens_per_s"), ("speedup", "speedup"), ("alpha", "acceptance_rate"),
             ("tok/call", "tokens_per_target_call"), ("expected", "expected_tokens_per_target_call"),
-            ("mean K", "mean_k"), ("= plain", "matches_plain")]
+            ("mean K", "mean_k"), ("draft ms/tok", "draft_ms_per_token"), ("= plain", "matches_plain")]
     show = lambda v: "-" if v is None else str(v)  # noqa: E731
     cells = [[h for h, _ in cols]] + [[show(r.get(key, "")) for _, key in cols] for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
@@ -193,7 +203,8 @@ def plot_speedup(rows: list[dict], path: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, prompts in zip(axes, ("all", "grounded")):
-        sel = [r for r in rows if r["prompts"] == prompts and r["temperature"] == 0 and r["shape"] == "chain"]
+        sel = [r for r in rows if r["prompts"] == prompts and r["temperature"] == 0 and r["shape"] == "chain"
+               and r["stages"] == 1]
         for drafter in sorted({r["drafter"] for r in sel} - {"none"}):
             fixed = sorted((r["k"], r["speedup"]) for r in sel if r["drafter"] == drafter and r["k"] != "adaptive")
             line, = ax.plot([0] + [k for k, _ in fixed], [1.0] + [s for _, s in fixed], marker="o", label=drafter)

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-draft-tokens", type=_k_arg, default=None, help="K; 0 is plain decoding; default: the config's")
     gen.add_argument("--drafter", default=None, help=f"{', '.join(DRAFTERS)}; default: the config's")
     gen.add_argument("--tree-nodes", type=int, default=None,
-                     help="draft tree nodes a round (0: a chain; drafters that draft trees: ngram, head, ngram_head); "
+                     help="draft tree nodes a round (0: a chain; every built-in drafter drafts trees); "
                           "default: the config's speculation.tree.max_nodes")
     gen.add_argument("--second-stage", default=None, metavar="NAME|none",
                      help=f"speeds up a draft model's own decoding ({', '.join(SECOND_STAGES)}, or none); "

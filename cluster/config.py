@@ -91,7 +91,7 @@ class TreeConfig(_Strict):
 class SpeculationConfig(_Strict):
     num_draft_tokens: int | Literal["adaptive"] = "adaptive"  # K; 0 is plain decoding
     max_draft_tokens: int = Field(8, ge=1, le=32)  # upper bound for adaptive K and for requests
-    tree: TreeConfig = TreeConfig()  # draft trees (drafters that propose them: ngram, head, ngram_head); K bounds their depth
+    tree: TreeConfig = TreeConfig()  # draft trees (drafters that propose them: all built in); K bounds their depth
 
     @model_validator(mode="after")
     def _check(self):

@@ -22,7 +22,10 @@ def test_bench_quick_rows(tmp_path, capsys):
     drafters = {r["drafter"] for r in rows}
     assert drafters == {"none", "ngram", "int8", "model"}
     assert {r["shape"] for r in rows if r["drafter"] == "ngram"} == {"chain", "tree"}  # ngram drafts trees
-    assert {r["shape"] for r in rows if r["drafter"] in ("int8", "model")} == {"chain"} and all(r["stages"] == 1 for r in rows)
+    for name in ("int8", "model"):  # model drafters: trees, and a second stage
+        assert {(r["shape"], r["stages"]) for r in rows if r["drafter"] == name} == {(s, n) for s in ("chain", "tree") for n in (1, 2)}
+    assert all(r["stages"] == 1 for r in rows if r["drafter"] in ("none", "ngram"))
+    assert all(r["draft_ms_per_token"] > 0 for r in rows if r["drafter"] != "none" and r["k"] == 4)
     for r in rows:
         if r["drafter"] == "none":
             assert r["speedup"] == 1.0 and r["tokens_per_target_call"] <= 1.0  # < 1 only when EOS ends a prompt

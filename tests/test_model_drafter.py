@@ -203,3 +203,14 @@ def test_greedy_with_model_trees_and_second_stage_equals_plain_on_smollm2(smollm
                "Repeat this list exactly: apples, pears, plums, apples, pears, plums."]
     results = assert_greedy_equals_plain_on_smollm2(make_engine(config, smollm2_fp32), smollm2_fp32, prompts, 32, 4)
     assert sum(r.stats.tree_rounds for r in results) > 5
+
+
+def test_the_guess_length_follows_each_sequences_kept_rate():
+    from cluster.runtime.model_drafter import _SeqCache
+
+    s = _SeqCache(None)
+    assert s.guess_limit() == 2  # the prior: half the guesses kept
+    s.guessed, s.kept = 100, 95
+    assert s.guess_limit() >= 16  # lookup holds: guess far
+    s.guessed, s.kept = 100, 10
+    assert s.guess_limit() == 1  # it does not: one guess, which costs one row

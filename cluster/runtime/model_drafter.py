@@ -16,6 +16,7 @@ it shares with the committed context, so rejected drafts never need an explicit 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -31,12 +32,21 @@ class _SeqCache:
     cache: object
     tokens: list[int] = field(default_factory=list)  # the ids its cache holds
     committed: int = 0  # context length at the last proposal (that prefix still matches)
+    guessed: int = 0  # second-stage guesses scored for it
+    kept: int = 0  # and kept
+
+    def guess_limit(self) -> int:
+        """Guess as far as a guess is likely to be reached and kept (beta^n >= 1/4, beta the
+        sequence's kept rate with a prior of 1/2): long guesses where lookup holds, one where not."""
+        beta = (self.kept + 1) / (self.guessed + 2)
+        return 1 if beta <= 0.25 else max(1, int(math.log(0.25) / math.log(beta))) if beta < 1 else 32
 
 
 @dataclass(frozen=True)
 class _Branch:
     request: DraftRequest
     cache: object  # the sequence's cache, or a fork of it
+    seq: _SeqCache
     held: list[int] | None  # the ids the sequence's cache holds (None: a fork, dropped after the round)
     parent: int  # the tree node it continues from (-1: the root)
     depth: int  # drafted tokens above it
@@ -69,8 +79,8 @@ class ModelDrafter(Drafter):
             if r.k > 0:
                 s, feed = self._resume(r.seq_id, list(r.context))
                 budget = r.max_nodes if r.max_nodes > 0 else r.k
-                guess = [] if _branches_at_root(r) else self._guess(list(r.context), min(r.k, budget) - 1)
-                branches.append(_Branch(r, s.cache, s.tokens, -1, 0, feed, guess))
+                guess = [] if _branches_at_root(r) else self._guess(s, list(r.context), min(r.k, budget) - 1)
+                branches.append(_Branch(r, s.cache, s, s.tokens, -1, 0, feed, guess))
         forks = []
         while branches:
             scores = self.lm.forward_batch(
@@ -100,19 +110,21 @@ class ModelDrafter(Drafter):
                             if i:
                                 forks.append(cache)
                             context = list(r.context) + [x]
-                            next_branches.append(_Branch(r, cache, b.held if i == 0 else None, node, 1, [x],
-                                                         self._guess(context, min(r.k - 1, budget - len(tree)) - 1)))
+                            next_branches.append(_Branch(r, cache, b.seq, b.held if i == 0 else None, node, 1, [x],
+                                                         self._guess(b.seq, context, min(r.k - 1, budget - len(tree)) - 1)))
                     continue
                 node, depth = b.parent, b.depth
                 self.guessed += len(chosen) - 1
+                b.seq.guessed += len(b.guess)
+                b.seq.kept += len(chosen) - 1
                 for x, q in chosen:  # a chain: guesses taken, then the draft's own token
                     node = tree.add(x, node, q)
                     depth += 1
                 if depth < r.k and len(tree) < budget:
                     last = chosen[-1][0]
                     context = list(r.context) + tree.path(node)
-                    next_branches.append(_Branch(r, b.cache, b.held, node, depth, [last],
-                                                 self._guess(context, min(r.k - depth, budget - len(tree)) - 1)))
+                    next_branches.append(_Branch(r, b.cache, b.seq, b.held, node, depth, [last],
+                                                 self._guess(b.seq, context, min(r.k - depth, budget - len(tree)) - 1)))
             branches = next_branches
         for cache in forks:
             self.lm.release(cache)
@@ -133,8 +145,10 @@ class ModelDrafter(Drafter):
         s.committed = len(context)
         return s, context[keep:]
 
-    def _guess(self, context: list[int], n: int) -> list[int]:
-        """The second stage's guess of the next n tokens (none without a second stage)."""
+    def _guess(self, s: _SeqCache, context: list[int], n: int) -> list[int]:
+        """The second stage's guess of the next tokens: at most n, and at most the sequence's
+        guess_limit (none without a second stage)."""
+        n = min(n, s.guess_limit())
         if self.second_stage is None or n <= 0:
             return []
         return self.second_stage.lookup(context, n)
