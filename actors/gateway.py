@@ -22,7 +22,8 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from specserve.v1 import generation_pb2 as pb
 
-from cluster.api import completion_json, fill_proto, request_from_json, request_from_proto
+from cluster.api import (chat_chunk_json, chat_completion_json, chat_request_from_json, chat_usage_chunk_json,
+                         completion_json, fill_proto, request_from_json, request_from_proto)
 from cluster.client import API_TOKEN_ENV
 from cluster.runtime.engine import check_request_fields
 from cluster.speculation import InvalidRequest
@@ -134,17 +135,14 @@ class Gateway:
 
     async def _completions(self, raw, m):
         try:
-            body = json.loads(await raw.body() or b"null")
-        except ValueError as e:
-            return _http_error(400, "body", f"not JSON: {e}")
-        try:
-            request, stream = request_from_json(body, self.default_max_new)
+            request, stream = request_from_json(await self._body(raw), self.default_max_new)
             self._check(request)
         except InvalidRequest as e:
             return _http_error(400, e.field, str(e))
         rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.config.target.model
         if stream:
-            return StreamingResponse(self._events(request, rid, created, model), media_type="text/event-stream")
+            chunk = lambda out: completion_json(rid, created, model, out["text"], out["result"], chunk=True)  # noqa: E731
+            return StreamingResponse(self._events(request, [], chunk, lambda result: []), media_type="text/event-stream")
         try:
             result = await self.engine.generate.remote(request)
         except Exception as e:  # noqa: BLE001
@@ -152,12 +150,53 @@ class Gateway:
         m.tokens(len(result.token_ids))
         return JSONResponse(completion_json(rid, created, model, result.text, result))
 
-    async def _events(self, request, rid, created, model):
+    @http.post("/v1/chat/completions")
+    async def chat_completions(self, raw: Request):
+        with self.metrics.request("http", "chat_completions") as m:
+            response = self._http_auth(raw) or await self._chat(raw, m)
+            m.code = str(response.status_code)
+            return response
+
+    async def _chat(self, raw, m):
         try:
+            request, stream, include_usage = chat_request_from_json(await self._body(raw), self.default_max_new)
+            self._check(request)
+        except InvalidRequest as e:
+            return _http_error(400, e.field, str(e))
+        rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.config.target.model
+        if stream:
+            def chunk(out):
+                delta = {"content": out["text"]} if out["text"] or out["result"] is None else {}
+                return chat_chunk_json(rid, created, model, delta, out["result"], include_usage)
+
+            first = [chat_chunk_json(rid, created, model, {"role": "assistant", "content": ""}, None, include_usage)]
+            usage = lambda result: [chat_usage_chunk_json(rid, created, model, result)] if include_usage else []  # noqa: E731
+            return StreamingResponse(self._events(request, first, chunk, usage), media_type="text/event-stream")
+        try:
+            result = await self.engine.generate.remote(request)
+        except Exception as e:  # noqa: BLE001
+            return self._http_exception(e)
+        m.tokens(len(result.token_ids))
+        return JSONResponse(chat_completion_json(rid, created, model, result.text, result))
+
+    @staticmethod
+    async def _body(raw: Request):
+        try:
+            return json.loads(await raw.body() or b"null")
+        except ValueError as e:
+            raise InvalidRequest("body", f"not JSON: {e}") from None
+
+    async def _events(self, request, first: list[dict], chunk, last):
+        """Server-sent events: `first`, chunk(out) for each engine delta, last(result) at the end."""
+        try:
+            for event in first:
+                yield f"data: {json.dumps(event)}\n\n"
             async for out in self.engine_stream.stream.remote(request):
                 self.metrics.stream_tokens(len(out["token_ids"]))
-                chunk = completion_json(rid, created, model, out["text"], out["result"], chunk=True)
-                yield f"data: {json.dumps(chunk)}\n\n"
+                yield f"data: {json.dumps(chunk(out))}\n\n"
+                if out["result"] is not None:
+                    for event in last(out["result"]):
+                        yield f"data: {json.dumps(event)}\n\n"
         except Exception as e:  # noqa: BLE001 - the status is sent already: report in the stream
             invalid = _invalid(e)
             error = {"message": str(invalid or e), "type": "invalid_request_error" if invalid else "server_error",

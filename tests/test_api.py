@@ -84,3 +84,60 @@ def test_app_args_take_a_config_a_dict_or_a_path(tmp_path):
         config_from_args({"serve": {"grpc_port": 70000}})
     with pytest.raises(ConfigError, match="serve.nope: unknown key"):
         config_from_args({"serve": {"nope": 1}})
+
+
+def test_openai_chat_json_to_a_chat_request():
+    from cluster.api import chat_request_from_json
+    from cluster.runtime.engine import ChatMessage
+
+    body = {"model": "m", "messages": [{"role": "developer", "content": "Be brief."},
+                                       {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+                                       {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Again?"}],
+            "max_completion_tokens": 7, "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+            "tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "seed": 3}
+    r, stream, usage = chat_request_from_json(body, 33)
+    assert stream and usage and r.max_new_tokens == 7 and r.sampling.greedy and r.sampling.seed == 3 and r.prompt == ""
+    assert r.messages == (ChatMessage("system", "Be brief."), ChatMessage("user", "Hi there"),
+                          ChatMessage("assistant", "Hello."), ChatMessage("user", "Again?"))
+    r, stream, usage = chat_request_from_json({"messages": [{"role": "user", "content": "x"}], "max_tokens": 5}, 33)
+    assert (r.max_new_tokens, stream, usage, r.sampling.temperature) == (5, False, False, 1.0)
+
+
+@pytest.mark.parametrize("body,name", [
+    ({}, "messages"), ({"messages": []}, "messages"), ({"messages": "hi"}, "messages"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0].content[0]"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages[0].tool_calls"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ({"messages": ["hi"]}, "messages[0]"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"messages": [{"role": "user", "content": "x"}], "stream": True, "stream_options": {"x": 1}}, "stream_options"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": "warm"}, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "frobnicate": 1}, "frobnicate"),
+])
+def test_openai_chat_json_bad_fields_name_themselves(body, name):
+    from cluster.api import chat_request_from_json
+
+    with pytest.raises(InvalidRequest) as e:
+        chat_request_from_json(body, 8)
+    assert e.value.field == name
+
+
+def test_proto_messages_make_a_chat_request():
+    from cluster.runtime.engine import ChatMessage, check_request_fields
+
+    msg = pb.GenerateRequest(messages=[pb.ChatMessage(role="system", content="s"), pb.ChatMessage(role="user", content="u")])
+    r = request_from_proto(msg, 8)
+    assert r.messages == (ChatMessage("system", "s"), ChatMessage("user", "u"))
+    check_request_fields(r, 4)
+    for bad, name in ((pb.GenerateRequest(prompt="p", messages=[pb.ChatMessage(role="user", content="u")]), "messages"),
+                      (pb.GenerateRequest(messages=[pb.ChatMessage(role="bot", content="u")]), "messages[0].role")):
+        with pytest.raises(InvalidRequest) as e:
+            check_request_fields(request_from_proto(bad, 8), 4)
+        assert e.value.field == name

@@ -136,6 +136,59 @@ def test_http_completions_unary_and_streaming(service):
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
 
 
+def _openai(config):
+    import openai
+
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{config.serve.http_port}/v1", api_key="unused", max_retries=0,
+                         timeout=60)
+
+
+CHAT = [{"role": "system", "content": "Answer in code."}, {"role": "user", "content": TINY_PROMPTS[4]}]
+
+
+def test_the_official_openai_client_chats_unary_and_streaming(service):
+    """/v1/chat/completions through the openai package: the chat template applied to the messages
+    (the same answer as gRPC's messages field), streamed deltas concatenating to the unary text,
+    the role first, finish_reason last, then the usage chunk that stream_options asks for."""
+    config, stub, _ = service
+    client = _openai(config)
+    unary = client.chat.completions.create(model="tiny-llama", messages=CHAT, max_completion_tokens=16, temperature=0)
+    grpc_out = stub.Generate(pb.GenerateRequest(messages=[pb.ChatMessage(**m) for m in CHAT], max_new_tokens=16),
+                             metadata=META)
+    answer = unary.choices[0].message
+    assert answer.role == "assistant" and answer.content == grpc_out.text and len(grpc_out.token_ids) > 0
+    assert unary.object == "chat.completion" and unary.choices[0].finish_reason in ("length", "stop")
+    assert unary.usage.completion_tokens == len(grpc_out.token_ids) and unary.usage.prompt_tokens == grpc_out.prompt_tokens
+    chunks = list(client.chat.completions.create(model="tiny-llama", messages=CHAT, max_tokens=16, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finals[-1] == unary.choices[0].finish_reason and not any(finals[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == unary.usage.total_tokens
+    plain = list(client.chat.completions.create(model="tiny-llama", messages=CHAT, max_tokens=16, temperature=0, stream=True))
+    assert all(c.usage is None for c in plain) and all(c.choices for c in plain)
+    completion = client.completions.create(model="tiny-llama", prompt=TINY_PROMPTS[4], max_tokens=8, temperature=0)
+    assert completion.choices[0].text and completion.usage.completion_tokens == 8
+
+
+@pytest.mark.parametrize("fields,name", [
+    ({"n": 2}, "n"), ({"max_tokens": -1}, "max_tokens"), ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ({"logprobs": True}, "logprobs"), ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+    ({"messages": []}, "messages"), ({"temperature": -1}, "temperature"),
+    ({"messages": [{"role": "user", "content": "x" * 5000}]}, "messages"),  # longer than the context: the engine's check
+])
+def test_openai_client_errors_name_the_field_it_sent(service, fields, name):
+    import openai
+
+    config, _, _ = service
+    args = {"model": "tiny-llama", "messages": CHAT, "max_tokens": 4} | fields
+    with pytest.raises(openai.BadRequestError) as e:
+        _openai(config).chat.completions.create(**args)
+    assert e.value.status_code == 400 and e.value.body["param"] == name, e.value.body
+
+
 BAD_GRPC = [
     ({"prompt": ""}, "prompt"),
     ({"prompt": "x", "temperature": -1.0}, "temperature"),
@@ -162,7 +215,8 @@ BAD_HTTP = [
     ({"prompt": "x", "temperature": -1}, "temperature"),
     ({"prompt": "x", "temperature": "hot"}, "temperature"),
     ({"prompt": "x", "top_p": 0}, "top_p"),
-    ({"prompt": "x", "max_tokens": 0}, "max_new_tokens"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
     ({"prompt": "x", "n": 2}, "n"),
     ({"prompt": "x", "logprobs": 3}, "logprobs"),
     ({"prompt": "x", "frobnicate": 1}, "frobnicate"),

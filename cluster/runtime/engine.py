@@ -47,6 +47,15 @@ def _draft_ids(blocks: list[DraftBlock]) -> torch.Tensor:
     return torch.tensor([t for b in blocks for t in b.token_ids], dtype=torch.long)  # [T]
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str  # one of CHAT_ROLES
+    content: str
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     prompt: str
@@ -55,6 +64,7 @@ class GenerationRequest:
     num_draft_tokens: int | None = None  # None: the engine's policy; 0: plain decoding
     stop: tuple[str, ...] = ()
     prompt_ids: tuple[int, ...] | None = None  # already tokenised: used as is, `prompt` ignored
+    messages: tuple[ChatMessage, ...] | None = None  # a chat in the model's chat template; `prompt` empty
 
 
 @dataclass
@@ -150,7 +160,11 @@ class _Sequence:
 
 def check_request_fields(request: GenerationRequest, max_draft_tokens: int) -> None:
     """The checks that need no model: every bad field raises InvalidRequest naming it."""
-    if request.prompt_ids is None and (not isinstance(request.prompt, str) or request.prompt == ""):
+    if request.messages is not None:
+        check_messages(request.messages)
+        if request.prompt:
+            raise InvalidRequest("messages", "send a prompt or messages, not both")
+    elif request.prompt_ids is None and (not isinstance(request.prompt, str) or request.prompt == ""):
         raise InvalidRequest("prompt", "must be a non-empty string")
     m = request.max_new_tokens
     if isinstance(m, bool) or not isinstance(m, int) or m <= 0:
@@ -162,6 +176,18 @@ def check_request_fields(request: GenerationRequest, max_draft_tokens: int) -> N
         raise InvalidRequest("sampling", "must be SamplingParams")
     if any(not isinstance(s, str) or s == "" for s in request.stop):
         raise InvalidRequest("stop", "stop strings must be non-empty strings")
+
+
+def check_messages(messages) -> None:
+    if not isinstance(messages, tuple) or not messages:
+        raise InvalidRequest("messages", "must be a non-empty list of messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, ChatMessage):
+            raise InvalidRequest(f"messages[{i}]", "must be a message with a role and a content")
+        if m.role not in CHAT_ROLES:
+            raise InvalidRequest(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, got {m.role!r}")
+        if not isinstance(m.content, str):
+            raise InvalidRequest(f"messages[{i}].content", "must be a string")
 
 
 class SpeculativeEngine:
@@ -217,13 +243,16 @@ class SpeculativeEngine:
             ids = list(request.prompt_ids)
             if any(not 0 <= i < self.target.vocab_size for i in ids):
                 raise InvalidRequest("prompt_ids", f"ids must lie in [0, {self.target.vocab_size})")
+        elif request.messages is not None:
+            ids = self.tokenizer.encode_messages([{"role": m.role, "content": m.content} for m in request.messages])
         else:
             ids = self.tokenizer.encode_chat(request.prompt) if self.chat_template else self.tokenizer.encode(request.prompt)
+        field = "messages" if request.messages is not None else "prompt"
         if not ids:
-            raise InvalidRequest("prompt", "encodes to no tokens")
+            raise InvalidRequest(field, "encodes to no tokens")
         if len(ids) >= self.target.max_context:
             raise InvalidRequest(
-                "prompt", f"is {len(ids)} tokens, the model's context holds {self.target.max_context} (prompt + output)"
+                field, f"is {len(ids)} tokens, the model's context holds {self.target.max_context} (prompt + output)"
             )
         return ids
 

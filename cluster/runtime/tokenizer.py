@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, Sequence
+
+from ..speculation import InvalidRequest
 
 
 class Tokenizer(Protocol):
@@ -14,6 +16,9 @@ class Tokenizer(Protocol):
     def decode(self, ids: list[int]) -> str: ...
 
     def encode_chat(self, prompt: str) -> list[int]: ...
+
+    def encode_messages(self, messages: Sequence[dict]) -> list[int]:
+        """A chat ({"role", "content"} dicts) in the model's chat template, ready for the assistant's turn."""
 
 
 class HFTokenizer:
@@ -34,9 +39,12 @@ class HFTokenizer:
         self._tok.save_pretrained(folder)
 
     def encode_chat(self, prompt: str) -> list[int]:
-        text = self._tok.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
+        return self.encode_messages([{"role": "user", "content": prompt}])
+
+    def encode_messages(self, messages: Sequence[dict]) -> list[int]:
+        if not self.has_chat_template:
+            raise InvalidRequest("messages", "this model has no chat template: send a prompt instead")
+        text = self._tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
         return self.encode(text)
 
     def vocab(self) -> dict[str, int]:
@@ -59,6 +67,10 @@ class ByteTokenizer:
 
     def encode_chat(self, prompt: str) -> list[int]:
         return self.encode(prompt)
+
+    def encode_messages(self, messages: Sequence[dict]) -> list[int]:
+        """The tiny test models' template: "<|role|>\ncontent\n" per message, then "<|assistant|>\n"."""
+        return self.encode("".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n")
 
     def vocab(self) -> dict[str, int]:
         return {f"<0x{i:02X}>": i for i in range(256)} | {"<bos>": 256, "<eos>": 257}

@@ -21,6 +21,7 @@ _EXPORTS = {
     "GenerationRequest": "cluster.runtime.engine",
     "GenerationResult": "cluster.runtime.engine",
     "StepOutput": "cluster.runtime.engine",
+    "ChatMessage": "cluster.runtime.engine",
     "SamplingParams": "cluster.speculation",
     "InvalidRequest": "cluster.speculation",
     "build_engine": "cluster.runtime.factory",

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dspecserve/v1/generation.proto\x12\x0cspecserve.v1\"\xca\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x1d\n\x10num_draft_tokens\x18\x07 \x01(\rH\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\tB\x07\n\x05_seedB\x13\n\x11_num_draft_tokens\"W\n\x10SpeculationStats\x12\x14\n\x0ctarget_calls\x18\x01 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x01(\r\"\x90\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12-\n\x05stats\x18\x04 \x01(\x0b\x32\x1e.specserve.v1.SpeculationStats\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\"\x0f\n\rHealthRequest\"y\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0f\n\x07\x64rafter\x18\x03 \x01(\t\x12\x0f\n\x07tp_size\x18\x04 \x01(\r\x12\x16\n\x0e\x64raft_replicas\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t2\xfa\x01\n\x15SpeculativeGeneration\x12I\n\x08Generate\x12\x1d.specserve.v1.GenerateRequest\x1a\x1e.specserve.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1d.specserve.v1.GenerateRequest\x1a\x1e.specserve.v1.GenerateResponse0\x01\x12\x43\n\x06Health\x12\x1b.specserve.v1.HealthRequest\x1a\x1c.specserve.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dspecserve/v1/generation.proto\x12\x0cspecserve.v1\"\xf7\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x1d\n\x10num_draft_tokens\x18\x07 \x01(\rH\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12+\n\x08messages\x18\t \x03(\x0b\x32\x19.specserve.v1.ChatMessageB\x07\n\x05_seedB\x13\n\x11_num_draft_tokens\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"W\n\x10SpeculationStats\x12\x14\n\x0ctarget_calls\x18\x01 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x01(\r\"\x90\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12-\n\x05stats\x18\x04 \x01(\x0b\x32\x1e.specserve.v1.SpeculationStats\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\"\x0f\n\rHealthRequest\"y\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0f\n\x07\x64rafter\x18\x03 \x01(\t\x12\x0f\n\x07tp_size\x18\x04 \x01(\r\x12\x16\n\x0e\x64raft_replicas\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t2\xfa\x01\n\x15SpeculativeGeneration\x12I\n\x08Generate\x12\x1d.specserve.v1.GenerateRequest\x1a\x1e.specserve.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1d.specserve.v1.GenerateRequest\x1a\x1e.specserve.v1.GenerateResponse0\x01\x12\x43\n\x06Health\x12\x1b.specserve.v1.HealthRequest\x1a\x1c.specserve.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,15 +32,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specserve.v1.generation_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=48
-  _globals['_GENERATEREQUEST']._serialized_end=250
-  _globals['_SPECULATIONSTATS']._serialized_start=252
-  _globals['_SPECULATIONSTATS']._serialized_end=339
-  _globals['_GENERATERESPONSE']._serialized_start=342
-  _globals['_GENERATERESPONSE']._serialized_end=486
-  _globals['_HEALTHREQUEST']._serialized_start=488
-  _globals['_HEALTHREQUEST']._serialized_end=503
-  _globals['_HEALTHRESPONSE']._serialized_start=505
-  _globals['_HEALTHRESPONSE']._serialized_end=626
-  _globals['_SPECULATIVEGENERATION']._serialized_start=629
-  _globals['_SPECULATIVEGENERATION']._serialized_end=879
+  _globals['_GENERATEREQUEST']._serialized_end=295
+  _globals['_CHATMESSAGE']._serialized_start=297
+  _globals['_CHATMESSAGE']._serialized_end=341
+  _globals['_SPECULATIONSTATS']._serialized_start=343
+  _globals['_SPECULATIONSTATS']._serialized_end=430
+  _globals['_GENERATERESPONSE']._serialized_start=433
+  _globals['_GENERATERESPONSE']._serialized_end=577
+  _globals['_HEALTHREQUEST']._serialized_start=579
+  _globals['_HEALTHREQUEST']._serialized_end=594
+  _globals['_HEALTHRESPONSE']._serialized_start=596
+  _globals['_HEALTHRESPONSE']._serialized_end=717
+  _globals['_SPECULATIVEGENERATION']._serialized_start=720
+  _globals['_SPECULATIVEGENERATION']._serialized_end=970
 # @@protoc_insertion_point(module_scope)
