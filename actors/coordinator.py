@@ -89,6 +89,7 @@ class Coordinator:
             prefill_chunk=t.prefill_chunk,
             tree_nodes=config.speculation.tree.max_nodes,
             tree_branch=config.speculation.tree.max_branch,
+            max_prompt_tokens=config.serve.limits.max_prompt_tokens,
             calibration_key=calibration_key(
                 model=t.model, dtype=self.group.dtype, tp_size=c.tp_size, target_rank=c.target_rank.model_dump(),
                 draft_replicas=c.draft_replicas, drafter=config.draft.drafter, draft=config.draft.model_dump(),

@@ -23,7 +23,7 @@ from ray.serve.exceptions import BackPressureError
 from specserve.v1 import generation_pb2 as pb
 
 from cluster.api import (chat_chunk_json, chat_completion_json, chat_request_from_json, chat_usage_chunk_json,
-                         completion_json, fill_proto, request_from_json, request_from_proto)
+                         check_limits, completion_json, fill_proto, request_from_json, request_from_proto)
 from cluster.client import API_TOKEN_ENV
 from cluster.runtime.engine import check_request_fields
 from cluster.speculation import InvalidRequest
@@ -33,12 +33,19 @@ from .metrics import RequestMetrics
 http = FastAPI(title="specserve")
 
 
-def _invalid(e: BaseException) -> "InvalidRequest | None":
-    """The InvalidRequest behind an error from the engine (Serve wraps what a replica raises)."""
+def _invalid(e: BaseException, aliases: dict | None = None) -> "InvalidRequest | None":
+    """The InvalidRequest behind an error from the engine (Serve wraps what a replica raises),
+    its field renamed to what the client sent (aliases: engine name -> the client's)."""
     for candidate in (e, getattr(e, "cause", None), getattr(e, "__cause__", None)):
         if isinstance(candidate, InvalidRequest):
-            return InvalidRequest(candidate.field, candidate.message)
+            return InvalidRequest((aliases or {}).get(candidate.field, candidate.field), candidate.message)
     return None
+
+
+def _max_tokens_field(body) -> str:
+    """The key an OpenAI client sent its output cap in."""
+    sent = [k for k in ("max_completion_tokens", "max_tokens") if isinstance(body, dict) and body.get(k) is not None]
+    return sent[0] if sent else "max_tokens"
 
 
 def _http_error(status: int, field: str | None, message: str, kind: str = "invalid_request_error",
@@ -64,6 +71,7 @@ class Gateway:
         self.config = parse_config(config_data, "gateway config")
         self.max_k = self.config.speculation.max_draft_tokens
         self.default_max_new = self.config.serve.max_new_tokens
+        self.limits = self.config.serve.limits
         self.metrics = RequestMetrics()
         self._bearer = f"Bearer {os.environ[API_TOKEN_ENV]}".encode() if os.environ.get(API_TOKEN_ENV) else None
 
@@ -82,16 +90,23 @@ class Gateway:
             return None
         return _http_error(401, "authorization", _UNAUTHENTICATED, "authentication_error", {"WWW-Authenticate": "Bearer"})
 
-    def _check(self, request):
+    def _check(self, request, max_tokens_field: str = "max_new_tokens"):
         check_request_fields(request, self.max_k)
-        return request
+        return check_limits(request, self.limits, max_tokens_field)
+
+    def _check_proto(self, request: pb.GenerateRequest):
+        size = request.ByteSize()
+        if size > self.limits.max_request_bytes:
+            raise InvalidRequest("request", f"is {size} bytes, over serve.limits.max_request_bytes "
+                                            f"({self.limits.max_request_bytes})")
+        return self._check(request_from_proto(request, self.default_max_new))
 
     # -- gRPC: specserve.v1.SpeculativeGeneration ---------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         with self.metrics.request("grpc", "Generate", grpc_context) as m:
             self._grpc_auth(grpc_context)
             try:
-                r = self._check(request_from_proto(request, self.default_max_new))
+                r = self._check_proto(request)
                 result = await self.engine.generate.remote(r)
             except Exception as e:  # noqa: BLE001 - mapped to a status, or raised as INTERNAL
                 self._grpc_error(e, grpc_context)
@@ -102,7 +117,7 @@ class Gateway:
         with self.metrics.request("grpc", "GenerateStream", grpc_context) as m:
             self._grpc_auth(grpc_context)
             try:
-                r = self._check(request_from_proto(request, self.default_max_new))
+                r = self._check_proto(request)
                 async for out in self.engine_stream.stream.remote(r):
                     m.tokens(len(out["token_ids"]))
                     yield fill_proto(pb.GenerateResponse(), out["token_ids"], out["text"], out["result"])
@@ -135,18 +150,21 @@ class Gateway:
 
     async def _completions(self, raw, m):
         try:
-            request, stream = request_from_json(await self._body(raw), self.default_max_new)
-            self._check(request)
+            body = await self._body(raw)
+            request, stream = request_from_json(body, self.default_max_new)
+            aliases = {"max_new_tokens": _max_tokens_field(body)}
+            self._check(request, aliases["max_new_tokens"])
         except InvalidRequest as e:
             return _http_error(400, e.field, str(e))
         rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.config.target.model
         if stream:
             chunk = lambda out: completion_json(rid, created, model, out["text"], out["result"], chunk=True)  # noqa: E731
-            return StreamingResponse(self._events(request, [], chunk, lambda result: []), media_type="text/event-stream")
+            return StreamingResponse(self._events(request, [], chunk, lambda result: [], aliases),
+                                     media_type="text/event-stream")
         try:
             result = await self.engine.generate.remote(request)
         except Exception as e:  # noqa: BLE001
-            return self._http_exception(e)
+            return self._http_exception(e, aliases)
         m.tokens(len(result.token_ids))
         return JSONResponse(completion_json(rid, created, model, result.text, result))
 
@@ -159,8 +177,10 @@ class Gateway:
 
     async def _chat(self, raw, m):
         try:
-            request, stream, include_usage = chat_request_from_json(await self._body(raw), self.default_max_new)
-            self._check(request)
+            body = await self._body(raw)
+            request, stream, include_usage = chat_request_from_json(body, self.default_max_new)
+            aliases = {"max_new_tokens": _max_tokens_field(body)}
+            self._check(request, aliases["max_new_tokens"])
         except InvalidRequest as e:
             return _http_error(400, e.field, str(e))
         rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.config.target.model
@@ -171,22 +191,25 @@ class Gateway:
 
             first = [chat_chunk_json(rid, created, model, {"role": "assistant", "content": ""}, None, include_usage)]
             usage = lambda result: [chat_usage_chunk_json(rid, created, model, result)] if include_usage else []  # noqa: E731
-            return StreamingResponse(self._events(request, first, chunk, usage), media_type="text/event-stream")
+            return StreamingResponse(self._events(request, first, chunk, usage, aliases), media_type="text/event-stream")
         try:
             result = await self.engine.generate.remote(request)
         except Exception as e:  # noqa: BLE001
-            return self._http_exception(e)
+            return self._http_exception(e, aliases)
         m.tokens(len(result.token_ids))
         return JSONResponse(chat_completion_json(rid, created, model, result.text, result))
 
-    @staticmethod
-    async def _body(raw: Request):
+    async def _body(self, raw: Request):
+        data = await raw.body()
+        if len(data) > self.limits.max_request_bytes:
+            raise InvalidRequest("body", f"is {len(data)} bytes, over serve.limits.max_request_bytes "
+                                         f"({self.limits.max_request_bytes})")
         try:
-            return json.loads(await raw.body() or b"null")
-        except ValueError as e:
+            return json.loads(data or b"null")
+        except ValueError as e:  # UnicodeDecodeError included
             raise InvalidRequest("body", f"not JSON: {e}") from None
 
-    async def _events(self, request, first: list[dict], chunk, last):
+    async def _events(self, request, first: list[dict], chunk, last, aliases: dict):
         """Server-sent events: `first`, chunk(out) for each engine delta, last(result) at the end."""
         try:
             for event in first:
@@ -198,15 +221,15 @@ class Gateway:
                     for event in last(out["result"]):
                         yield f"data: {json.dumps(event)}\n\n"
         except Exception as e:  # noqa: BLE001 - the status is sent already: report in the stream
-            invalid = _invalid(e)
+            invalid = _invalid(e, aliases)
             error = {"message": str(invalid or e), "type": "invalid_request_error" if invalid else "server_error",
                      "param": invalid.field if invalid else None}
             yield f"data: {json.dumps({'error': error})}\n\n"
         yield "data: [DONE]\n\n"
 
     @staticmethod
-    def _http_exception(e: BaseException):
-        invalid = _invalid(e)
+    def _http_exception(e: BaseException, aliases: dict):
+        invalid = _invalid(e, aliases)
         if invalid is not None:
             return _http_error(400, invalid.field, str(invalid))
         if isinstance(e, BackPressureError):

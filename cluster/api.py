@@ -33,6 +33,21 @@ def request_from_proto(msg, default_max_new_tokens: int) -> GenerationRequest:
     )
 
 
+def check_limits(request: GenerationRequest, limits, max_tokens_field: str = "max_new_tokens") -> GenerationRequest:
+    """serve.limits (cluster.config.Limits) on a converted request, naming the field the client sent."""
+    if request.max_new_tokens > limits.max_new_tokens:
+        raise InvalidRequest(max_tokens_field, f"must be at most {limits.max_new_tokens} (serve.limits.max_new_tokens), "
+                                               f"got {request.max_new_tokens}")
+    if len(request.stop) > limits.max_stop_strings:
+        raise InvalidRequest("stop", f"at most {limits.max_stop_strings} stop strings (serve.limits.max_stop_strings), "
+                                     f"got {len(request.stop)}")
+    for s in request.stop:
+        if isinstance(s, str) and len(s) > limits.max_stop_chars:
+            raise InvalidRequest("stop", f"a stop string has {len(s)} characters, over serve.limits.max_stop_chars "
+                                         f"({limits.max_stop_chars})")
+    return request
+
+
 def fill_proto(msg, token_ids: list[int], text: str, result: GenerationResult | None):
     """A specserve.v1.GenerateResponse: the given tokens and text, and the end when result is set."""
     msg.token_ids.extend(token_ids)

@@ -161,6 +161,16 @@ class Autoscaling(_Strict):
         return self
 
 
+class Limits(_Strict):
+    """Caps on what one request may ask; beyond one: INVALID_ARGUMENT / HTTP 400 naming the cap."""
+
+    max_prompt_tokens: int | None = Field(None, ge=1)  # None: the model's context less one
+    max_new_tokens: int = Field(4096, ge=1)  # and never above the model's context
+    max_stop_strings: int = Field(16, ge=0)
+    max_stop_chars: int = Field(256, ge=1)  # characters per stop string
+    max_request_bytes: int = Field(1 << 20, ge=1024)  # a gRPC request message or an HTTP body
+
+
 class ServeConfig(_Strict):
     app_name: str = Field("specserve", min_length=1)  # gRPC clients send metadata ("application", app_name)
     grpc_port: int = Field(9000, ge=1, le=65535)
@@ -172,6 +182,14 @@ class ServeConfig(_Strict):
     engines: Autoscaling = Autoscaling(target=16)  # coordinator + tensor-parallel target groups
     drafts: Autoscaling = Autoscaling(max_replicas=2, target=8)  # draft replicas (cluster.draft_replicas 0: none)
     draft_refresh_s: float = Field(2.0, gt=0)  # how often an engine looks for new or gone draft replicas
+    limits: Limits = Limits()  # per request (also in process: the engine applies max_prompt_tokens)
+
+    @model_validator(mode="after")
+    def _check_serve(self):
+        if self.max_new_tokens > self.limits.max_new_tokens:
+            raise ValueError(f"serve.max_new_tokens ({self.max_new_tokens}) exceeds serve.limits.max_new_tokens "
+                             f"({self.limits.max_new_tokens})")
+        return self
 
 
 class SpecserveConfig(_Strict):
@@ -240,6 +258,8 @@ DEFAULT_CONFIG = {
         "engines": {"min_replicas": 1, "max_replicas": 1, "target": 16, "upscale_delay_s": 5.0, "downscale_delay_s": 60.0},
         "drafts": {"min_replicas": 1, "max_replicas": 2, "target": 8, "upscale_delay_s": 5.0, "downscale_delay_s": 60.0},
         "draft_refresh_s": 2.0,
+        "limits": {"max_prompt_tokens": None, "max_new_tokens": 4096, "max_stop_strings": 16, "max_stop_chars": 256,
+                   "max_request_bytes": 1048576},
     },
 }
 

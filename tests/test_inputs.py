@@ -32,6 +32,7 @@ def engine(tiny_llama):
         (lambda: GenerationRequest("hi", sampling=SamplingParams(top_p=0.0)), "top_p"),
         (lambda: GenerationRequest("hi", sampling=SamplingParams(top_p=1.01)), "top_p"),
         (lambda: GenerationRequest("hi", sampling=SamplingParams(top_k=-1)), "top_k"),
+        (lambda: GenerationRequest("hi", max_new_tokens=4_294_967_295), "max_new_tokens"),  # above the context
     ],
 )
 def test_engine_rejects_bad_fields(engine, make, field):
@@ -39,6 +40,31 @@ def test_engine_rejects_bad_fields(engine, make, field):
         engine.add_request(make())
     assert err.value.field == field
     assert not engine.has_unfinished()  # nothing half-added
+
+
+def test_limits_cap_prompts_in_the_engine_and_everything_else_at_the_boundary(tiny_llama):
+    from cluster.api import check_limits
+    from cluster.config import ConfigError, parse_config
+
+    config = tiny_config()
+    config = config.model_copy(update={"serve": config.serve.model_copy(update={
+        "limits": config.serve.limits.model_copy(update={"max_prompt_tokens": 8, "max_new_tokens": 50,
+                                                         "max_stop_strings": 2, "max_stop_chars": 4})})})
+    capped = make_engine(config, tiny_llama)
+    with pytest.raises(InvalidRequest, match=r"over the limit serve.limits.max_prompt_tokens \(8\)") as err:
+        capped.add_request(GenerationRequest("nine char", 4))
+    assert err.value.field == "prompt"
+    assert capped.generate([GenerationRequest("eight ch", 2)])[0].prompt_tokens == 8
+    limits = config.serve.limits
+    for request, field, cap in ((GenerationRequest("x", 51), "max_tokens", "max_new_tokens"),
+                                (GenerationRequest("x", 5, stop=("a", "b", "c")), "stop", "max_stop_strings"),
+                                (GenerationRequest("x", 5, stop=("abcde",)), "stop", "max_stop_chars")):
+        with pytest.raises(InvalidRequest, match=f"serve.limits.{cap}") as err:
+            check_limits(request, limits, "max_tokens")
+        assert err.value.field == field
+    check_limits(GenerationRequest("x", 50, stop=("abcd", "b")), limits)
+    with pytest.raises(ConfigError, match="exceeds serve.limits.max_new_tokens"):
+        parse_config({"serve": {"max_new_tokens": 100, "limits": {"max_new_tokens": 50}}})
 
 
 def test_a_bad_request_in_a_batch_adds_nothing(engine):

@@ -197,6 +197,10 @@ BAD_GRPC = [
     ({"prompt": "x", "num_draft_tokens": 99}, "num_draft_tokens"),
     ({"prompt": "x", "stop": [""]}, "stop"),
     ({"prompt": "x" * 5000}, "prompt"),  # longer than the model's context: found by the engine
+    ({"prompt": "x", "max_new_tokens": 4_294_967_295}, "max_new_tokens"),  # serve.limits.max_new_tokens
+    ({"prompt": "x", "stop": ["s"] * 17}, "stop"),  # serve.limits.max_stop_strings
+    ({"prompt": "x", "stop": ["s" * 257]}, "stop"),  # serve.limits.max_stop_chars
+    ({"prompt": "x" * (1 << 20)}, "request"),  # serve.limits.max_request_bytes
 ]
 
 
@@ -217,6 +221,9 @@ BAD_HTTP = [
     ({"prompt": "x", "top_p": 0}, "top_p"),
     ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 10**6}, "max_tokens"),
+    ({"prompt": "x", "stop": ["s"] * 17}, "stop"),
+    ({"prompt": "x" * (1 << 20)}, "body"),
     ({"prompt": "x", "n": 2}, "n"),
     ({"prompt": "x", "logprobs": 3}, "logprobs"),
     ({"prompt": "x", "frobnicate": 1}, "frobnicate"),

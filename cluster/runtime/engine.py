@@ -206,6 +206,7 @@ class SpeculativeEngine:
         clock: Callable[[], float] = time.perf_counter,
         tree_nodes: int = 0,  # > 0: drafters that draft trees propose up to this many nodes (depth <= K)
         tree_branch: int = 2,  # children per tree node at most
+        max_prompt_tokens: int | None = None,  # a cap below the model's context (serve.limits.max_prompt_tokens)
     ):
         # an nn.Module runs in process; anything with CausalLM's interface (a TargetGroup) as is
         self.target = CausalLM(target) if isinstance(target, torch.nn.Module) else target
@@ -219,6 +220,7 @@ class SpeculativeEngine:
         self.clock = clock
         self.tree_nodes = tree_nodes if getattr(drafter, "drafts_trees", False) else 0
         self.tree_branch = tree_branch
+        self.max_prompt_tokens = max_prompt_tokens
         self._round_trees = False  # whether this round drafts trees (adaptive K decides under load)
         self._cost_model = cost_model
         self._learn_costs = cost_model is None  # a given cost model stays as given (deterministic K)
@@ -254,6 +256,12 @@ class SpeculativeEngine:
             raise InvalidRequest(
                 field, f"is {len(ids)} tokens, the model's context holds {self.target.max_context} (prompt + output)"
             )
+        if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
+            raise InvalidRequest(field, f"is {len(ids)} tokens, over the limit serve.limits.max_prompt_tokens "
+                                        f"({self.max_prompt_tokens})")
+        if request.max_new_tokens > self.target.max_context:
+            raise InvalidRequest("max_new_tokens", f"must be at most the model's context ({self.target.max_context}), "
+                                                   f"got {request.max_new_tokens}")
         return ids
 
     def add_request(self, request: GenerationRequest, prompt_ids: list[int] | None = None) -> int:

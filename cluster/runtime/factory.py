@@ -152,6 +152,7 @@ def make_engine(
         calibration_key=key,
         tree_nodes=config.speculation.tree.max_nodes,
         tree_branch=config.speculation.tree.max_branch,
+        max_prompt_tokens=config.serve.limits.max_prompt_tokens,
     )
 
 
