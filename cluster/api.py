@@ -134,7 +134,7 @@ def _check_fields(body, accepted: set[str], neutral: dict) -> None:
                 shown = " or ".join(repr(v) for v in neutral[key])
                 raise InvalidRequest(key, f"is not supported (only {shown})")
         elif key not in accepted:
-            raise InvalidRequest(key, "unknown field")
+            raise InvalidRequest(key or '""', "unknown field")
     if _number(body, "n", 1, int) != 1:
         raise InvalidRequest("n", "only 1 completion per request")
 
@@ -184,7 +184,7 @@ def _chat_message(m, i: int) -> ChatMessage:
         raise InvalidRequest(f"messages[{i}]", "must be an object with a role and a content")
     for key in m:
         if key not in ("role", "content", "name"):
-            raise InvalidRequest(f"messages[{i}].{key}", "is not supported (tools and function calls are not)")
+            raise InvalidRequest(f"messages[{i}].{key or chr(34) * 2}", "is not supported (tools and function calls are not)")
     role = _ROLE_ALIASES.get(m.get("role"), m.get("role"))
     if role not in CHAT_ROLES:
         raise InvalidRequest(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)} or developer, "

@@ -154,3 +154,13 @@ def test_eos_ends_the_sequence_and_is_not_returned(engine, tiny_llama):
         r = eos_engine.generate([GenerationRequest("abcabc", 30, num_draft_tokens=k)])[0]
         assert r.finish_reason == "eos" and eos not in r.token_ids
         assert len(r.token_ids) <= 2 and r.token_ids == plain.token_ids[: len(r.token_ids)]
+
+
+def test_text_that_is_not_unicode_is_named(engine):
+    from cluster.runtime.engine import ChatMessage
+
+    for request, field in ((GenerationRequest("a\ud800b", 2), "prompt"), (GenerationRequest("ok", 2, stop=("\udfff",)), "stop"),
+                           (GenerationRequest("", 2, messages=(ChatMessage("user", "\ud800"),)), "messages[0].content")):
+        with pytest.raises(InvalidRequest, match="not valid Unicode") as err:
+            engine.add_request(request)
+        assert err.value.field == field

@@ -59,6 +59,16 @@ def _http(config, path, body=None):
         return e.code, e.read().decode()
 
 
+def _http_raw(config, path, data: bytes):
+    req = urllib.request.Request(f"http://127.0.0.1:{config.serve.http_port}{path}", data=data,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
 def _events(text: str) -> list:
     lines = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
     assert lines[-1] == "[DONE]"
@@ -187,6 +197,85 @@ def test_openai_client_errors_name_the_field_it_sent(service, fields, name):
     with pytest.raises(openai.BadRequestError) as e:
         _openai(config).chat.completions.create(**args)
     assert e.value.status_code == 400 and e.value.body["param"] == name, e.value.body
+
+
+def _fuzz_bodies():
+    from hypothesis import strategies as st
+    from test_fuzz import MESSAGES, VALUES
+
+    small = st.integers(-3, 6) | VALUES
+    chat = st.fixed_dictionaries({"messages": MESSAGES | st.just([{"role": "user", "content": "hi"}])},
+                                 optional={"max_tokens": small, "temperature": st.floats(-1, 3) | VALUES, "top_p": VALUES,
+                                           "stop": VALUES, "stream": st.booleans() | VALUES, "seed": VALUES, "n": small,
+                                           "tools": VALUES, "stream_options": VALUES})
+    completion = st.fixed_dictionaries({"prompt": st.text(max_size=40) | VALUES},
+                                       optional={"max_tokens": small, "top_k": small, "stop": VALUES, "echo": VALUES,
+                                                 "num_draft_tokens": small})
+    return st.tuples(st.sampled_from(["/v1/chat/completions"]), chat) | st.tuples(st.just("/v1/completions"), completion)
+
+
+def test_fuzzed_http_requests_get_an_answer_or_a_named_error_and_the_service_stays_healthy(service):
+    """Random and extreme JSON (hypothesis) at both OpenAI routes, then raw bytes that are not JSON
+    or not UTF-8: every reply is 200 with an answer, or 400 naming a field; then a normal request works."""
+    from hypothesis import HealthCheck, given, settings
+
+    config, stub, _ = service
+
+    @settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(_fuzz_bodies())
+    def check(case):
+        path, body = case
+        body = body if not isinstance(body, dict) else {k: v for k, v in body.items()} | (
+            {"max_tokens": 4} if not isinstance(body.get("max_tokens"), int) or body.get("max_tokens", 0) > 6 else {})
+        try:
+            data = json.dumps(body, allow_nan=True).encode()
+        except (TypeError, ValueError):
+            return
+        status, text = _http_raw(config, path, data)
+        if status == 200:
+            lines = [x.removeprefix("data: ") for x in text.splitlines() if x.startswith("data: ")]
+            assert (lines and lines[-1] == "[DONE]") or "choices" in json.loads(text), text[:200]
+        else:
+            assert status == 400, (status, text[:300])
+            assert json.loads(text)["error"]["param"], text
+
+    check()
+    for raw in (b"{nope", b"\xff\xfe{}", b'{"prompt": "x", "temperature": 1e999}', b'{"prompt": "x", "max_tokens": 1e999}',
+                b"[]", b"null", b'{"messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 2}'):
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            status, text = _http_raw(config, path, raw)
+            assert status in (200, 400), (raw, status, text)
+            assert status == 200 or json.loads(text)["error"]["param"], text
+    assert stub.Health(pb.HealthRequest(), metadata=META).status == "SERVING"
+    assert stub.Generate(pb.GenerateRequest(prompt="ok", max_new_tokens=3), metadata=META).token_ids
+
+
+def test_fuzzed_grpc_requests_get_an_answer_or_invalid_argument(service):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    _, stub, _ = service
+
+    @settings(max_examples=30, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(prompt=st.text(max_size=40), max_new=st.sampled_from([0, 1, 3, 2**32 - 1]), temperature=st.floats(width=32),
+           top_k=st.integers(0, 2**32 - 1), top_p=st.floats(width=32), k=st.none() | st.integers(0, 2**32 - 1),
+           stop=st.lists(st.text(max_size=300), max_size=20),
+           messages=st.lists(st.tuples(st.sampled_from(["user", "system", "bot", ""]), st.text(max_size=20)), max_size=2))
+    def check(prompt, max_new, temperature, top_k, top_p, k, stop, messages):
+        msg = pb.GenerateRequest(prompt=prompt, max_new_tokens=max_new, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, stop=stop, messages=[pb.ChatMessage(role=r, content=c) for r, c in messages])
+        if k is not None:
+            msg.num_draft_tokens = k
+        try:
+            reply = stub.Generate(msg, metadata=META, timeout=60)
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
+            assert ":" in e.details() and e.details().split(":")[0], e.details()
+            return
+        assert reply.finish_reason in ("length", "stop", "eos")
+
+    check()
+    assert stub.Generate(pb.GenerateRequest(prompt="ok", max_new_tokens=3), metadata=META).token_ids
 
 
 BAD_GRPC = [

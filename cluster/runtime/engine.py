@@ -176,6 +176,18 @@ def check_request_fields(request: GenerationRequest, max_draft_tokens: int) -> N
         raise InvalidRequest("sampling", "must be SamplingParams")
     if any(not isinstance(s, str) or s == "" for s in request.stop):
         raise InvalidRequest("stop", "stop strings must be non-empty strings")
+    _check_unicode("prompt", request.prompt)
+    for s in request.stop:
+        _check_unicode("stop", s)
+
+
+def _check_unicode(field: str, text) -> None:
+    """Text must encode as UTF-8 (JSON can carry lone surrogates, which no tokenizer takes)."""
+    if isinstance(text, str):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidRequest(field, f"is not valid Unicode ({e.reason} at position {e.start})") from None
 
 
 def check_messages(messages) -> None:
@@ -188,6 +200,7 @@ def check_messages(messages) -> None:
             raise InvalidRequest(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, got {m.role!r}")
         if not isinstance(m.content, str):
             raise InvalidRequest(f"messages[{i}].content", "must be a string")
+        _check_unicode(f"messages[{i}].content", m.content)
 
 
 class SpeculativeEngine:
