@@ -298,7 +298,7 @@ def test_bad_grpc_fields_are_invalid_argument(service, fields, name):
     _, stub, _ = service
     for call in (stub.Generate, lambda r, **kw: list(stub.GenerateStream(r, **kw))):
         with pytest.raises(grpc.RpcError) as e:
-            call(pb.GenerateRequest(max_new_tokens=4, **fields), metadata=META)
+            call(pb.GenerateRequest(**({"max_new_tokens": 4} | fields)), metadata=META)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert e.value.details().startswith(f"{name}:"), e.value.details()
 
