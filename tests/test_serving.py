@@ -352,7 +352,7 @@ def test_cancelled_stream_and_expired_deadline_free_the_sequence(service):
     _, stub, handle = service
     assert _sequences(handle) == (0, 0, 0)
     # greedy: this prompt's continuation runs 2,000 tokens without EOS (about 1,500 rounds)
-    request = pb.GenerateRequest(prompt=TINY_PROMPTS[1], max_new_tokens=2000)
+    request = pb.GenerateRequest(prompt=TINY_PROMPTS[1], max_new_tokens=2000, num_draft_tokens=2)  # drafts held too
     stream = stub.GenerateStream(request, metadata=META)
     next(stream), next(stream)  # it is running
     assert _sequences(handle)[0] == 1
@@ -379,7 +379,9 @@ def _stats(handle) -> dict:
 def test_overload_is_resource_exhausted_and_drafts_scale_up_then_down(service):
     _, stub, handle = service
     assert _draft_replicas() == 1
-    request = pb.GenerateRequest(prompt=TINY_PROMPTS[3], max_new_tokens=2000)  # greedy: no EOS for 2,000 tokens
+    # greedy: no EOS for 2,000 tokens; a fixed K, so every sequence drafts (adaptive K may choose plain
+    # decoding for this draft, whose alpha here is 0.13, and then no replica holds the sequence)
+    request = pb.GenerateRequest(prompt=TINY_PROMPTS[3], max_new_tokens=2000, num_draft_tokens=2)
     running = [stub.GenerateStream(request, metadata=META) for _ in range(6)]  # max_ongoing_requests 6
     for s in running:
         next(s)
@@ -395,7 +397,8 @@ def test_overload_is_resource_exhausted_and_drafts_scale_up_then_down(service):
     assert not any(s.done() for s in queued + running)
 
     # 6 sequences, target 1 sequence per draft replica: Serve scales the drafts to their max, 2
-    wait_until(lambda: _draft_replicas() == 2, timeout=120, what="a second draft replica")
+    wait_until(lambda: _draft_replicas() == 2, timeout=120,
+               what=lambda: f"a second draft replica (sequences {_sequences(handle)}, replicas {_draft_replicas()})")
     # with 4 sequences left the drafts stay at 2, and the engine has free slots for stats() (two, so that
     # a cancelled queued call that Serve still routes cannot hold the only one)
     for s in queued + running[:2]:
