@@ -495,6 +495,6 @@ def test_default_image_is_the_dockerfile_build(chart):
     assert uid == chart.values["podSecurityContext"]["runAsUser"]
     image = f"{chart.values['image']['repository']}:{_yaml(CHART / 'Chart.yaml')['appVersion']}"
     assert render(chart, {}).cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == image
-    assert f"docker build -t {image} ." in (ROOT / "README.md").read_text()
+    assert f"docker build -t {image} ." in (ROOT / "docs" / "kubernetes.md").read_text()
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
