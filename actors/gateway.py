@@ -149,24 +149,12 @@ class Gateway:
             return response
 
     async def _completions(self, raw, m):
-        try:
-            body = await self._body(raw)
-            request, stream = request_from_json(body, self.default_max_new)
-            aliases = {"max_new_tokens": _max_tokens_field(body)}
-            self._check(request, aliases["max_new_tokens"])
-        except InvalidRequest as e:
-            return _http_error(400, e.field, str(e))
-        rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.config.target.model
-        if stream:
+        def events(rid, created, model, include_usage):
             chunk = lambda out: completion_json(rid, created, model, out["text"], out["result"], chunk=True)  # noqa: E731
-            return StreamingResponse(self._events(request, [], chunk, lambda result: [], aliases),
-                                     media_type="text/event-stream")
-        try:
-            result = await self.engine.generate.remote(request)
-        except Exception as e:  # noqa: BLE001
-            return self._http_exception(e, aliases)
-        m.tokens(len(result.token_ids))
-        return JSONResponse(completion_json(rid, created, model, result.text, result))
+            return [], chunk, lambda result: []
+
+        parse = lambda body: (*request_from_json(body, self.default_max_new), False)  # noqa: E731
+        return await self._openai(raw, m, parse, "cmpl", completion_json, events)
 
     @http.post("/v1/chat/completions")
     async def chat_completions(self, raw: Request):
@@ -176,28 +164,39 @@ class Gateway:
             return response
 
     async def _chat(self, raw, m):
-        try:
-            body = await self._body(raw)
-            request, stream, include_usage = chat_request_from_json(body, self.default_max_new)
-            aliases = {"max_new_tokens": _max_tokens_field(body)}
-            self._check(request, aliases["max_new_tokens"])
-        except InvalidRequest as e:
-            return _http_error(400, e.field, str(e))
-        rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.config.target.model
-        if stream:
+        def events(rid, created, model, include_usage):
             def chunk(out):
                 delta = {"content": out["text"]} if out["text"] or out["result"] is None else {}
                 return chat_chunk_json(rid, created, model, delta, out["result"], include_usage)
 
             first = [chat_chunk_json(rid, created, model, {"role": "assistant", "content": ""}, None, include_usage)]
             usage = lambda result: [chat_usage_chunk_json(rid, created, model, result)] if include_usage else []  # noqa: E731
-            return StreamingResponse(self._events(request, first, chunk, usage, aliases), media_type="text/event-stream")
+            return first, chunk, usage
+
+        parse = lambda body: chat_request_from_json(body, self.default_max_new)  # noqa: E731
+        return await self._openai(raw, m, parse, "chatcmpl", chat_completion_json, events)
+
+    async def _openai(self, raw, m, parse, prefix: str, unary, events):
+        """One OpenAI route: parse(body) -> (request, stream, include_usage); unary(id, created, model,
+        text, result) -> the response; events(id, created, model, include_usage) -> the stream's
+        (first events, chunk(out), last(result))."""
+        try:
+            body = await self._body(raw)
+            request, stream, include_usage = parse(body)
+            aliases = {"max_new_tokens": _max_tokens_field(body)}  # engine errors name what the client sent
+            self._check(request, aliases["max_new_tokens"])
+        except InvalidRequest as e:
+            return _http_error(400, e.field, str(e))
+        rid, created, model = f"{prefix}-{uuid.uuid4().hex}", int(time.time()), self.config.target.model
+        if stream:
+            first, chunk, last = events(rid, created, model, include_usage)
+            return StreamingResponse(self._events(request, first, chunk, last, aliases), media_type="text/event-stream")
         try:
             result = await self.engine.generate.remote(request)
         except Exception as e:  # noqa: BLE001
             return self._http_exception(e, aliases)
         m.tokens(len(result.token_ids))
-        return JSONResponse(chat_completion_json(rid, created, model, result.text, result))
+        return JSONResponse(unary(rid, created, model, result.text, result))
 
     async def _body(self, raw: Request):
         data = await raw.body()

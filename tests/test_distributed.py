@@ -51,9 +51,11 @@ def test_greedy_equals_in_process_and_plain(distributed, config, tiny_llama):
     eos = tiny_llama.tokenizer.eos_token_id
     for r, res in zip(requests, got):
         assert res.token_ids == hf_greedy(tiny_llama.model, tiny_llama.tokenizer.encode(r.prompt), r.max_new_tokens, eos)
-    assert sum(r.stats.accepted_tokens for r in got) > 0  # speculation really ran
     fixed = distributed.generate([GenerationRequest(p, n, num_draft_tokens=4) for p, n in zip(TINY_PROMPTS, LENGTHS)])
     assert [r.token_ids for r in fixed] == [r.token_ids for r in got]
+    # speculation really ran (at a fixed K: adaptive K may rightly decode plainly here, where the
+    # draft is 3 of the target's 4 layers and its measured cost is close to a target step)
+    assert sum(r.stats.accepted_tokens for r in fixed) > 0
 
 
 def test_streaming_yields_the_same_tokens(distributed):

@@ -63,34 +63,21 @@ def test_the_second_stage_keeps_the_draft_cache_equal_to_a_fresh_prefill(tiny_ll
     assert torch.allclose(got, want, atol=1e-5)
 
 
-def _exact_chain_joint(model, prompt_ids, params, n):
-    """P(x1..xn) of the draft's own sampling (warped q at each step), by enumeration."""
-    from cluster.speculation import warp_probs
-
-    joint = {(): 1.0}
-    with torch.inference_mode():
-        for _ in range(n):
-            grown = {}
-            for prefix, mass in joint.items():
-                q = warp_probs(model(torch.tensor([prompt_ids + list(prefix)])).logits[0, -1:].float(), [params])[0]
-                for y in q.nonzero().squeeze(1).tolist():
-                    grown[prefix + (y,)] = mass * float(q[y])
-            joint = grown
-    return joint
-
-
 def test_second_stage_blocks_follow_the_drafts_own_distribution(tiny_llama, monkeypatch):
     """Sampled blocks with lookup guesses: three draft tokens follow the draft's exact chain
     distribution (the q the verifier is told), batched over many sequences; keeping every guess
     (the negative control) does not."""
+    from types import SimpleNamespace
+
     from test_engine_sampling import PARAMS, _chi2_pvalue
+    from test_head import _exact_joint
 
     staged = _drafter(tiny_llama, True)
     # the draft's own greedy text falls into a loop, which lookup continues: its guesses have high q
     ctx = tiny_llama.tokenizer.encode("ab1ab2ab")
     ctx += staged.propose_many([DraftRequest(0, ctx, 32, GREEDY, 0)])[0].token_ids
     staged.release(0)
-    joint = _exact_chain_joint(staged.lm.model, ctx, PARAMS, 3)
+    joint = _exact_joint(SimpleNamespace(model=staged.lm.model), ctx, PARAMS, 3)  # the draft's own chain law
 
     def samples(n: int) -> list[tuple[int, ...]]:
         out = []
@@ -214,3 +201,17 @@ def test_the_guess_length_follows_each_sequences_kept_rate():
     assert s.guess_limit() >= 16  # lookup holds: guess far
     s.guessed, s.kept = 100, 10
     assert s.guess_limit() == 1  # it does not: one guess, which costs one row
+
+
+def test_trees_keep_to_the_node_budget(tiny_llama):
+    """Both root children grow chains (with guesses) in the same steps: the tree never exceeds
+    max_nodes, and a budget that runs out mid-guess leaves the cache consistent."""
+    staged = _drafter(tiny_llama, True)
+    ctx = tiny_llama.tokenizer.encode(TINY_PROMPTS[0] * 3)
+    for budget in (2, 3, 5, 8):
+        for t, params in enumerate((GREEDY, SamplingParams(temperature=1.0))):
+            block = staged.propose_many([DraftRequest(t, ctx, 6, params, 1, max_nodes=budget, max_branch=2)])[0]
+            assert 0 < len(block) <= budget and (block.probs is None) == params.greedy
+            s = staged._seqs[t]
+            assert staged.lm.cached_length(s.cache) == len(s.tokens)
+            staged.release(t)

@@ -95,12 +95,15 @@ class ModelDrafter(Drafter):
             for b, chosen in zip(branches, picks):
                 r, tree = b.request, trees[b.request.seq_id]
                 budget = r.max_nodes if r.max_nodes > 0 else r.k
+                root = b.depth == 0 and _branches_at_root(r)
+                if not root:  # a chain step: within what the other branches left of the node budget
+                    chosen = chosen[: budget - len(tree)]
                 # the cache holds feed + guess: keep the guesses taken (all but a chain's last token)
-                dropped = len(b.guess) - (len(chosen) - 1 if b.guess else 0)
+                dropped = len(b.guess) - min(len(b.guess), max(0, len(chosen) - 1))
                 self.lm.rollback(b.cache, dropped)
                 if b.held is not None and dropped:
                     del b.held[-dropped:]
-                if b.depth == 0 and _branches_at_root(r):  # siblings: the root's children
+                if root:  # siblings: the root's children
                     for i, (x, q) in enumerate(chosen):
                         if len(tree) >= budget:
                             break
@@ -114,13 +117,14 @@ class ModelDrafter(Drafter):
                                                          self._guess(b.seq, context, min(r.k - 1, budget - len(tree)) - 1)))
                     continue
                 node, depth = b.parent, b.depth
-                self.guessed += len(chosen) - 1
+                kept = max(0, len(chosen) - 1)
+                self.guessed += kept
                 b.seq.guessed += len(b.guess)
-                b.seq.kept += len(chosen) - 1
+                b.seq.kept += kept
                 for x, q in chosen:  # a chain: guesses taken, then the draft's own token
                     node = tree.add(x, node, q)
                     depth += 1
-                if depth < r.k and len(tree) < budget:
+                if chosen and depth < r.k and len(tree) < budget:
                     last = chosen[-1][0]
                     context = list(r.context) + tree.path(node)
                     next_branches.append(_Branch(r, b.cache, b.seq, b.held, node, depth, [last],
