@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -77,9 +78,9 @@ class ModelDrafter(Drafter):
         branches = []
         for r in requests:
             if r.k > 0:
-                s, feed = self._resume(r.seq_id, list(r.context))
+                s, feed = self._resume(r.seq_id, r.context)
                 budget = r.max_nodes if r.max_nodes > 0 else r.k
-                guess = [] if _branches_at_root(r) else self._guess(s, list(r.context), min(r.k, budget) - 1)
+                guess = [] if _branches_at_root(r) else self._guess(s, r.context, [], min(r.k, budget) - 1)
                 branches.append(_Branch(r, s.cache, s, s.tokens, -1, 0, feed, guess))
         forks = []
         while branches:
@@ -112,9 +113,8 @@ class ModelDrafter(Drafter):
                             cache = b.cache if i == 0 else self.lm.fork(b.cache)
                             if i:
                                 forks.append(cache)
-                            context = list(r.context) + [x]
                             next_branches.append(_Branch(r, cache, b.seq, b.held if i == 0 else None, node, 1, [x],
-                                                         self._guess(b.seq, context, min(r.k - 1, budget - len(tree)) - 1)))
+                                                         self._guess(b.seq, r.context, [x], min(r.k - 1, budget - len(tree)) - 1)))
                     continue
                 node, depth = b.parent, b.depth
                 kept = max(0, len(chosen) - 1)
@@ -125,16 +125,14 @@ class ModelDrafter(Drafter):
                     node = tree.add(x, node, q)
                     depth += 1
                 if chosen and depth < r.k and len(tree) < budget:
-                    last = chosen[-1][0]
-                    context = list(r.context) + tree.path(node)
-                    next_branches.append(_Branch(r, b.cache, b.seq, b.held, node, depth, [last],
-                                                 self._guess(b.seq, context, min(r.k - depth, budget - len(tree)) - 1)))
+                    next_branches.append(_Branch(r, b.cache, b.seq, b.held, node, depth, [chosen[-1][0]],
+                                                 self._guess(b.seq, r.context, tree.path(node), min(r.k - depth, budget - len(tree)) - 1)))
             branches = next_branches
         for cache in forks:
             self.lm.release(cache)
         return [trees[r.seq_id].block() if r.k > 0 else DraftBlock([], None) for r in requests]
 
-    def _resume(self, seq_id: int, context: list[int]) -> tuple[_SeqCache, list[int]]:
+    def _resume(self, seq_id: int, context: Sequence[int]) -> tuple[_SeqCache, list[int]]:
         """The sequence's cache cropped to what it shares with the context, and the ids to feed."""
         s = self._seqs.get(seq_id)
         if s is None:
@@ -147,15 +145,15 @@ class ModelDrafter(Drafter):
         self.lm.rollback(s.cache, len(s.tokens) - keep)
         del s.tokens[keep:]
         s.committed = len(context)
-        return s, context[keep:]
+        return s, list(context[keep:])
 
-    def _guess(self, s: _SeqCache, context: list[int], n: int) -> list[int]:
-        """The second stage's guess of the next tokens: at most n, and at most the sequence's
-        guess_limit (none without a second stage)."""
+    def _guess(self, s: _SeqCache, context: Sequence[int], path: list[int], n: int) -> list[int]:
+        """The second stage's guess of what follows context + path (the branch's drafted tokens):
+        at most n tokens, and at most the sequence's guess_limit (none without a second stage)."""
         n = min(n, s.guess_limit())
         if self.second_stage is None or n <= 0:
             return []
-        return self.second_stage.lookup(context, n)
+        return self.second_stage.lookup([*context, *path], n)
 
     def _pick(self, branches: list[_Branch], scores: list[torch.Tensor], generators) -> list[list[tuple[int, torch.Tensor | None]]]:
         """Each branch's tokens this step, with the q each was drawn from (None: greedy): the root's
