@@ -143,8 +143,16 @@ class Gateway:
     # -- HTTP: OpenAI-compatible -------------------------------------------------------------
     @http.post("/v1/completions")
     async def completions(self, raw: Request):
-        with self.metrics.request("http", "completions") as m:
-            response = self._http_auth(raw) or await self._completions(raw, m)
+        return await self._route(raw, "completions", self._completions)
+
+    @http.post("/v1/chat/completions")
+    async def chat_completions(self, raw: Request):
+        return await self._route(raw, "chat_completions", self._chat)
+
+    async def _route(self, raw: Request, name: str, handler):
+        """An HTTP route: authenticated, measured, its status recorded."""
+        with self.metrics.request("http", name) as m:
+            response = self._http_auth(raw) or await handler(raw, m)
             m.code = str(response.status_code)
             return response
 
@@ -155,13 +163,6 @@ class Gateway:
 
         parse = lambda body: (*request_from_json(body, self.default_max_new), False)  # noqa: E731
         return await self._openai(raw, m, parse, "cmpl", completion_json, events)
-
-    @http.post("/v1/chat/completions")
-    async def chat_completions(self, raw: Request):
-        with self.metrics.request("http", "chat_completions") as m:
-            response = self._http_auth(raw) or await self._chat(raw, m)
-            m.code = str(response.status_code)
-            return response
 
     async def _chat(self, raw, m):
         def events(rid, created, model, include_usage):
