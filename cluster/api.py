@@ -184,8 +184,10 @@ def _chat_message(m, i: int) -> ChatMessage:
         raise InvalidRequest(f"messages[{i}]", "must be an object with a role and a content")
     for key in m:
         if key not in ("role", "content", "name"):
-            raise InvalidRequest(f"messages[{i}].{key or chr(34) * 2}", "is not supported (tools and function calls are not)")
-    role = _ROLE_ALIASES.get(m.get("role"), m.get("role"))
+            shown = key or '""'
+            raise InvalidRequest(f"messages[{i}].{shown}", "is not supported (tools and function calls are not)")
+    role = m.get("role")
+    role = _ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
     if role not in CHAT_ROLES:
         raise InvalidRequest(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)} or developer, "
                              f"got {m.get('role')!r}")

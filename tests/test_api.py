@@ -110,6 +110,7 @@ def test_openai_chat_json_to_a_chat_request():
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0].content[0]"),
     ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages[0].tool_calls"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": ["user"], "content": "x"}]}, "messages[0].role"),  # unhashable: still a named error
     ({"messages": ["hi"]}, "messages[0]"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, "max_completion_tokens"),

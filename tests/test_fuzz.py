@@ -20,7 +20,7 @@ SCALARS = (st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value
            | st.sampled_from(["", "\ud800", "\x00", "0", "1e309", "NaN"]))
 VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
                       max_leaves=12)
-MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "developer", "tool", "x"]),
+MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "developer", "tool", "x"]) | VALUES,
                                            "content": st.text(max_size=30) | VALUES}), max_size=4) | VALUES
 COMMON = ["model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "n", "num_draft_tokens",
           "user", "logprobs", "presence_penalty", "logit_bias", "stream_options", "tools", "frobnicate"]
