@@ -3,6 +3,9 @@ and the draft replicas, and runs rounds of the speculative engine over them: dra
 active sequence in parallel over gRPC, one batched verify call, rejection sampling here, commits
 and rollbacks on both sides. Requests join and leave between rounds (continuous batching).
 
+A target rank that dies fails the round: its requests end with Unavailable (retriable), and the
+group is rebuilt in the same placement group before the next round (rebuilt: its count).
+
 Rounds run on one worker thread; the actor's event loop only takes requests and hands out
 results, so new requests queue while a round is in flight and join the next one. That thread
 also loads the models and calibrates: every torch op of the process runs on it, because each
@@ -18,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import ray
 import torch
+
+from cluster.speculation import Unavailable
 
 from .metrics import RoundMetrics
 
@@ -44,6 +49,8 @@ class Coordinator:
         self._cancelled: list[_Sink] = []
         self._sinks: dict[int, _Sink] = {}
         self._loop: asyncio.Task | None = None
+        self.rebuilt = 0  # target groups rebuilt after a failure
+        self.broken: Exception | None = None  # set when a rebuild failed: the replica is unhealthy
 
     def _build(self, config_data: dict, draft_addresses: list[str] | None, placement_group) -> None:
         from cluster.config import parse_config
@@ -54,27 +61,23 @@ class Coordinator:
 
         from .draft_pool import DraftPool
         from .draft_replica import DraftReplica
-        from .target import TargetGroup
 
         config = parse_config(config_data, "coordinator config")
         c, t = config.cluster, config.target
         self.config = config
-        # target rank 0 runs here (its threads are set by it): a verify costs no Ray call
-        self.group = TargetGroup(
-            t.model, t.dtype, c.tp_size, c.target_rank, placement_group=placement_group, first_bundle=1,
-            driver_rank=True,
-        )
+        self._placement_group = placement_group
+        self.group = self._new_group()
         self.replicas = []
         if draft_addresses is None:
             self.replicas = [
                 DraftReplica.options(**c.draft_replica.options()).remote(
-                    config_data, None, c.draft_replica.threads, "0.0.0.0"
+                    config_data, None, c.draft_replica.threads, None
                 )
                 for _ in range(c.draft_replicas)
             ]
             draft_addresses = ray.get([r.address.remote() for r in self.replicas])
         if c.draft_replicas:
-            self.pool = DraftPool(draft_addresses, c.draft_timeout_s)
+            self.pool = DraftPool(draft_addresses, c.draft_timeout_s, c.draft_tls)
             drafter = self.pool
         else:  # the drafter runs here, in the coordinator
             self.pool = None
@@ -97,6 +100,26 @@ class Coordinator:
             ),
         )
         self.engine.prepare()  # measures step costs for adaptive K before the first request
+
+    def _new_group(self):
+        from .target import TargetGroup
+
+        c, t = self.config.cluster, self.config.target
+        # target rank 0 runs here (its threads are set by it): a verify costs no Ray call
+        return TargetGroup(t.model, t.dtype, c.tp_size, c.target_rank, placement_group=self._placement_group,
+                           first_bundle=1, driver_rank=True, collective_timeout_s=c.collective_timeout_s)
+
+    def _rebuild_target(self) -> None:
+        """After a rank failed: every sequence is gone; a new group takes the next rounds."""
+        self._sinks.clear()
+        self.group.shutdown()
+        try:
+            self.group = self._new_group()
+        except Exception as e:  # noqa: BLE001 - the replica reports itself unhealthy: Serve replaces it
+            self.broken = e
+            raise
+        self.engine.reset_target(self.group)
+        self.rebuilt += 1
 
     # -- requests -------------------------------------------------------------------------
     async def ready(self) -> dict:
@@ -128,6 +151,8 @@ class Coordinator:
             self._drop(sink)
 
     def _submit(self, request) -> _Sink:
+        if self.broken is not None:
+            raise Unavailable(f"this engine's target failed and could not be rebuilt ({self.broken})")
         ids = self.engine.validate(request)  # InvalidRequest reaches the caller, naming the field
         sink = _Sink()
         self._pending.append((request, ids, sink))
@@ -161,7 +186,16 @@ class Coordinator:
             except Exception as e:  # noqa: BLE001 - every waiting request learns of it
                 for sink in list(self._sinks.values()) + [s for _, _, s in pending if s.seq_id is None]:
                     sink.put_nowait(e)
-                await loop.run_in_executor(self._worker, self._abort_all)
+                if self.group.broken:
+                    try:
+                        await loop.run_in_executor(self._worker, self._rebuild_target)
+                    except Exception:  # noqa: BLE001 - self.broken says it; the queued learn it too
+                        for _, _, sink in self._pending:
+                            sink.put_nowait(Unavailable(f"this engine's target could not be rebuilt ({self.broken})"))
+                        self._pending = []
+                        return
+                else:
+                    await loop.run_in_executor(self._worker, self._abort_all)
                 continue
             for out in outputs:
                 sink = self._sinks.get(out.seq_id)
@@ -230,6 +264,7 @@ class Coordinator:
             out["fallbacks"] = self.pool.fallbacks
             out["rejoined"] = self.pool.rejoined
         out["active"] = len(self._sinks)
+        out["rebuilt"] = self.rebuilt
         cost = self.engine.cost_model if self.engine.drafter is not None else None
         if cost is not None:
             out["draft_step_s"] = cost.draft_step_s

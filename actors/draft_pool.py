@@ -8,6 +8,7 @@ replica that is still listed (a missed deadline under load) rejoins once it answ
 from __future__ import annotations
 
 import time
+import uuid
 
 import grpc
 
@@ -28,9 +29,11 @@ class DraftPool(Drafter):
     name = "pool"
     drafts_trees = True  # passes the tree budget on; the replicas' drafter decides (chains or trees)
 
-    def __init__(self, addresses: list[str], timeout_s: float = 10.0):
+    def __init__(self, addresses: list[str], timeout_s: float = 10.0, tls=None):
         self.timeout_s = timeout_s
-        self.replicas = [RemoteDrafter(a, timeout_s) for a in addresses]
+        self.tls = tls  # cluster.draft_tls: mutual TLS to every replica
+        self.owner = uuid.uuid4().hex  # this pool's (engine's) sequences on shared replicas
+        self.replicas = [RemoteDrafter(a, timeout_s, owner=self.owner, tls=tls) for a in addresses]
         self.alive = [True] * len(addresses)
         self.placement: dict[int, int] = {}  # seq_id -> replica index, sticky
         self.moved = 0  # sequences moved off a failed replica
@@ -85,7 +88,7 @@ class DraftPool(Drafter):
                 r.close()
         for a in addresses:
             if a not in known:
-                self.replicas.append(RemoteDrafter(a, self.timeout_s))
+                self.replicas.append(RemoteDrafter(a, self.timeout_s, owner=self.owner, tls=self.tls))
                 self.alive.append(True)
                 self.served.append(0)
         self._probe_failed()

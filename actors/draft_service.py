@@ -1,9 +1,15 @@
-"""The draft service: hosts one drafter behind gRPC, keeping each sequence's committed context."""
+"""The draft service: hosts one drafter behind gRPC, keeping each sequence's committed context.
+
+Sequences are keyed by (owner, seq_id): each engine numbers its own, and engines share replicas.
+A sequence not drafted for `idle_s` is freed (sweep): its engine may have died without releasing
+it; an engine that comes back to it gets FAILED_PRECONDITION and resends the context whole."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import grpc
 from specserve.internal.v1 import draft_pb2 as pb
@@ -19,15 +25,22 @@ MAX_K = 64
 
 
 class DraftServicer(pb_grpc.DraftServiceServicer):
-    def __init__(self, drafter: Drafter):
+    def __init__(self, drafter: Drafter, idle_s: float = 300.0, clock: Callable[[], float] = time.monotonic):
         self.drafter = drafter
-        self.contexts: dict[int, list[int]] = {}
+        self.idle_s = idle_s
+        self.clock = clock
+        self.contexts: dict[tuple[str, int], list[int]] = {}  # (owner, seq_id) -> committed context
+        self._ids: dict[tuple[str, int], int] = {}  # (owner, seq_id) -> the drafter's sequence id
+        self._used: dict[tuple[str, int], float] = {}  # -> when it was last drafted
+        self._next_id = itertools.count()
+        self.swept = 0  # sequences freed for being idle
 
     def Propose(self, request: pb.ProposeRequest, context: grpc.ServicerContext) -> pb.ProposeResponse:
-        seq = request.seq_id
-        tokens = [] if request.reset else self.contexts.get(seq)
+        self.sweep()
+        key = (request.owner, request.seq_id)
+        tokens = [] if request.reset else self.contexts.get(key)
         if tokens is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"seq_id {seq}: unknown sequence; send reset")
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"seq_id {request.seq_id}: unknown sequence; send reset")
         if len(tokens) + len(request.new_tokens) != request.context_len:
             context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -46,7 +59,9 @@ class DraftServicer(pb_grpc.DraftServiceServicer):
         except InvalidRequest as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         tokens = tokens + list(request.new_tokens)
-        self.contexts[seq] = tokens
+        self.contexts[key] = tokens
+        self._used[key] = self.clock()
+        seq = self._ids.setdefault(key, next(self._next_id))
         start = time.perf_counter()
         draft = DraftRequest(seq, tokens, request.k, params, request.seed, max_nodes=request.max_nodes,
                              max_branch=max(1, request.max_branch))
@@ -58,21 +73,38 @@ class DraftServicer(pb_grpc.DraftServiceServicer):
         return response
 
     def Release(self, request: pb.ReleaseRequest, context) -> pb.ReleaseResponse:
-        self.contexts.pop(request.seq_id, None)
-        self.drafter.release(request.seq_id)
+        self._forget((request.owner, request.seq_id))
         return pb.ReleaseResponse()
+
+    def _forget(self, key: tuple[str, int]) -> None:
+        self.contexts.pop(key, None)
+        self._used.pop(key, None)
+        seq = self._ids.pop(key, None)
+        if seq is not None:
+            self.drafter.release(seq)
+
+    def sweep(self) -> int:
+        """Frees the sequences not drafted for idle_s; returns how many. Call on the drafter's thread."""
+        now = self.clock()
+        idle = [key for key, used in self._used.items() if now - used > self.idle_s]
+        for key in idle:
+            self._forget(key)
+        self.swept += len(idle)
+        return len(idle)
 
     def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:
         return pb.HealthResponse(drafter=self.drafter.name, sequences=len(self.contexts))
 
 
 def create_server(drafter: Drafter, address: str = "127.0.0.1:0", servicer: DraftServicer | None = None,
-                  worker: ThreadPoolExecutor | None = None) -> tuple[grpc.Server, int]:
+                  worker: ThreadPoolExecutor | None = None, tls=None) -> tuple[grpc.Server, int]:
     """A started-later server and its bound port. One worker thread (`worker`: the one that built
-    the drafter): calls on the drafter serialise."""
+    the drafter): calls on the drafter serialise. tls (cluster.draft_tls): mutual TLS."""
+    from .tls import server_credentials
+
     server = grpc.server(worker or ThreadPoolExecutor(max_workers=1))
     pb_grpc.add_DraftServiceServicer_to_server(servicer or DraftServicer(drafter), server)
-    port = server.add_insecure_port(address)
+    port = server.add_insecure_port(address) if tls is None else server.add_secure_port(address, server_credentials(tls))
     if port == 0:
         raise OSError(f"draft service: cannot bind {address}")
     return server, port

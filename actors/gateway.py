@@ -3,7 +3,8 @@ Serve's gRPC proxy: methods named as the RPCs) and the OpenAI-style HTTP API (th
 proxy), both over the engine deployment.
 
 Errors at the boundary: a bad field is INVALID_ARGUMENT / HTTP 400 naming it; a full queue is
-RESOURCE_EXHAUSTED / HTTP 503. With an API token set (env SPECSERVE_API_TOKEN, from a Secret),
+RESOURCE_EXHAUSTED / HTTP 503; a failed target rank or engine replica is UNAVAILABLE / HTTP 503
+(retriable: the group is rebuilt, the replica replaced). With an API token set (env SPECSERVE_API_TOKEN, from a Secret),
 every call but /healthz needs "authorization: Bearer <token>", else UNAUTHENTICATED / HTTP 401.
 A client that goes away (cancel, deadline) cancels the engine call, which frees the sequence on
 the coordinator, the target ranks and its draft replica."""
@@ -19,6 +20,7 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from specserve.v1 import generation_pb2 as pb
 
@@ -26,7 +28,7 @@ from cluster.api import (chat_chunk_json, chat_completion_json, chat_request_fro
                          check_limits, completion_json, fill_proto, request_from_json, request_from_proto)
 from cluster.client import API_TOKEN_ENV
 from cluster.runtime.engine import check_request_fields
-from cluster.speculation import InvalidRequest
+from cluster.speculation import InvalidRequest, Unavailable
 
 from .metrics import RequestMetrics
 
@@ -40,6 +42,20 @@ def _invalid(e: BaseException, aliases: dict | None = None) -> "InvalidRequest |
         if isinstance(candidate, InvalidRequest):
             return InvalidRequest((aliases or {}).get(candidate.field, candidate.field), candidate.message)
     return None
+
+
+def _unavailable(e: BaseException) -> str | None:
+    """Why a request failed for a reason a retry can fix (a target rank or the engine replica
+    died), or None."""
+    for candidate in (e, getattr(e, "cause", None), getattr(e, "__cause__", None)):
+        if isinstance(candidate, Unavailable):
+            return f"unavailable, retry: {candidate}"
+        if isinstance(candidate, RayActorError):
+            return f"unavailable, retry: the engine replica failed ({type(candidate).__name__})"
+    return None
+
+
+_RETRY_AFTER = {"Retry-After": "1"}
 
 
 def _max_tokens_field(body) -> str:
@@ -138,6 +154,9 @@ class Gateway:
         elif isinstance(e, BackPressureError):
             grpc_context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
             grpc_context.set_details(f"overloaded: {e}")
+        elif (reason := _unavailable(e)) is not None:
+            grpc_context.set_code(grpc.StatusCode.UNAVAILABLE)
+            grpc_context.set_details(reason)
         raise e
 
     # -- HTTP: OpenAI-compatible -------------------------------------------------------------
@@ -221,8 +240,9 @@ class Gateway:
                     for event in last(out["result"]):
                         yield f"data: {json.dumps(event)}\n\n"
         except Exception as e:  # noqa: BLE001 - the status is sent already: report in the stream
-            invalid = _invalid(e, aliases)
-            error = {"message": str(invalid or e), "type": "invalid_request_error" if invalid else "server_error",
+            invalid, unavailable = _invalid(e, aliases), _unavailable(e)
+            kind = "invalid_request_error" if invalid else "unavailable" if unavailable else "server_error"
+            error = {"message": str(invalid or unavailable or e), "type": kind,
                      "param": invalid.field if invalid else None}
             yield f"data: {json.dumps({'error': error})}\n\n"
         yield "data: [DONE]\n\n"
@@ -233,7 +253,9 @@ class Gateway:
         if invalid is not None:
             return _http_error(400, invalid.field, str(invalid))
         if isinstance(e, BackPressureError):
-            return _http_error(503, None, f"overloaded: {e}", "overloaded")
+            return _http_error(503, None, f"overloaded: {e}", "overloaded", _RETRY_AFTER)
+        if (reason := _unavailable(e)) is not None:
+            return _http_error(503, None, reason, "unavailable", _RETRY_AFTER)
         raise e
 
     @http.get("/v1/models")

@@ -17,9 +17,11 @@ class RemoteDrafter(Drafter):
 
     drafts_trees = True  # passes the tree budget on; the replica's drafter decides (chains or trees)
 
-    def __init__(self, address: str, timeout_s: float = 30.0, name: str = "remote"):
+    def __init__(self, address: str, timeout_s: float = 30.0, name: str = "remote", owner: str = "", tls=None):
         self.address = address
+        self.tls = tls  # cluster.draft_tls: mutual TLS
         self.name = name
+        self.owner = owner  # names this engine's sequences on the service (seq_ids are per engine)
         self.timeout_s = timeout_s
         self._channel = None
         self._open()
@@ -29,7 +31,9 @@ class RemoteDrafter(Drafter):
         self.compute_s = 0.0  # the service's drafting time, summed over blocks
 
     def _open(self) -> None:
-        self._channel = grpc.insecure_channel(self.address)
+        from .tls import channel
+
+        self._channel = channel(self.address, self.tls)
         self._stub = pb_grpc.DraftServiceStub(self._channel)
 
     def propose(self, seq_id, context, k, params, seed) -> DraftBlock:
@@ -78,6 +82,7 @@ class RemoteDrafter(Drafter):
             seed=draft.seed,
             max_nodes=draft.max_nodes,
             max_branch=draft.max_branch,
+            owner=self.owner,
         )
 
     def forget(self, seq_id: int) -> None:
@@ -90,7 +95,7 @@ class RemoteDrafter(Drafter):
 
     def release(self, seq_id: int) -> None:
         if seq_id in self._sent:
-            self._stub.Release(pb.ReleaseRequest(seq_id=seq_id), timeout=self.timeout_s)
+            self._stub.Release(pb.ReleaseRequest(seq_id=seq_id, owner=self.owner), timeout=self.timeout_s)
             del self._sent[seq_id]  # kept on failure: a later release may still free it
 
     def health(self) -> pb.HealthResponse:

@@ -28,7 +28,7 @@ class DraftServer:
         from cluster.config import parse_config
 
         threads = parse_config(config_data, "draft replica config").cluster.draft_replica.threads
-        self.host = DraftHost(config_data, None, threads, "0.0.0.0")
+        self.host = DraftHost(config_data, None, threads, host=None)  # the node's cluster address
 
     async def address(self) -> str:
         return self.host.address()
@@ -82,6 +82,11 @@ class Engine:
         async for out in self.core.stream(request):
             final = out.result.text if out.result is not None else None
             yield {"token_ids": out.new_token_ids, "text": text.push(out.new_token_ids, final), "result": out.result}
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose target could not be rebuilt is replaced."""
+        if self.core.broken is not None:
+            raise RuntimeError(f"engine: the target failed and could not be rebuilt: {self.core.broken}")
 
     async def health(self) -> dict:
         c = self.config

@@ -14,6 +14,7 @@ import os
 import socket
 import time
 import warnings
+from datetime import timedelta
 
 import ray
 import torch
@@ -22,7 +23,10 @@ from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ActorResources
+from cluster.speculation import Unavailable
 from cluster.speculation.round import TargetOutput
+
+_FOLLOW_TIMEOUT = timedelta(days=365)  # ranks 1.. may wait this long for rank 0's next call (an idle service)
 
 
 def _wire(t: torch.Tensor) -> tuple:
@@ -58,6 +62,7 @@ class RankHost:
         torch.set_num_threads(threads)
         self.lm = None
         self._caches: dict[int, object] = {}
+        self._control = None  # the group rank 0 broadcasts its calls on (driver mode)
 
     def address(self) -> tuple[str, int]:
         with socket.socket() as s:
@@ -65,11 +70,13 @@ class RankHost:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def setup(self, model: str, dtype: str, master: tuple[str, int]) -> tuple[int, str]:
+    def setup(self, model: str, dtype: str, master: tuple[str, int], timeout_s: float = 600.0) -> tuple[int, str]:
         """Loads this rank's shard; returns the vocabulary size and the dtype chosen (`auto` resolved here,
-        on the rank's own hardware)."""
+        on the rank's own hardware). A collective of the forward that waits longer than timeout_s fails."""
         import deepspeed
+        import torch.distributed as dist
         from deepspeed.accelerator import get_accelerator
+        from deepspeed.inference.engine import InferenceEngine
 
         from cluster.runtime.kv import CausalLM
         from cluster.runtime.models import DTYPES, choose_dtype, load_model
@@ -87,7 +94,14 @@ class RankHost:
         if not gpu:
             # DeepSpeed builds a shared-memory all-reduce op on CPU; plain gloo gives the same sums.
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        # the rendezvous and loading keep torch's default timeout: ranks load at their own pace
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        ranks = list(range(self.world_size))
+        # the forward's group is made here, with the collective timeout: DeepSpeed would make it once
+        # per process and cache it on its class, and a rebuilt group must not reuse a dead one
+        InferenceEngine.inference_mp_group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
+        # ranks 1.. wait for rank 0's calls on a group of their own, which an idle spell never times out
+        self._control = dist.new_group(ranks, timeout=_FOLLOW_TIMEOUT, backend="gloo")
         # loaded on the host: AutoTP shards it, then moves this rank's shard to its device (the whole
         # model never sits on one GPU; the host holds one full copy per rank while loading)
         loaded = load_model(model, dtype, "cpu")
@@ -114,7 +128,7 @@ class RankHost:
 
         while True:
             box = [None]
-            dist.broadcast_object_list(box, src=0)
+            dist.broadcast_object_list(box, src=0, group=self._control)
             if box[0] is None:
                 return
             edits, method, args = box[0]
@@ -151,6 +165,17 @@ class RankHost:
     def sequences(self) -> int:
         return len(self._caches)
 
+    def leave(self) -> None:
+        """Rank 0 in driver mode: leaves torch.distributed (the group failed or shuts down), so that
+        this process can join a new one."""
+        import torch.distributed as dist
+        from deepspeed.inference.engine import InferenceEngine
+
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+        InferenceEngine.inference_mp_group = None
+        self.lm, self._caches, self._control = None, {}, None
+
 
 TargetRank = ray.remote(RankHost)
 
@@ -164,10 +189,14 @@ class TargetGroup:
     driver_rank=False: every rank is a Ray actor, and each call is one Ray call to all of them.
     driver_rank=True: rank 0 runs in this process (the coordinator's, which must hold a rank's
     resources) and ranks 1.. are actors that follow it through torch.distributed, so a call costs
-    no Ray round trip. One process holds at most one such group (one torch.distributed group)."""
+    no Ray round trip. One process holds at most one such group (one torch.distributed group).
+
+    A rank that dies (or a collective that times out) fails the call with Unavailable and marks
+    the group `broken`: the caller shuts it down and builds a new one."""
 
     def __init__(self, model: str, dtype: str = "float32", tp_size: int = 2, rank: ActorResources | None = None,
-                 placement_group=None, first_bundle: int = 0, driver_rank: bool = False):
+                 placement_group=None, first_bundle: int = 0, driver_rank: bool = False,
+                 collective_timeout_s: float = 600.0):
         from cluster.runtime.models import load_model_config
 
         rank = rank or ActorResources()
@@ -183,6 +212,7 @@ class TargetGroup:
             ray.get(placement_group.ready())
         self._pg = placement_group
         self.ranks = []
+        self.broken = False
         try:
             for i in range(actors):
                 where = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=first_bundle + i)
@@ -192,13 +222,15 @@ class TargetGroup:
                 )
             if self._driver is not None:
                 master = self._driver.address()
-                joined = [r.setup.remote(model, dtype, master) for r in self.ranks]
-                self.vocab_size, self.dtype = self._driver.setup(model, dtype, master)  # meets them in the rendezvous
+                joined = [r.setup.remote(model, dtype, master, collective_timeout_s) for r in self.ranks]
+                # meets them in the rendezvous
+                self.vocab_size, self.dtype = self._driver.setup(model, dtype, master, collective_timeout_s)
                 ray.get(joined)
                 self._following = [r.follow.remote() for r in self.ranks]
             else:
                 master = ray.get(self.ranks[0].address.remote())
-                self.vocab_size, self.dtype = ray.get([r.setup.remote(model, dtype, master) for r in self.ranks])[0]
+                self.vocab_size, self.dtype = ray.get(
+                    [r.setup.remote(model, dtype, master, collective_timeout_s) for r in self.ranks])[0]
         except BaseException:
             self.shutdown()  # a failed start holds no resources
             raise
@@ -217,15 +249,22 @@ class TargetGroup:
         return self._driver.lm.model
 
     def _all(self, method: str, *args):
+        if self.broken:
+            raise Unavailable("the target's tensor-parallel group failed and is being rebuilt")
         edits, self._edits = self._edits, []
         self.calls += 1
-        if self._driver is None:
-            return ray.get([r.call.remote(edits, method, *args) for r in self.ranks])[0]
-        if self.ranks:
+        if not self.ranks:  # rank 0 alone, in this process: its errors are its own
+            return self._driver.call(edits, method, *args)
+        try:
+            if self._driver is None:
+                return ray.get([r.call.remote(edits, method, *args) for r in self.ranks])[0]
             import torch.distributed as dist
 
-            dist.broadcast_object_list([(edits, method, args)], src=0)
-        return self._driver.call(edits, method, *args)
+            dist.broadcast_object_list([(edits, method, args)], src=0, group=self._driver._control)
+            return self._driver.call(edits, method, *args)
+        except Exception as e:  # noqa: BLE001 - a rank died or a collective failed: the ranks are out of step
+            self.broken = True
+            raise Unavailable(f"a target rank failed ({type(e).__name__}: {str(e)[:200]})") from e
 
     def new_cache(self) -> int:
         handle = next(self._handles)
@@ -283,5 +322,7 @@ class TargetGroup:
     def shutdown(self) -> None:
         for r in self.ranks:
             ray.kill(r)
+        if self._driver is not None:
+            self._driver.leave()
         if self._own_pg:
             remove_placement_group(self._pg)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import SpecserveConfig, load_config, parse_config
+from .config import ConfigError, SpecserveConfig, load_config, parse_config
 
 GRPC_SERVICER = "specserve.v1.generation_pb2_grpc.add_SpeculativeGenerationServicer_to_server"
 _METRICS_INTERVAL_S = 1.0
@@ -80,15 +80,27 @@ def grpc_options(config: SpecserveConfig):
     return gRPCOptions(port=config.serve.grpc_port, grpc_servicer_functions=[GRPC_SERVICER])
 
 
+def http_options(config: SpecserveConfig) -> dict:
+    """Serve's HTTP proxy: host and port, and TLS from serve.tls (files checked here, naming the field)."""
+    s = config.serve
+    out = {"host": s.host, "port": s.http_port}
+    if s.tls is not None:
+        for field in ("cert_file", "key_file"):
+            path = Path(getattr(s.tls, field))
+            if not path.is_file():
+                raise ConfigError(f"serve.tls.{field}: no such file: {path}")
+        out |= {"ssl_certfile": str(Path(s.tls.cert_file).resolve()), "ssl_keyfile": str(Path(s.tls.key_file).resolve())}
+    return out
+
+
 def start(config: SpecserveConfig, blocking: bool = False):
     """Starts Serve's proxies (gRPC and HTTP ports from the config) and the app on the current Ray
     cluster; returns the ingress handle once every deployment is ready (models loaded)."""
     from ray import serve
 
-    s = config.serve
-    serve.start(http_options={"host": s.host, "port": s.http_port}, grpc_options=grpc_options(config))
+    serve.start(http_options=http_options(config), grpc_options=grpc_options(config))
     # a route prefix is required: the gRPC proxy does not find an app deployed without one
-    return serve.run(build_app(config), name=s.app_name, route_prefix="/", blocking=blocking)
+    return serve.run(build_app(config), name=config.serve.app_name, route_prefix="/", blocking=blocking)
 
 
 def free_port(low: int = 20000, high: int = 32000) -> int:

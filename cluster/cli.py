@@ -219,9 +219,12 @@ def _print_dtype(config, chosen: str) -> None:
           file=sys.stderr, flush=True)
 
 
+class _Stop(BaseException):
+    """Ctrl-C or SIGTERM reached `specserve serve`: unwinds whatever it was doing (loading too)."""
+
+
 def _serve(config, args) -> int:
     import signal
-    import threading
 
     from .config import parse_config
 
@@ -230,36 +233,62 @@ def _serve(config, args) -> int:
         if value is not None:
             data["serve"][key] = value
     config = parse_config(data, "serve options")  # the ports are checked like the config's own
+    from . import app
+
+    app.http_options(config)  # serve.tls files exist, before anything starts
+
+    def stop(signum, frame):
+        # once: the clean-up that follows is not interrupted again (it is bounded: Serve, then Ray)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        raise _Stop
+
+    def on_signals():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, stop)
+
+    on_signals()  # from the first moment: loading may take minutes
     import ray
+
+    try:
+        _run_service(config, app, ray, on_signals)
+    except _Stop:
+        pass
+    finally:
+        print("specserve: shutting down", file=sys.stderr, flush=True)
+        try:
+            if ray.is_initialized():
+                from ray import serve
+
+                serve.shutdown()
+        finally:
+            ray.shutdown()  # stops the local Ray it started: no process, port or shared memory left
+    return 0
+
+
+def _run_service(config, app, ray, on_signals) -> None:
+    import threading
+
     from ray import serve
 
-    from . import app
     from .launcher import check_resources
 
     s = config.serve
     ray.init(address=config.cluster.address, include_dashboard=False, log_to_driver=False)
-    try:
-        check_resources(config, ray.cluster_resources())
-        print(f"specserve: starting {config.target.model} (tp_size {config.cluster.tp_size}, drafter "
-              f"{config.draft.drafter}); models load before the endpoints answer", file=sys.stderr, flush=True)
-        app.start(config)
-        _print_dtype(config, serve.get_deployment_handle("engine", s.app_name).health.remote().result()["dtype"])
-        print(f"specserve: serving\n  gRPC  localhost:{s.grpc_port}  (specserve.v1.SpeculativeGeneration, "
-              f"metadata application={s.app_name})\n  HTTP  http://localhost:{s.http_port}/v1/completions  "
-              f"(health: /healthz)\n  try:  specserve generate --address localhost:{s.grpc_port} --prompt \"Hello\"\n"
-              + ("  auth: an API token is required (env SPECSERVE_API_TOKEN is set)\n" if os.environ.get(API_TOKEN_ENV) else "")
-              + "Ctrl-C stops it.", flush=True)
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        stop.wait()
-        print("specserve: shutting down", file=sys.stderr, flush=True)
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-    return 0
+    on_signals()  # again: Ray's core worker installs a SIGTERM handler of its own that aborts the process
+    check_resources(config, ray.cluster_resources())
+    print(f"specserve: starting {config.target.model} (tp_size {config.cluster.tp_size}, drafter "
+          f"{config.draft.drafter}); models load before the endpoints answer", file=sys.stderr, flush=True)
+    app.start(config)
+    _print_dtype(config, serve.get_deployment_handle("engine", s.app_name).health.remote().result()["dtype"])
+    scheme = "https" if s.tls else "http"
+    print(f"specserve: serving\n  gRPC  localhost:{s.grpc_port}  (specserve.v1.SpeculativeGeneration, "
+          f"metadata application={s.app_name}; plaintext: TLS for gRPC goes in front, docs/operations.md)\n"
+          f"  HTTP  {scheme}://localhost:{s.http_port}/v1/chat/completions  (health: /healthz)\n"
+          f"  try:  specserve generate --address localhost:{s.grpc_port} --prompt \"Hello\"\n"
+          + ("  auth: an API token is required (env SPECSERVE_API_TOKEN is set)\n" if os.environ.get(API_TOKEN_ENV) else "")
+          + "Ctrl-C stops it.", flush=True)
+    threading.Event().wait()  # until a signal raises _Stop
 
 
 def _remote_generate(args) -> int:

@@ -123,6 +123,16 @@ class ActorResources(_Strict):
         return {"CPU": self.cpus} | ({"GPU": self.gpus} if self.gpus else {}) | self.resources
 
 
+class DraftTls(_Strict):
+    """Mutual TLS on the internal draft channel: replicas serve with cert_file and admit only
+    clients whose certificate ca_file signed; engines present the same kind of certificate."""
+
+    ca_file: str  # PEM: the CA that signs the replicas' and the engines' certificates
+    cert_file: str  # PEM: this process's certificate (replicas and engines alike)
+    key_file: str  # PEM: its private key
+    server_name: str = "specserve-draft"  # the name in the replicas' certificate (replicas are dialled by IP)
+
+
 class ClusterConfig(_Strict):
     enabled: bool = False  # run on Ray (same as --distributed); false: one process
     address: str | None = None  # Ray cluster to join ("auto" or "ray://host:port"); None: start a local one
@@ -132,6 +142,9 @@ class ClusterConfig(_Strict):
     draft_replica: ActorResources = ActorResources(cpus=0.25)
     coordinator: ActorResources = ActorResources(cpus=0.25)
     draft_timeout_s: float = Field(10.0, gt=0)  # a replica slower than this counts as failed
+    draft_idle_s: float = Field(300.0, gt=0)  # a draft replica frees a sequence not drafted for this long (resent whole)
+    collective_timeout_s: float = Field(600.0, gt=0)  # a tensor-parallel collective waiting longer fails the group
+    draft_tls: DraftTls | None = None  # mutual TLS on the internal draft channel; None: plaintext inside the cluster
 
     @property
     def engine_host(self) -> ActorResources:
@@ -171,6 +184,14 @@ class Limits(_Strict):
     max_request_bytes: int = Field(1 << 20, ge=1024)  # a gRPC request message or an HTTP body
 
 
+class ServeTls(_Strict):
+    """TLS on the public HTTP endpoint (Serve's HTTP proxy). Serve's gRPC proxy has no TLS: terminate
+    gRPC TLS in front of it (the chart's Ingress)."""
+
+    cert_file: str  # PEM certificate chain
+    key_file: str  # PEM private key
+
+
 class ServeConfig(_Strict):
     app_name: str = Field("specserve", min_length=1)  # gRPC clients send metadata ("application", app_name)
     grpc_port: int = Field(9000, ge=1, le=65535)
@@ -183,6 +204,7 @@ class ServeConfig(_Strict):
     drafts: Autoscaling = Autoscaling(max_replicas=2, target=8)  # draft replicas (cluster.draft_replicas 0: none)
     draft_refresh_s: float = Field(2.0, gt=0)  # how often an engine looks for new or gone draft replicas
     limits: Limits = Limits()  # per request (also in process: the engine applies max_prompt_tokens)
+    tls: ServeTls | None = None  # HTTPS on http_port; None: plaintext HTTP
 
     @model_validator(mode="after")
     def _check_serve(self):
@@ -246,6 +268,9 @@ DEFAULT_CONFIG = {
         "draft_replica": {"cpus": 0.25, "gpus": 0.0, "threads": 1},
         "coordinator": {"cpus": 0.25, "gpus": 0.0, "threads": 1},
         "draft_timeout_s": 10.0,
+        "draft_idle_s": 300.0,
+        "collective_timeout_s": 600.0,
+        "draft_tls": None,
     },
     "serve": {
         "app_name": "specserve",
@@ -260,6 +285,7 @@ DEFAULT_CONFIG = {
         "draft_refresh_s": 2.0,
         "limits": {"max_prompt_tokens": None, "max_new_tokens": 4096, "max_stop_strings": 16, "max_stop_chars": 256,
                    "max_request_bytes": 1048576},
+        "tls": None,
     },
 }
 

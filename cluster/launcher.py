@@ -8,7 +8,7 @@ from typing import Iterable, Iterator
 
 from .config import ConfigError, SpecserveConfig
 from .runtime.engine import GenerationRequest, GenerationResult, StepOutput, check_request_fields
-from .speculation import InvalidRequest
+from .speculation import InvalidRequest, Unavailable
 
 
 def check_resources(config: SpecserveConfig, available: dict[str, float]) -> None:
@@ -98,6 +98,6 @@ def _get(refs):
     try:
         return ray.get(refs)
     except RayTaskError as e:
-        if isinstance(e.cause, (InvalidRequest, ConfigError, ValueError)):
+        if isinstance(e.cause, (InvalidRequest, ConfigError, ValueError, Unavailable)):
             raise e.cause from None
         raise

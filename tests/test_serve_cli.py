@@ -63,7 +63,7 @@ def _generate(address, *args, token=TOKEN):
 
 def test_serve_prints_its_endpoints(server):
     _, address, banner, _ = server
-    assert f"gRPC  localhost:{address.split(':')[1]}" in banner and "/v1/completions" in banner
+    assert f"gRPC  localhost:{address.split(':')[1]}" in banner and "/v1/chat/completions" in banner
     assert "API token is required" in banner
 
 
@@ -118,3 +118,75 @@ def test_ctrl_c_shuts_down_cleanly(server):
     assert proc.wait(timeout=90) == 0
     rc, _, err = _generate(address, "--timeout", "5")
     assert rc == 1 and "UNAVAILABLE" in err
+
+
+def _left_behind(mark: str) -> list[str]:
+    """Command lines of the processes that carry this run's marker in their environment (Ray's
+    processes inherit it from `specserve serve`)."""
+    left = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and mark.encode() in (proc / "environ").read_bytes():
+                left.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:  # gone meanwhile, or not ours
+            continue
+    return left
+
+
+def _bindable(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+            return True
+        except OSError:
+            return False
+
+
+@pytest.mark.parametrize("moment", ["loading", "serving", "shutting down"])
+def test_a_signal_at_any_moment_exits_promptly_and_leaves_nothing(tmp_path, moment):
+    """SIGTERM or Ctrl-C while models load, while serving, or again while shutting down: exit 0
+    within seconds, and no Ray process, listening port or shared-memory file is left."""
+    import uuid
+
+    config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    grpc_port, http_port = free_port(), free_port()
+    mark = f"specserve-signal-{uuid.uuid4().hex}"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SPECSERVE_API_TOKEN")}
+    env["SPECSERVE_TEST_MARK"] = mark
+    shm_before = set(os.listdir("/dev/shm"))
+    proc = subprocess.Popen(
+        SPECSERVE + ["serve", "--config", str(path), "--grpc-port", str(grpc_port), "--http-port", str(http_port)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        wanted = {"loading": "models load", "serving": "Ctrl-C stops it", "shutting down": "Ctrl-C stops it"}[moment]
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, f"specserve serve exited with {proc.returncode}"
+            if wanted in line:
+                break
+        else:
+            pytest.fail(f"specserve serve never printed {wanted!r}")
+        proc.send_signal(signal.SIGTERM if moment != "shutting down" else signal.SIGINT)
+        if moment == "shutting down":
+            while (line := proc.stdout.readline()) and "shutting down" not in line:
+                pass
+            proc.send_signal(signal.SIGTERM)  # again, in the middle of the clean-up
+        start = time.time()
+        assert proc.wait(timeout=60) == 0
+        elapsed = time.time() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert elapsed < 30
+    wait_until_clean = time.time() + 10  # Ray's processes exit as the raylet stops them
+    while _left_behind(mark) and time.time() < wait_until_clean:
+        time.sleep(0.2)
+    assert _left_behind(mark) == []
+    assert _bindable(grpc_port) and _bindable(http_port)
+    assert set(os.listdir("/dev/shm")) - shm_before == set()

@@ -296,6 +296,15 @@ class SpeculativeEngine:
         if self.drafter:
             self.drafter.release(seq_id)
 
+    def reset_target(self, target) -> None:
+        """After the target failed (its caches are lost): drops every sequence, frees their drafts,
+        and runs the next rounds on `target` (the same model, rebuilt)."""
+        for seq_id in list(self._seqs):
+            del self._seqs[seq_id]
+            if self.drafter:
+                self.drafter.release(seq_id)
+        self.target = target
+
     def has_unfinished(self) -> bool:
         return any(s.result is None for s in self._seqs.values())
 

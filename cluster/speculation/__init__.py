@@ -5,7 +5,7 @@ No module here imports Ray, gRPC, DeepSpeed or transformers (tests/test_boundary
 
 from .adaptive import (AcceptanceTracker, AdaptiveK, CostModel, ProbeSchedule, best_k, expected_tokens,
                        mean_expected_tokens, widening_pays)
-from .errors import InvalidRequest
+from .errors import InvalidRequest, Unavailable
 from .greedy import greedy_accept
 from .params import SamplingParams
 from .rejection import RejectionOutput, acceptance_probs, recovered_probs, rejection_sample
@@ -27,6 +27,7 @@ __all__ = [
     "ProbeSchedule",
     "CostModel",
     "InvalidRequest",
+    "Unavailable",
     "RejectionOutput",
     "SamplingParams",
     "TreeAcceptance",

@@ -11,3 +11,11 @@ class InvalidRequest(ValueError):
 
     def __reduce__(self):  # pickles with both fields (Ray carries it across processes)
         return InvalidRequest, (self.field, self.message)
+
+
+class Unavailable(RuntimeError):
+    """A component failed (a target rank died): the request ended early and may be retried.
+    Interfaces map it to UNAVAILABLE / HTTP 503."""
+
+    def __reduce__(self):
+        return Unavailable, (str(self),)

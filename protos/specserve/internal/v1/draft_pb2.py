@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!specserve/internal/v1/draft.proto\x12\x15specserve.internal.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x9a\x01\n\nSparseRows\x12\x32\n\x0brow_offsets\x18\x01 \x01(\x0b\x32\x1d.specserve.internal.v1.Tensor\x12*\n\x03ids\x18\x02 \x01(\x0b\x32\x1d.specserve.internal.v1.Tensor\x12,\n\x05probs\x18\x03 \x01(\x0b\x32\x1d.specserve.internal.v1.Tensor\"\x8f\x01\n\nDraftProbs\x12\x12\n\nvocab_size\x18\x01 \x01(\x03\x12.\n\x05\x64\x65nse\x18\x02 \x01(\x0b\x32\x1d.specserve.internal.v1.TensorH\x00\x12\x33\n\x06sparse\x18\x03 \x01(\x0b\x32!.specserve.internal.v1.SparseRowsH\x00\x42\x08\n\x06layout\"=\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x01\"\xcb\x01\n\x0eProposeRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x12\n\nnew_tokens\x18\x02 \x03(\r\x12\x13\n\x0b\x63ontext_len\x18\x03 \x01(\x04\x12\r\n\x05reset\x18\x04 \x01(\x08\x12\t\n\x01k\x18\x05 \x01(\r\x12\x31\n\x08sampling\x18\x06 \x01(\x0b\x32\x1f.specserve.internal.v1.Sampling\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x11\n\tmax_nodes\x18\x08 \x01(\r\x12\x12\n\nmax_branch\x18\t \x01(\r\"z\n\x0fProposeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x30\n\x05probs\x18\x02 \x01(\x0b\x32!.specserve.internal.v1.DraftProbs\x12\x11\n\tcompute_s\x18\x03 \x01(\x01\x12\x0f\n\x07parents\x18\x04 \x03(\x05\" \n\x0eReleaseRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\"\x11\n\x0fReleaseResponse\"\x0f\n\rHealthRequest\"4\n\x0eHealthResponse\x12\x0f\n\x07\x64rafter\x18\x01 \x01(\t\x12\x11\n\tsequences\x18\x02 \x01(\r2\x99\x02\n\x0c\x44raftService\x12X\n\x07Propose\x12%.specserve.internal.v1.ProposeRequest\x1a&.specserve.internal.v1.ProposeResponse\x12X\n\x07Release\x12%.specserve.internal.v1.ReleaseRequest\x1a&.specserve.internal.v1.ReleaseResponse\x12U\n\x06Health\x12$.specserve.internal.v1.HealthRequest\x1a%.specserve.internal.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!specserve/internal/v1/draft.proto\x12\x15specserve.internal.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x9a\x01\n\nSparseRows\x12\x32\n\x0brow_offsets\x18\x01 \x01(\x0b\x32\x1d.specserve.internal.v1.Tensor\x12*\n\x03ids\x18\x02 \x01(\x0b\x32\x1d.specserve.internal.v1.Tensor\x12,\n\x05probs\x18\x03 \x01(\x0b\x32\x1d.specserve.internal.v1.Tensor\"\x8f\x01\n\nDraftProbs\x12\x12\n\nvocab_size\x18\x01 \x01(\x03\x12.\n\x05\x64\x65nse\x18\x02 \x01(\x0b\x32\x1d.specserve.internal.v1.TensorH\x00\x12\x33\n\x06sparse\x18\x03 \x01(\x0b\x32!.specserve.internal.v1.SparseRowsH\x00\x42\x08\n\x06layout\"=\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x01\"\xda\x01\n\x0eProposeRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x12\n\nnew_tokens\x18\x02 \x03(\r\x12\x13\n\x0b\x63ontext_len\x18\x03 \x01(\x04\x12\r\n\x05reset\x18\x04 \x01(\x08\x12\t\n\x01k\x18\x05 \x01(\r\x12\x31\n\x08sampling\x18\x06 \x01(\x0b\x32\x1f.specserve.internal.v1.Sampling\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x11\n\tmax_nodes\x18\x08 \x01(\r\x12\x12\n\nmax_branch\x18\t \x01(\r\x12\r\n\x05owner\x18\n \x01(\t\"z\n\x0fProposeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x30\n\x05probs\x18\x02 \x01(\x0b\x32!.specserve.internal.v1.DraftProbs\x12\x11\n\tcompute_s\x18\x03 \x01(\x01\x12\x0f\n\x07parents\x18\x04 \x03(\x05\"/\n\x0eReleaseRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\r\n\x05owner\x18\x02 \x01(\t\"\x11\n\x0fReleaseResponse\"\x0f\n\rHealthRequest\"4\n\x0eHealthResponse\x12\x0f\n\x07\x64rafter\x18\x01 \x01(\t\x12\x11\n\tsequences\x18\x02 \x01(\r2\x99\x02\n\x0c\x44raftService\x12X\n\x07Propose\x12%.specserve.internal.v1.ProposeRequest\x1a&.specserve.internal.v1.ProposeResponse\x12X\n\x07Release\x12%.specserve.internal.v1.ReleaseRequest\x1a&.specserve.internal.v1.ReleaseResponse\x12U\n\x06Health\x12$.specserve.internal.v1.HealthRequest\x1a%.specserve.internal.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,17 +40,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLING']._serialized_start=417
   _globals['_SAMPLING']._serialized_end=478
   _globals['_PROPOSEREQUEST']._serialized_start=481
-  _globals['_PROPOSEREQUEST']._serialized_end=684
-  _globals['_PROPOSERESPONSE']._serialized_start=686
-  _globals['_PROPOSERESPONSE']._serialized_end=808
-  _globals['_RELEASEREQUEST']._serialized_start=810
-  _globals['_RELEASEREQUEST']._serialized_end=842
-  _globals['_RELEASERESPONSE']._serialized_start=844
-  _globals['_RELEASERESPONSE']._serialized_end=861
-  _globals['_HEALTHREQUEST']._serialized_start=863
-  _globals['_HEALTHREQUEST']._serialized_end=878
-  _globals['_HEALTHRESPONSE']._serialized_start=880
-  _globals['_HEALTHRESPONSE']._serialized_end=932
-  _globals['_DRAFTSERVICE']._serialized_start=935
-  _globals['_DRAFTSERVICE']._serialized_end=1216
+  _globals['_PROPOSEREQUEST']._serialized_end=699
+  _globals['_PROPOSERESPONSE']._serialized_start=701
+  _globals['_PROPOSERESPONSE']._serialized_end=823
+  _globals['_RELEASEREQUEST']._serialized_start=825
+  _globals['_RELEASEREQUEST']._serialized_end=872
+  _globals['_RELEASERESPONSE']._serialized_start=874
+  _globals['_RELEASERESPONSE']._serialized_end=891
+  _globals['_HEALTHREQUEST']._serialized_start=893
+  _globals['_HEALTHREQUEST']._serialized_end=908
+  _globals['_HEALTHRESPONSE']._serialized_start=910
+  _globals['_HEALTHRESPONSE']._serialized_end=962
+  _globals['_DRAFTSERVICE']._serialized_start=965
+  _globals['_DRAFTSERVICE']._serialized_end=1246
 # @@protoc_insertion_point(module_scope)
