@@ -289,6 +289,12 @@ class Coordinator:
     async def target_sequences(self) -> int:
         return await asyncio.get_running_loop().run_in_executor(self._worker, self.group.sequences)
 
+    async def held(self) -> dict:
+        """What this engine still holds: requests, engine sequences, and per target rank its
+        sequences and KV cache (all zero once every request has ended)."""
+        ranks = await asyncio.get_running_loop().run_in_executor(self._worker, self.group.held)
+        return {"requests": len(self._sinks) + len(self._pending), "sequences": self.engine.sequences, "ranks": ranks}
+
     async def shutdown(self) -> None:
         def stop():
             if self.pool is not None:

@@ -36,6 +36,9 @@ class DraftServer:
     async def sequences(self) -> int:
         return self.host.sequences()
 
+    async def held(self) -> dict:
+        return {"sequences": self.host.sequences(), "rss_mb": _rss_mb()}
+
     async def record_autoscaling_stats(self) -> dict:
         return {"sequences": float(self.host.sequences())}
 
@@ -98,3 +101,16 @@ class Engine:
 
     async def target_sequences(self) -> int:
         return await self.core.target_sequences()
+
+    async def held(self) -> dict:
+        """Requests, sequences and KV cache this replica holds, per target rank (Coordinator.held),
+        and its resident memory."""
+        return await self.core.held() | {"rss_mb": _rss_mb()}
+
+
+def _rss_mb() -> float:
+    """This process's resident memory now, in MiB (Linux)."""
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

@@ -165,6 +165,19 @@ class RankHost:
     def sequences(self) -> int:
         return len(self._caches)
 
+    def held(self) -> list[dict]:
+        """What every rank holds: its sequences, live KV slots and KV bytes (gathered from all ranks
+        when they run this call together)."""
+        mine = {"rank": self.rank, "sequences": len(self._caches), "kv_slots": self.lm.pool.live,
+                "kv_bytes": self.lm.pool.nbytes}
+        if self._control is None:
+            return [mine]
+        import torch.distributed as dist
+
+        every = [None] * self.world_size
+        dist.all_gather_object(every, mine, group=self._control)
+        return every
+
     def leave(self) -> None:
         """Rank 0 in driver mode: leaves torch.distributed (the group failed or shuts down), so that
         this process can join a new one."""
@@ -318,6 +331,10 @@ class TargetGroup:
 
     def sequences(self) -> int:
         return self._all("sequences")
+
+    def held(self) -> list[dict]:
+        """Per rank: sequences, live KV slots and KV bytes (RankHost.held)."""
+        return self._all("held")
 
     def shutdown(self) -> None:
         for r in self.ranks:

@@ -58,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--grpc-port", type=int, default=None, help="default: the config's serve.grpc_port (9000)")
     srv.add_argument("--http-port", type=int, default=None, help="default: the config's serve.http_port (8000)")
 
+    soak = sub.add_parser("soak", help="many concurrent streams against a running service, with cancellations and "
+                                       "deadlines; reports outcomes and p50/p99 latencies")
+    soak.add_argument("--address", required=True, help="HOST:PORT of the gRPC API")
+    soak.add_argument("--app", default="specserve", help="the Serve application (gRPC metadata)")
+    soak.add_argument("--token", default=os.environ.get(API_TOKEN_ENV), help="API token (default: env SPECSERVE_API_TOKEN)")
+    soak.add_argument("--tls", action="store_true", help="dial with TLS")
+    soak.add_argument("--streams", type=int, default=64)
+    soak.add_argument("--seconds", type=float, default=180.0)
+    soak.add_argument("--max-new-tokens", type=int, default=48)
+    soak.add_argument("--seed", type=int, default=0)
+    soak.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write the report as JSON here")
+
     bench = sub.add_parser("bench", help="speculation off vs on, per drafter and K, on the project's prompts")
     bench.add_argument("--config", default=None)
     bench.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write rows as JSON here")
@@ -98,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _remote_generate(args) if args.address else _generate(args)
+        if args.command == "soak":
+            return _soak(args)
         config = load_config(args.config)
         if args.command == "serve":
             return _serve(config, args)
@@ -289,6 +303,25 @@ def _run_service(config, app, ray, on_signals) -> None:
           + ("  auth: an API token is required (env SPECSERVE_API_TOKEN is set)\n" if os.environ.get(API_TOKEN_ENV) else "")
           + "Ctrl-C stops it.", flush=True)
     threading.Event().wait()  # until a signal raises _Stop
+
+
+def _soak(args) -> int:
+    from .client import Client
+    from .soak import SoakPlan, run_soak
+
+    for name in ("streams", "seconds", "max_new_tokens"):
+        if not getattr(args, name) > 0:
+            raise InvalidRequest(name, f"must be positive, got {getattr(args, name)}")
+    client = Client(args.address, args.app, token=args.token, tls=args.tls)
+    plan = SoakPlan(streams=args.streams, seconds=args.seconds, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    print(f"specserve: soak: {plan.streams} streams for {plan.seconds:g} s against {args.address}", file=sys.stderr, flush=True)
+    report = run_soak(client, plan).as_dict()
+    client.close()
+    print(json.dumps(report, indent=2))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
 
 
 def _remote_generate(args) -> int:

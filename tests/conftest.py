@@ -149,3 +149,47 @@ def ray_cluster():
              log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def make_certs(folder, server_name: str = "specserve-draft") -> dict:
+    """A test CA, a certificate it signs for server_name (and localhost, 127.0.0.1) with its key,
+    and a rogue self-signed certificate: PEM file paths."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(name, key, issuer_name, issuer_key, ca=False):
+        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            b = b.add_extension(x509.SubjectAlternativeName([
+                x509.DNSName(server_name), x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    def write(name, data):
+        path = folder / name
+        path.write_bytes(data)
+        return str(path)
+
+    def pem_key(key):
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+    ca_key, key, rogue_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    ca = cert("specserve test CA", ca_key, "specserve test CA", ca_key, ca=True)
+    leaf = cert(server_name, key, "specserve test CA", ca_key)
+    rogue = cert(server_name, rogue_key, server_name, rogue_key)
+    pem = serialization.Encoding.PEM
+    return {"ca_file": write("ca.pem", ca.public_bytes(pem)), "cert_file": write("cert.pem", leaf.public_bytes(pem)),
+            "key_file": write("key.pem", pem_key(key)), "rogue_cert_file": write("rogue.pem", rogue.public_bytes(pem)),
+            "rogue_key_file": write("rogue-key.pem", pem_key(rogue_key))}

@@ -189,3 +189,37 @@ def test_served_engine_replica_killed_is_replaced_and_retries_answer(service, ti
     assert _alive(f"{APP}:engine") not in ([], [engine])
     # the dead engine never released its sequences: the draft replica frees them once idle
     wait_until(lambda: _drafts_held() == 0, 30, "the draft replica freed the dead engine's sequences")
+
+
+def test_soak_of_64_streams_ends_with_nothing_held_and_memory_back(service):
+    """64 concurrent streams with cancellations and short deadlines (loopback, bounded): every
+    request ends, and afterwards no actor holds a sequence or a KV slot and resident memory is back
+    near what it was after a warm-up."""
+    from ray import serve
+
+    from cluster.client import Client
+    from cluster.soak import SoakPlan, run_soak
+
+    config, _ = service
+    engine, drafts = (serve.get_deployment_handle(name, APP) for name in ("engine", "drafts"))
+    client = Client(f"127.0.0.1:{config.serve.grpc_port}", APP)
+
+    def quiet():
+        held = engine.held.remote().result()
+        return (held["requests"] == held["sequences"] == 0 and drafts.held.remote().result()["sequences"] == 0
+                and all(r["sequences"] == r["kv_slots"] == r["kv_bytes"] == 0 for r in held["ranks"]))
+
+    run_soak(client, SoakPlan(streams=64, seconds=8, seed=1))  # warm-up: the allocators reach their working size
+    wait_until(quiet, 30, lambda: (engine.held.remote().result(), drafts.held.remote().result()))
+    baseline = engine.held.remote().result()["rss_mb"], drafts.held.remote().result()["rss_mb"]
+    report = run_soak(client, SoakPlan(streams=64, seconds=40, seed=2))
+    client.close()
+    print("soak:", report.as_dict(), "baseline rss MiB (engine, drafts):", baseline)
+    assert report.requests >= 64 and sum(report.outcomes.values()) == report.requests
+    assert set(report.outcomes) <= {"OK", "CANCELLED", "DEADLINE_EXCEEDED"}, report.outcomes
+    assert report.outcomes["OK"] > report.requests / 2 and report.latency_p99_s >= report.latency_p50_s > 0
+    wait_until(quiet, 30, lambda: (engine.held.remote().result(), drafts.held.remote().result()))
+    after = engine.held.remote().result()["rss_mb"], drafts.held.remote().result()["rss_mb"]
+    print("rss MiB after:", after)
+    for before, now in zip(baseline, after):
+        assert now <= before * 1.10 + 16, (baseline, after)

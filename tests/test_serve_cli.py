@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import free_port
+from conftest import free_port, make_certs
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECSERVE = [sys.executable, "-m", "cluster.cli"]
@@ -26,7 +26,10 @@ TOKEN = "test-token-7c1e"  # the server's SPECSERVE_API_TOKEN (a Secret, in a cl
 def server(tmp_path_factory):
     config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     config["cluster"]["draft_replicas"] = 1
-    path = tmp_path_factory.mktemp("serve") / "tiny-serve.yaml"
+    folder = tmp_path_factory.mktemp("serve")
+    certs = make_certs(folder)
+    config["serve"] = {"tls": {"cert_file": certs["cert_file"], "key_file": certs["key_file"]}}  # HTTPS
+    path = folder / "tiny-serve.yaml"
     path.write_text(yaml.safe_dump(config))
     grpc_port, http_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SPECSERVE_API_TOKEN")}
@@ -47,7 +50,7 @@ def server(tmp_path_factory):
     else:
         proc.kill()
         pytest.fail("specserve serve did not come up in 180 s")
-    yield proc, f"127.0.0.1:{grpc_port}", "".join(lines), http_port
+    yield proc, f"127.0.0.1:{grpc_port}", "".join(lines), (http_port, certs["ca_file"])
     if proc.poll() is None:
         proc.kill()
 
@@ -87,11 +90,15 @@ def test_bad_field_is_exit_2_naming_it(server):
     assert rc == 2 and "invalid temperature" in err
 
 
-def _http(port, path, token=None, body=None):
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body and json.dumps(body).encode(),
+def _http(https, path, token=None, body=None):
+    """A request to the service's HTTPS endpoint, trusting the test CA."""
+    import ssl
+
+    port, ca_file = https
+    request = urllib.request.Request(f"https://127.0.0.1:{port}{path}", data=body and json.dumps(body).encode(),
                                      headers={"authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(request, timeout=60) as r:
+        with urllib.request.urlopen(request, timeout=60, context=ssl.create_default_context(cafile=ca_file)) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
@@ -109,6 +116,24 @@ def test_api_token_is_required_over_grpc_and_http(server):
     status, body = _http(http_port, "/v1/completions", TOKEN, {"prompt": "hello", "max_tokens": 4, "temperature": 0})
     assert status == 200 and 1 <= body["usage"]["completion_tokens"] <= 4
     status, _ = _http(http_port, "/healthz")  # probes need no token
+    assert status == 200
+
+
+def test_http_is_served_over_tls_only(server):
+    """serve.tls: the HTTP API answers HTTPS with the configured certificate; plaintext HTTP and a
+    client that does not trust the certificate are refused."""
+    import http.client
+    import ssl
+
+    _, _, banner, (port, ca_file) = server
+    assert f"https://localhost:{port}" in banner
+    plain = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    with pytest.raises((http.client.HTTPException, OSError)):
+        plain.request("GET", "/healthz")
+        plain.getresponse()
+    with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+        urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", timeout=10, context=ssl.create_default_context())
+    status, _ = _http((port, ca_file), "/healthz")
     assert status == 200
 
 

@@ -305,6 +305,11 @@ class SpeculativeEngine:
                 self.drafter.release(seq_id)
         self.target = target
 
+    @property
+    def sequences(self) -> int:
+        """Sequences the engine holds (running or finished and not yet collected)."""
+        return len(self._seqs)
+
     def has_unfinished(self) -> bool:
         return any(s.result is None for s in self._seqs.values())
 

@@ -77,6 +77,16 @@ class KVPool:
         self._owners: list[weakref.ref] = []  # _owners[i]() holds slot i (None: free)
         self.writes = 0  # forwards that stored their keys and values here
 
+    @property
+    def live(self) -> int:
+        """Slots that hold a sequence."""
+        return sum(r() is not None for r in self._owners)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the pool's tensor holds (0 once every sequence is gone and it compacted)."""
+        return 0 if self.tensor is None else self.tensor.numel() * self.tensor.element_size()
+
     def new(self) -> SequenceKV:
         cache = SequenceKV(self, len(self._owners))
         self._owners.append(weakref.ref(cache))
