@@ -160,7 +160,9 @@ class RankHost:
         return self.lm.cached_length(self._caches[handle])
 
     def release(self, handle: int) -> None:
-        self._caches.pop(handle, None)
+        cache = self._caches.pop(handle, None)
+        if cache is not None:  # freed now (an idle pool returns its memory), not at the next forward
+            self.lm.release(cache)
 
     def sequences(self) -> int:
         return len(self._caches)
