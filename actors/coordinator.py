@@ -70,7 +70,8 @@ class Coordinator:
         self.replicas = []
         if draft_addresses is None:
             self.replicas = [
-                DraftReplica.options(**c.draft_replica.options()).remote(
+                # not restarted by Ray: the pool moves a dead replica's sequences (docs/operations.md)
+                DraftReplica.options(**c.draft_replica.options(), max_restarts=0).remote(
                     config_data, None, c.draft_replica.threads, None
                 )
                 for _ in range(c.draft_replicas)

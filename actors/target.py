@@ -232,7 +232,10 @@ class TargetGroup:
             for i in range(actors):
                 where = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=first_bundle + i)
                 self.ranks.append(
-                    TargetRank.options(**rank.options(), scheduling_strategy=where).remote(
+                    # never restarted by Ray: a restarted rank holds no shard and no place in the
+                    # collective; the group is rebuilt whole instead (docs/operations.md)
+                    TargetRank.options(**rank.options(), scheduling_strategy=where, max_restarts=0,
+                                       max_task_retries=0).remote(
                         i + (tp_size - actors), tp_size, rank.threads)
                 )
             if self._driver is not None:

@@ -66,7 +66,8 @@ def build_app(args=None):
         max_ongoing_requests=s.max_ongoing_requests,
         max_queued_requests=s.max_queued_requests,
         autoscaling_config=_autoscaling(s.engines, target_ongoing=s.engines.target),
-        health_check_period_s=10,
+        health_check_period_s=10,  # Engine.check_health: unhealthy once its target cannot be rebuilt
+        health_check_timeout_s=30,
     ).bind(data, drafts)
     return Gateway.options(
         name="gateway", ray_actor_options={"num_cpus": 0},

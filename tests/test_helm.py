@@ -53,6 +53,7 @@ def _deep_merge(a: dict, b: dict) -> dict:
 
 CI_VALUES = _yaml(CHART / "ci" / "ci-values.yaml")
 TLS = {"ingress": {"enabled": True, "tls": {"secretName": "specserve-tls"}},
+       "tls": {"http": {"secretName": "specserve-http-tls"}, "draft": {"secretName": "specserve-draft-tls"}},
        "auth": {"apiToken": {"secretName": "specserve-api-token"}, "rayToken": {"secretName": "specserve-ray-token"}}}
 VARIANTS = {
     "defaults": {},
@@ -209,6 +210,9 @@ def test_serve_config_is_valid_for_ray_serve_and_the_project(rendered):
     v = rendered.values
     for section in ("target", "draft", "speculation", "serve"):
         expected = parse_config({section: v[section]})
+        if section == "serve":  # less the TLS files the chart mounts (test_tls_secrets_...)
+            assert config.serve.model_copy(update={"tls": None}) == expected.serve
+            continue
         assert getattr(config, section) == getattr(expected, section)
     assert config.cluster.tp_size == v["cluster"]["tp_size"]
     assert config.cluster.target_rank.resources["specserve_target"] == 1
@@ -385,6 +389,31 @@ def test_secrets_are_referenced_never_inlined(chart):
     # and no token at all unless one is referenced
     plain = render(chart, {})
     assert all("SPECSERVE_API_TOKEN" not in json.dumps(p) for p in plain.pods()) and "authOptions" not in plain.cluster
+
+
+def test_tls_secrets_are_mounted_on_every_pod_and_configure_the_service(chart):
+    """tls.http.secretName / tls.draft.secretName: each Secret is mounted read-only on every Ray pod and
+    the app's config points serve.tls and cluster.draft_tls at the mounted files; without them,
+    neither appears."""
+    from cluster.config import parse_config
+
+    r = render(chart, TLS)
+    for pod in r.pods():
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert volumes["http-tls"]["secret"]["secretName"] == "specserve-http-tls"
+        assert volumes["draft-tls"]["secret"]["secretName"] == "specserve-draft-tls"
+        mounts = {m["name"]: m for m in pod["spec"]["containers"][0]["volumeMounts"]}
+        assert mounts["http-tls"] == {"name": "http-tls", "mountPath": "/etc/specserve/http-tls", "readOnly": True}
+        assert mounts["draft-tls"] == {"name": "draft-tls", "mountPath": "/etc/specserve/draft-tls", "readOnly": True}
+    (app,) = r.serve_config["applications"]
+    config = parse_config(app["args"])
+    assert config.serve.tls.cert_file == "/etc/specserve/http-tls/tls.crt"
+    assert config.cluster.draft_tls.ca_file == "/etc/specserve/draft-tls/ca.crt"
+    assert config.cluster.draft_tls.server_name == "specserve-draft"
+    plain = render(chart, {})
+    (app,) = plain.serve_config["applications"]
+    assert parse_config(app["args"]).serve.tls is None and parse_config(app["args"]).cluster.draft_tls is None
+    assert all("tls" not in json.dumps(p["spec"]["volumes"]) for p in plain.pods())
 
 
 def test_the_values_file_holds_no_secret_values(chart):

@@ -44,7 +44,14 @@ the custom Ray resources that pin ranks to target pods and draft replicas to dra
 {{- $draft := get $cluster "draft_replica" | default dict -}}
 {{- $_ := set $draft "resources" (merge (get $draft "resources" | default dict) (dict "specserve_draft" 1)) -}}
 {{- $_ := set $cluster "draft_replica" $draft -}}
-{{- toJson (dict "target" .Values.target "draft" .Values.draft "speculation" .Values.speculation "cluster" $cluster "serve" .Values.serve) -}}
+{{- with .Values.tls.draft.secretName }}
+{{- $_ := set $cluster "draft_tls" (dict "ca_file" "/etc/specserve/draft-tls/ca.crt" "cert_file" "/etc/specserve/draft-tls/tls.crt" "key_file" "/etc/specserve/draft-tls/tls.key") -}}
+{{- end }}
+{{- $serve := deepCopy .Values.serve -}}
+{{- with .Values.tls.http.secretName }}
+{{- $_ := set $serve "tls" (dict "cert_file" "/etc/specserve/http-tls/tls.crt" "key_file" "/etc/specserve/http-tls/tls.key") -}}
+{{- end }}
+{{- toJson (dict "target" .Values.target "draft" .Values.draft "speculation" .Values.speculation "cluster" $cluster "serve" $serve) -}}
 {{- end -}}
 
 {{/* Ray resources of one target pod (one engine) and one draft pod, as JSON. */}}
@@ -150,6 +157,16 @@ annotations:
   mountPath: {{ .Values.models.mountPath }}
   readOnly: true
 {{- end }}
+{{- if .Values.tls.http.secretName }}
+- name: http-tls
+  mountPath: /etc/specserve/http-tls
+  readOnly: true
+{{- end }}
+{{- if .Values.tls.draft.secretName }}
+- name: draft-tls
+  mountPath: /etc/specserve/draft-tls
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{- define "specserve.podSpec" -}}
@@ -180,6 +197,18 @@ volumes:
   {{- with $v.models.volume }}
   - name: models
     {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.tls.http.secretName }}
+  - name: http-tls
+    secret:
+      secretName: {{ . }}
+      defaultMode: 0440
+  {{- end }}
+  {{- with $v.tls.draft.secretName }}
+  - name: draft-tls
+    secret:
+      secretName: {{ . }}
+      defaultMode: 0440
   {{- end }}
 {{- end -}}
 
