@@ -123,3 +123,72 @@ def test_a_batched_drafters_cost_is_measured_at_each_batch_size_and_cached(tmp_p
     assert len(drafter.released) == 1 + 4 + 16  # every probe sequence is freed after its batch size
     c = calibration.Calibration(cost, 0.5)
     assert calibration._from_json(calibration._to_json(c)) == c
+
+
+def test_a_cached_draft_cost_far_above_now_is_rescaled_on_load(tiny_llama, tmp_path, monkeypatch):
+    """A calibration measured while the machine was busy can price drafts so high that K stays 0
+    and rounds never correct it: on load, a quick fresh draft measurement rescales draft costs
+    that are more than twice now's (and rewrites the cache); a cost within 2x is kept."""
+    import json
+
+    monkeypatch.setenv("SPECSERVE_CACHE", str(tmp_path))
+    first = make_engine(tiny_config(max_k=3), tiny_llama)
+    first.prepare()
+    true_s = first.cost_model.draft_step_s
+    path = next((tmp_path / "calibration").glob("*.json"))
+
+    def cached_draft_s(scale: float) -> float:
+        saved = json.loads(path.read_text())
+        saved["calibration"]["draft_step_s"] = true_s * scale
+        path.write_text(json.dumps(saved))
+        engine = make_engine(tiny_config(max_k=3), tiny_llama)
+        engine.prepare()
+        return engine.cost_model.draft_step_s
+
+    assert cached_draft_s(50.0) < true_s * 5  # rescaled to what it measures now (noise allowed)
+    assert json.loads(path.read_text())["calibration"]["draft_step_s"] < true_s * 5  # and cached so
+    assert cached_draft_s(1.5) == true_s * 1.5  # within 2x: kept
+
+
+class _ClockedDrafter:
+    """Draft tokens (the prompt's bytes, cycled) that cost one unit each on a fake clock."""
+
+    name = "clocked"
+    free_sources = frozenset()
+
+    def __init__(self):
+        self.now = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def source(self, seq_id, context):
+        return self.name
+
+    def propose_many(self, requests):
+        from cluster.speculation.round import DraftBlock
+
+        self.now += sum(r.k for r in requests)
+        return [DraftBlock([r.context[-1]] * r.k, None) for r in requests]
+
+    def observe(self, seq_id, block, result):
+        pass
+
+    def release(self, seq_id):
+        pass
+
+
+def test_rounds_bring_an_overpriced_draft_cost_down_to_what_drafts_take(tiny_llama):
+    """CostModel.observed_draft: each drafting round moves the draft cost by 30% of the ratio of
+    the drafts' time to their price (clipped to [1/2, 2]); a cost calibrated 4x too high comes
+    down to the one unit a draft token takes."""
+    cost = CostModel(4.0, (10.0, 10.5, 11.0, 11.5))
+    assert cost.observed_draft(8.0, 2.0).draft_step_s == 4.0 * 0.85  # ratio 1/4, clipped to 1/2
+    assert cost.observed_draft(8.0, 80.0).draft_step_s == 4.0 * 1.3  # ratio 10, clipped to 2
+    assert cost.observed_draft(0.0, 1.0) == cost
+    drafter = _ClockedDrafter()
+    engine = engine_module.SpeculativeEngine(tiny_llama.model, tiny_llama.tokenizer, drafter, "adaptive", 3,
+                                             clock=drafter.clock)
+    engine._calibration = Calibration(cost, 0.95)  # as if loaded; rounds refine it
+    engine.generate([engine_module.GenerationRequest("hello world", 60, num_draft_tokens=None)])
+    assert 0.7 < engine._policy.cost.draft_step_s < 1.5

@@ -179,21 +179,52 @@ def _from_json(d: dict) -> Calibration:
     return Calibration(cost, float(d["prior_alpha"]))
 
 
-def load_or_measure(key: dict | None, measure: Callable[[], Calibration]) -> Calibration:
-    """The cached calibration for `key`, else a fresh measurement, saved for next time. key None: no cache."""
+def recheck_draft_cost(cached: Calibration, drafter: Drafter, vocab: int, clock: Callable[[], float] = time.perf_counter,
+                       context_len: int = 48, reps: int = 3) -> Calibration | None:
+    """A cached calibration's draft cost against a quick fresh measurement (one sequence, a few
+    blocks): if the cache says drafting costs more than twice what it costs now (measured while the
+    machine was busy), every draft cost is scaled down to now's; else None (kept). Only downwards:
+    a draft cost too high keeps K at 0, so rounds never draft and never correct it, while one too
+    low is corrected by the rounds themselves (CostModel.observed_draft)."""
+    cached_s = cached.cost.draft_step_s
+    if cached_s <= 0:
+        return None
+    ctx = [(7 * i + 3) % vocab for i in range(context_len)]
+    now_s = _draft_step_s(drafter, 1, ctx, vocab, reps, clock)
+    if not 0 < now_s < cached_s / 2:
+        return None
+    print(f"specserve: the cached draft step ({cached_s * 1e3:.1f} ms) is {cached_s / now_s:.1f}x what it measures now "
+          f"({now_s * 1e3:.1f} ms): draft costs rescaled", file=sys.stderr, flush=True)
+    return Calibration(cached.cost.scaled_draft(now_s / cached_s), cached.prior_alpha)
+
+
+def load_or_measure(key: dict | None, measure: Callable[[], Calibration],
+                    recheck: Callable[[Calibration], Calibration | None] | None = None) -> Calibration:
+    """The cached calibration for `key`, else a fresh measurement, saved for next time. key None: no cache.
+    recheck(cached) may return a corrected calibration, which replaces the cached one."""
     if key is None:
         return measure()
     path = _path(key)
     try:
         saved = json.loads(path.read_text())
         if saved.get("key") == json.loads(json.dumps(key, default=str)):
-            return _from_json(saved["calibration"])
+            cached = _from_json(saved["calibration"])
+            corrected = recheck(cached) if recheck is not None else None
+            if corrected is None:
+                return cached
+            _save(path, key, corrected)
+            return corrected
     except (OSError, ValueError, KeyError, TypeError):
         pass  # missing or unreadable: measure again
     start = time.perf_counter()
     calibration = measure()
     print(f"specserve: calibrated step costs in {time.perf_counter() - start:.1f} s (cached in {path})",
           file=sys.stderr, flush=True)
+    _save(path, key, calibration)
+    return calibration
+
+
+def _save(path: Path, key: dict, calibration: Calibration) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".calibration-")
@@ -202,4 +233,3 @@ def load_or_measure(key: dict | None, measure: Callable[[], Calibration]) -> Cal
         os.replace(tmp, path)
     except OSError as e:  # a read-only cache only costs the next start a measurement
         print(f"specserve: calibration not cached: {e}", file=sys.stderr)
-    return calibration

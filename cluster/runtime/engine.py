@@ -26,7 +26,7 @@ from ..speculation import (
     widening_pays,
 )
 from ..speculation.round import Acceptance, DraftBlock, DraftRequest, TargetOutput
-from .calibration import Calibration, load_or_measure, measure_agreement, measure_costs
+from .calibration import Calibration, load_or_measure, measure_agreement, measure_costs, recheck_draft_cost
 from .drafters import Drafter
 from .model_drafter import ModelDrafter
 from .kv import CausalLM
@@ -235,6 +235,7 @@ class SpeculativeEngine:
         self.tree_branch = tree_branch
         self.max_prompt_tokens = max_prompt_tokens
         self._round_trees = False  # whether this round drafts trees (adaptive K decides under load)
+        self._round_draft_token_s = 0.0  # the price of one paying draft token this round (adaptive K)
         self._cost_model = cost_model
         self._learn_costs = cost_model is None  # a given cost model stays as given (deterministic K)
         self._prior_alpha = prior_alpha
@@ -365,6 +366,11 @@ class SpeculativeEngine:
         proposed = iter(self.drafter.propose_many(requests) if requests else [])
         timing.draft_s = self.clock() - t
         blocks = [next(proposed) if k else _NO_DRAFT for k in ks]
+        # real chain rounds refine the draft cost (when every drafting sequence was priced by adaptive K)
+        if requests and self._learn_costs and not nodes and all(s.seq_id in adaptive for s, k in zip(seqs, ks) if k):
+            free = self.drafter.free_sources
+            priced = sum(k for s, k in zip(seqs, ks) if k and s.source not in free) * self._round_draft_token_s
+            self._policy.cost = self._policy.cost.observed_draft(priced, timing.draft_s)
         for s, k in zip(seqs, ks):
             s.stats.draft_s += timing.draft_s / len(requests) if k else 0.0
         return blocks
@@ -476,6 +482,7 @@ class SpeculativeEngine:
             s.source = self.drafter.source(s.seq_id, s.tokens)
         paying = sum(s.source not in free for s in adaptive)  # sequences a drafter with a cost drafts for
         per_token = self._policy.cost.draft_token_s(paying)
+        self._round_draft_token_s = per_token  # what this round's drafts are priced at (_propose learns from it)
         draft_s = [0.0 if s.source in free else per_token for s in adaptive]
         ks = self._policy.next_ks([self._tracker(s, s.source).alpha for s in adaptive], [s.probes for s in adaptive],
                                   draft_s)
@@ -600,5 +607,11 @@ class SpeculativeEngine:
                     measure_agreement(self.target, self.drafter, self.tokenizer),
                 )
 
-            self._calibration = load_or_measure(self.calibration_key, measure)
+            def recheck(cached: Calibration) -> Calibration | None:
+                if self.drafter is None:
+                    return None
+                vocab = min(self.target.vocab_size, getattr(self.tokenizer, "vocab_size", self.target.vocab_size))
+                return recheck_draft_cost(cached, self.drafter, vocab, self.clock)
+
+            self._calibration = load_or_measure(self.calibration_key, measure, recheck)
         return self._calibration

@@ -82,6 +82,21 @@ class CostModel:
             return replace(self, verify_s=tuple(row))
         return replace(self, batch_verify_s=self.batch_verify_s | {ref: tuple(row)})
 
+    def observed_draft(self, predicted_s: float, seconds: float, weight: float = 0.3) -> CostModel:
+        """The model after a round's drafts, priced at predicted_s by this model, took `seconds`:
+        every draft cost moves by `weight` of the ratio, the ratio clipped to [1/2, 2] so that one
+        stall (or a kernel built on first use) moves it by 30% at most. Without it a draft cost
+        calibrated too high would keep K at 0 for good, and nothing would ever correct it."""
+        if predicted_s <= 0 or seconds <= 0:
+            return self
+        scale = 1 + weight * (min(2.0, max(0.5, seconds / predicted_s)) - 1)
+        return self.scaled_draft(scale)
+
+    def scaled_draft(self, scale: float) -> CostModel:
+        """Every draft cost times `scale`."""
+        return replace(self, draft_step_s=self.draft_step_s * scale,
+                       draft_batch_s={b: t * scale for b, t in self.draft_batch_s.items()})
+
     def at_batch(self, b: int) -> CostModel:
         """Per-sequence costs when b sequences share each round, all with the same K: a round's
         verify time divided by b (interpolated linearly in b between measured batch sizes,
