@@ -46,8 +46,9 @@ def _invalid(e: BaseException, aliases: dict | None = None) -> "InvalidRequest |
 
 def _unavailable(e: BaseException) -> str | None:
     """Why a request failed for a reason a retry can fix (a target rank or the engine replica
-    died), or None."""
-    for candidate in (e, getattr(e, "cause", None), getattr(e, "__cause__", None)):
+    died), or None. The innermost error first: a RayTaskError subclasses its cause's class, and its
+    text is the whole remote traceback."""
+    for candidate in (getattr(e, "cause", None), getattr(e, "__cause__", None), e):
         if isinstance(candidate, Unavailable):
             return f"unavailable, retry: {candidate}"
         if isinstance(candidate, RayActorError):

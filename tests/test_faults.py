@@ -146,15 +146,37 @@ def _drafts_held() -> int:
     return serve.get_deployment_handle("drafts", APP).sequences.remote().result()
 
 
+def _http_completion(config) -> tuple[int, dict, dict]:
+    """A long greedy completion over HTTP: (status, headers, body)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    body = {"prompt": PROMPT, "max_tokens": 1500, "temperature": 0, "num_draft_tokens": 4}
+    request = urllib.request.Request(f"http://127.0.0.1:{config.serve.http_port}/v1/completions",
+                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, json.loads(e.read())
+
+
 def test_served_rank_killed_mid_stream_is_unavailable_then_answers(service, tiny_llama):
     config, stub = service
     [rank] = _alive("RankHost")
+    http = []
+    unary = threading.Thread(target=lambda: http.append(_http_completion(config)))
+    unary.start()
     got, codes, threads = _streams(stub, 3)
     _kill(rank)
-    for t in threads:
+    for t in [*threads, unary]:
         t.join(timeout=20)
-    assert not any(t.is_alive() for t in threads), "a stream hung after its target rank died"
+    assert not any(t.is_alive() for t in [*threads, unary]), "a request hung after its target rank died"
     assert codes == [grpc.StatusCode.UNAVAILABLE] * 3
+    [(status, headers, body)] = http
+    assert status == 503 and headers.get("retry-after") == "1" and body["error"]["type"] == "unavailable", body
+    assert body["error"]["message"].startswith("unavailable, retry: a target rank failed") and len(body["error"]["message"]) < 400
     for g in got:
         assert g == _expected(tiny_llama, len(g))  # no wrong token before the failure
     # the group is rebuilt in the engine replica: the next requests answer, exactly
