@@ -96,6 +96,8 @@ class RankHost:
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         # the rendezvous and loading keep torch's default timeout: ranks load at their own pace
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        if gpu:  # what DeepSpeed does where it makes the group itself
+            get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
         ranks = list(range(self.world_size))
         # the forward's group is made here, with the collective timeout: DeepSpeed would make it once
         # per process and cache it on its class, and a rebuilt group must not reuse a dead one
