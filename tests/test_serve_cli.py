@@ -119,6 +119,24 @@ def test_api_token_is_required_over_grpc_and_http(server):
     assert status == 200
 
 
+def test_soak_command_reports_outcomes_and_latencies(server, tmp_path):
+    _, address, _, _ = server
+    out = tmp_path / "soak.json"
+    env = {k: v for k, v in os.environ.items() if k != "SPECSERVE_API_TOKEN"}
+    run = subprocess.run(SPECSERVE + ["soak", "--address", address, "--token", TOKEN, "--streams", "4", "--seconds", "3",
+                                      "--max-new-tokens", "8", "--json", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(out.read_text())
+    assert report == json.loads(run.stdout)
+    assert report["requests"] == sum(report["outcomes"].values()) >= 4 and report["outcomes"].get("OK", 0) >= 1
+    assert set(report["outcomes"]) <= {"OK", "CANCELLED", "DEADLINE_EXCEEDED"}
+    assert report["latency_p99_s"] >= report["latency_p50_s"] > 0
+    bad = subprocess.run(SPECSERVE + ["soak", "--address", address, "--streams", "0"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert bad.returncode == 2 and "invalid streams" in bad.stderr
+
+
 def test_http_is_served_over_tls_only(server):
     """serve.tls: the HTTP API answers HTTPS with the configured certificate; plaintext HTTP and a
     client that does not trust the certificate are refused."""
