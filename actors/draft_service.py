@@ -1,8 +1,9 @@
 """The draft service: hosts one drafter behind gRPC, keeping each sequence's committed context.
 
 Sequences are keyed by (owner, seq_id): each engine numbers its own, and engines share replicas.
-A sequence not drafted for `idle_s` is freed (sweep): its engine may have died without releasing
-it; an engine that comes back to it gets FAILED_PRECONDITION and resends the context whole."""
+A sequence not drafted for `idle_s` is freed by sweep() (DraftHost calls it every idle_s / 4 on
+the drafter's thread): its engine may have died without releasing it; an engine that comes back
+to it gets FAILED_PRECONDITION and resends the context whole."""
 
 from __future__ import annotations
 
@@ -36,7 +37,6 @@ class DraftServicer(pb_grpc.DraftServiceServicer):
         self.swept = 0  # sequences freed for being idle
 
     def Propose(self, request: pb.ProposeRequest, context: grpc.ServicerContext) -> pb.ProposeResponse:
-        self.sweep()
         key = (request.owner, request.seq_id)
         tokens = [] if request.reset else self.contexts.get(key)
         if tokens is None:
