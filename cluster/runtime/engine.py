@@ -235,7 +235,6 @@ class SpeculativeEngine:
         self.tree_branch = tree_branch
         self.max_prompt_tokens = max_prompt_tokens
         self._round_trees = False  # whether this round drafts trees (adaptive K decides under load)
-        self._round_draft_token_s = 0.0  # the price of one paying draft token this round (adaptive K)
         self._cost_model = cost_model
         self._learn_costs = cost_model is None  # a given cost model stays as given (deterministic K)
         self._prior_alpha = prior_alpha
@@ -353,7 +352,7 @@ class SpeculativeEngine:
     def _propose(self, seqs: list[_Sequence], timing: RoundTiming) -> list[DraftBlock]:
         """Each sequence's draft block (empty at K = 0), from one propose_many call."""
         self._round_trees = bool(self.tree_nodes)  # as configured, unless adaptive K finds trees dear this round
-        adaptive = self._adaptive_ks(seqs)
+        adaptive, draft_token_s = self._adaptive_ks(seqs)
         ks = [self._choose_k(s, adaptive.get(s.seq_id, 0)) for s in seqs]
         nodes = self.tree_nodes if self._round_trees else 0
         requests = [
@@ -369,7 +368,7 @@ class SpeculativeEngine:
         # real chain rounds refine the draft cost (when every drafting sequence was priced by adaptive K)
         if requests and self._learn_costs and not nodes and all(s.seq_id in adaptive for s, k in zip(seqs, ks) if k):
             free = self.drafter.free_sources
-            priced = sum(k for s, k in zip(seqs, ks) if k and s.source not in free) * self._round_draft_token_s
+            priced = sum(k for s, k in zip(seqs, ks) if k and s.source not in free) * draft_token_s
             self._policy.cost = self._policy.cost.observed_draft(priced, timing.draft_s)
         for s, k in zip(seqs, ks):
             s.stats.draft_s += timing.draft_s / len(requests) if k else 0.0
@@ -465,14 +464,14 @@ class SpeculativeEngine:
                 break
         return chunks, joining
 
-    def _adaptive_ks(self, seqs: list[_Sequence]) -> dict[int, int]:
+    def _adaptive_ks(self, seqs: list[_Sequence]) -> tuple[dict[int, int], float]:
         """K per adaptive sequence of the round. Nothing is padded, so each sequence gets its own K:
         the allocation with the most expected tokens per second of the whole round at this batch
         size (K = 0 where a sequence's drafts would cost more than they yield), with the policy's
-        probes when every K sits at 0."""
+        probes when every K sits at 0; and the price of one paying draft token this round."""
         adaptive = [s for s in seqs if s.trackers is not None and s.request.num_draft_tokens is None]
         if not adaptive:
-            return {}
+            return {}, 0.0
         if self._policy is None:
             self._policy = AdaptiveK(self.cost_model, self.max_draft_tokens)
         free = self.drafter.free_sources
@@ -482,13 +481,12 @@ class SpeculativeEngine:
             s.source = self.drafter.source(s.seq_id, s.tokens)
         paying = sum(s.source not in free for s in adaptive)  # sequences a drafter with a cost drafts for
         per_token = self._policy.cost.draft_token_s(paying)
-        self._round_draft_token_s = per_token  # what this round's drafts are priced at (_propose learns from it)
         draft_s = [0.0 if s.source in free else per_token for s in adaptive]
         ks = self._policy.next_ks([self._tracker(s, s.source).alpha for s in adaptive], [s.probes for s in adaptive],
                                   draft_s)
         # trees where their extra nodes cost (almost) nothing at this batch size, chains elsewhere
         self._round_trees = bool(self.tree_nodes) and widening_pays(self._policy.cost, ks, self.tree_branch, draft_s)
-        return dict(zip((s.seq_id for s in adaptive), ks))
+        return dict(zip((s.seq_id for s in adaptive), ks)), per_token
 
     def _tracker(self, s: _Sequence, source: str) -> AcceptanceTracker:
         """The sequence's alpha for drafts from `source` (lookup and a model accept differently)."""
@@ -600,8 +598,9 @@ class SpeculativeEngine:
 
     def _calibrated(self) -> Calibration:
         if self._calibration is None:
+            vocab = min(self.target.vocab_size, getattr(self.tokenizer, "vocab_size", self.target.vocab_size))
+
             def measure() -> Calibration:
-                vocab = min(self.target.vocab_size, getattr(self.tokenizer, "vocab_size", self.target.vocab_size))
                 return Calibration(
                     measure_costs(self.target, self.drafter, vocab, self.max_draft_tokens, self.clock),
                     measure_agreement(self.target, self.drafter, self.tokenizer),
@@ -610,7 +609,6 @@ class SpeculativeEngine:
             def recheck(cached: Calibration) -> Calibration | None:
                 if self.drafter is None:
                     return None
-                vocab = min(self.target.vocab_size, getattr(self.tokenizer, "vocab_size", self.target.vocab_size))
                 return recheck_draft_cost(cached, self.drafter, vocab, self.clock)
 
             self._calibration = load_or_measure(self.calibration_key, measure, recheck)
