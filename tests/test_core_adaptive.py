@@ -342,25 +342,73 @@ def test_free_drafts_are_given_where_paid_ones_would_not_pay():
     assert policy.next_ks([0.6, 0.6], None, [0.0, 0.5]) == best_ks([0.6, 0.6], cost, 4, 0.1, [0.0, 0.5])
 
 
-def test_trees_only_where_their_extra_nodes_are_nearly_free():
-    """widening_pays: at a batch whose verify cost is flat a tree (which holds the chain's path)
-    costs nothing more and is drafted; where each token costs, the chain is kept; no drafts, no tree."""
-    from cluster.speculation import widening_pays
+def test_best_trees_with_one_child_a_node_and_a_flat_table_is_best_ks():
+    """The tree allocation generalises the chain's: a node's reach is alpha^depth on a chain."""
+    import random
+
+    from cluster.speculation import best_ks, best_trees
+    from cluster.speculation.shape import is_chain
+
+    rng = random.Random(0)
+    for _ in range(200):
+        k, base, slope = rng.randint(1, 8), rng.uniform(0.01, 0.1), rng.uniform(0.0, 0.05)
+        cost = CostModel(rng.uniform(0.0, 0.02), tuple(base + slope * j for j in range(k + 1)),
+                         {4: tuple(2.4 * base + 4 * slope * j for j in range(k + 1))})
+        alphas = [rng.uniform(0.0, 0.99) for _ in range(rng.randint(1, 5))]
+        shapes = best_trees([[[a]] * k for a in alphas], cost, max_nodes=64, max_branch=1, min_gain=0.1)
+        assert [len(s) for s in shapes] == best_ks(alphas, cost, min_gain=0.1)
+        assert all(is_chain(s) for s in shapes)
+
+
+def test_shape_stats_count_each_tested_child_by_depth_and_rank():
+    """At each reached node its children were tested in rank order up to the accepted one; where
+    the path ends, all of them were tested and refused; a chain is rank 0 all the way down."""
+    from cluster.speculation import ShapeStats
+
+    st = ShapeStats(max_depth=3, max_rank=2, decay=1.0)
+    # root -> nodes 0, 1; node 1 -> nodes 2, 3; node 0 -> node 4; path: 1 (rank 1), then nothing below
+    st.observe((-1, -1, 1, 1, 0), 5, [1])
+    assert st.tested == [[1, 1], [1, 1], [0, 0]] and st.accepted == [[0, 1], [0, 0], [0, 0]]
+    st.observe(None, 3, [0, 1])  # a chain of 3, two accepted, the third refused
+    assert st.tested == [[2, 1], [2, 1], [1, 0]] and st.accepted == [[1, 1], [1, 0], [0, 0]]
+    st.observe((-1, 0, 1), 3, [0, 1, 2])  # accepted to the leaf: nothing refused below
+    assert st.tested[2] == [2, 0] and st.accepted[2] == [1, 0]
+    fresh = ShapeStats(max_depth=3, max_rank=2, prior_alpha=0.6)
+    assert fresh.c(1, 0) == pytest.approx(0.6) and fresh.c(1, 1) == pytest.approx(0.3) and fresh.c(4, 0) == 0.0
+
+
+def test_tree_shapes_follow_acceptance_by_depth_and_rank_and_cost():
+    """Where a second choice is often right and verification is flat, the tree branches there (at
+    the depth where it is); where each verified token costs, the tree shrinks, and a weak second
+    choice leaves a chain; where nothing pays, nothing is drafted."""
+    from cluster.speculation import best_trees
+    from cluster.speculation.shape import depths_and_ranks, is_chain
 
     flat = CostModel(0.0, tuple(1.0 + 0.002 * k for k in range(9)))
-    linear = CostModel(0.0, tuple(1.0 + 0.2 * k for k in range(9)))
-    assert widening_pays(flat, [4, 4], 2) and not widening_pays(linear, [4, 4], 2)
-    assert not widening_pays(flat, [0, 0], 2)
-    assert widening_pays(flat, [8], 2)  # wider than the table: its last slope, still flat
-    assert not widening_pays(CostModel(0.0, (1.0, 1.0, 1.0, 2.0)), [3], 2)  # past the table the last slope (1.0) counts
+    linear = CostModel(0.0, tuple(1.0 + 0.25 * k for k in range(9)))
+    # depth 1 and 3: the first choice is a coin toss, the second usually right; depth 2: sure
+    table = [[0.5, 0.8], [0.95, 0.1], [0.5, 0.8], [0.5, 0.8]]
+    (tree,) = best_trees([table], flat, max_k=4, max_nodes=8, max_branch=2)
+    depth, rank = depths_and_ranks(tree)
+    assert not is_chain(tree) and len(tree) == 8
+    assert {d for d, r in zip(depth, rank) if r == 1} >= {1, 3}  # branches where the second choice holds
+    assert not any(r == 1 and d == 2 for d, r in zip(depth, rank))  # none where the first is sure
+    (dear,) = best_trees([table], linear, max_k=4, max_nodes=8, max_branch=2)
+    assert 0 < len(dear) < len(tree)  # each node must now pay for its verification
+    weak_second = [[0.8, 0.1]] * 4
+    (chain,) = best_trees([weak_second], linear, max_k=4, max_nodes=8, max_branch=2)
+    assert is_chain(chain) and len(chain) > 0
+    (wide,) = best_trees([weak_second], flat, max_k=4, max_nodes=8, max_branch=2)
+    assert not is_chain(wide)  # nearly free nodes: even weak second choices are worth verifying
+    assert best_trees([[[0.05, 0.05]] * 4], linear, max_k=4, max_branch=2, min_gain=0.1) == [()]
 
 
-def test_a_batched_drafter_drafts_a_trees_branches_together():
-    """The head drafts all branches a depth in one forward: widening costs its batched cost, so
-    at one sequence with a flat verify a tree pays although each draft token costs 4% of a step."""
-    from cluster.speculation import widening_pays
+def test_default_and_cut_shapes():
+    from cluster.speculation.shape import cut_shape, default_shape, max_fanout
 
-    flat = tuple(1.0 for _ in range(9))
-    batched = CostModel(0.04, flat, draft_batch_s={4: 0.045})
-    assert widening_pays(batched, [4], 2, [0.04])
-    assert not widening_pays(CostModel(0.04, flat), [4], 2, [0.04])  # drafted one branch at a time: 14% dearer
+    assert default_shape(3) == (-1, 0, 1) and default_shape(0, 8, 2) == ()
+    assert default_shape(3, 8, 2) == (-1, -1, 0, 1, 2, 3)  # top-2 at the root, then a chain under each
+    assert default_shape(4, 5, 3) == (-1, -1, -1, 0, 1)
+    assert cut_shape((-1, -1, 0, 1, 2, 3), 2, 8) == (-1, -1, 0, 1)
+    assert cut_shape((-1, -1, 0, 1, 2, 3), 8, 3) == (-1, -1, 0)
+    assert cut_shape((-1, 0, 0, 1), 1, 8) == (-1,) and max_fanout((-1, 0, 0, 1)) == 2

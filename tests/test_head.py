@@ -329,3 +329,45 @@ def test_head_trees_sample_the_target_distribution(tiny_llama, tiny_head, monkey
 
     monkeypatch.setattr(tree_module, "accept_tree", first_children)
     assert _chi2_pvalue(samples(3000), joint) < 1e-6
+
+
+def test_the_head_drafts_the_template_it_is_given(tiny_llama, tiny_head):
+    """A tree template (speculation.shape) is followed node for node: node 0's top-2 below it (the
+    first is the chain's next token, the second another), and the chain goes on under the first."""
+    from cluster.speculation.round import DraftRequest
+
+    head = DraftHead.load(tiny_head[0], tiny_llama.model)
+    ids = tiny_llama.tokenizer.encode(TINY_PROMPTS[0])
+    target = CausalLM(tiny_llama.model)
+    (out,) = target.forward_outputs([target.new_cache()], [ids], hidden=[len(ids)])
+    greedy = SamplingParams(temperature=0.0)
+
+    def draft(**tree) -> tuple:
+        k = 3 if not tree else 2
+        (block,) = HeadDrafter(head).propose_many([DraftRequest(1, ids, k, greedy, 0, out.hidden, 0, **tree)])
+        return block
+
+    chain = draft()
+    tree = draft(max_nodes=4, max_branch=2, shape=(-1, 0, 0, 1))
+    assert tree.parents == (-1, 0, 0, 1) and len(chain) == 3
+    assert tree.token_ids[:2] == chain.token_ids[:2] and tree.token_ids[3] == chain.token_ids[2]
+    assert tree.token_ids[2] != chain.token_ids[1]
+
+
+def test_greedy_with_adaptive_head_trees_equals_plain_greedy(tiny_llama, tiny_head):
+    """Adaptive shapes with the head: trees grown from the learned acceptance by depth and rank at
+    a nearly flat verify cost; greedy output equals plain, no forked cache is left."""
+    from cluster.speculation import CostModel
+
+    head = DraftHead.load(tiny_head[0], tiny_llama.model)
+    cost = CostModel(0.01, tuple(1.0 + 0.002 * k for k in range(7)))
+    engine = SpeculativeEngine(tiny_llama.model, tiny_llama.tokenizer, HeadDrafter(head), max_draft_tokens=6,
+                               cost_model=cost, prior_alpha=0.6, tree_nodes=10, tree_branch=3)
+    prompts = [tiny_llama.tokenizer.encode(p) for p in TINY_PROMPTS]
+    results = engine.generate([GenerationRequest("", 40, SamplingParams(temperature=0.0), prompt_ids=p) for p in prompts])
+    eos = tiny_llama.tokenizer.eos_token_id
+    for ids, r in zip(prompts, results):
+        assert r.token_ids == hf_greedy(tiny_llama.model, ids, 40, eos)[: len(r.token_ids)]
+    assert sum(r.stats.tree_rounds for r in results) > 10
+    assert all(n <= 10 for r in results for n in r.stats.rounds_k)
+    assert not [ref for ref in engine.drafter.lm.pool._owners if ref() is not None]

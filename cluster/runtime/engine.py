@@ -23,9 +23,9 @@ from ..speculation import (
     make_generator,
     rejection_sample,
     warp_probs,
-    widening_pays,
 )
 from ..speculation.round import Acceptance, DraftBlock, DraftRequest, TargetOutput
+from ..speculation.shape import Shape, ShapeStats, cut_shape, default_shape, is_chain, max_fanout, shape_depth
 from .calibration import Calibration, load_or_measure, measure_agreement, measure_costs, recheck_draft_cost
 from .drafters import Drafter
 from .model_drafter import ModelDrafter
@@ -234,7 +234,7 @@ class SpeculativeEngine:
         self.tree_nodes = tree_nodes if getattr(drafter, "drafts_trees", False) else 0
         self.tree_branch = tree_branch
         self.max_prompt_tokens = max_prompt_tokens
-        self._round_trees = False  # whether this round drafts trees (adaptive K decides under load)
+        self._shape_stats: dict[str, ShapeStats] = {}  # acceptance by depth and rank, per drafter source
         self._cost_model = cost_model
         self._learn_costs = cost_model is None  # a given cost model stays as given (deterministic K)
         self._prior_alpha = prior_alpha
@@ -351,28 +351,30 @@ class SpeculativeEngine:
 
     def _propose(self, seqs: list[_Sequence], timing: RoundTiming) -> list[DraftBlock]:
         """Each sequence's draft block (empty at K = 0), from one propose_many call."""
-        self._round_trees = bool(self.tree_nodes)  # as configured, unless adaptive K finds trees dear this round
-        adaptive, draft_token_s = self._adaptive_ks(seqs)
-        ks = [self._choose_k(s, adaptive.get(s.seq_id, 0)) for s in seqs]
-        nodes = self.tree_nodes if self._round_trees else 0
-        requests = [
-            DraftRequest(s.seq_id, s.tokens, k, s.request.sampling,
-                         0 if s.request.sampling.greedy else draw_seed(s.generator), *self._unsent_features(s),
-                         max_nodes=nodes, max_branch=self.tree_branch)
-            for s, k in zip(seqs, ks) if k
-        ]
+        adaptive, draft_token_s = self._adaptive_shapes(seqs)
+        shapes = [self._choose_shape(s, adaptive.get(s.seq_id, ())) for s in seqs]
+        requests = [self._draft_request(s, shape) for s, shape in zip(seqs, shapes) if shape]
         t = self.clock()
         proposed = iter(self.drafter.propose_many(requests) if requests else [])
         timing.draft_s = self.clock() - t
-        blocks = [next(proposed) if k else _NO_DRAFT for k in ks]
+        blocks = [next(proposed) if shape else _NO_DRAFT for shape in shapes]
         # real chain rounds refine the draft cost (when every drafting sequence was priced by adaptive K)
-        if requests and self._learn_costs and not nodes and all(s.seq_id in adaptive for s, k in zip(seqs, ks) if k):
+        if (requests and self._learn_costs and all(not r.max_nodes for r in requests)
+                and all(s.seq_id in adaptive for s, shape in zip(seqs, shapes) if shape)):
             free = self.drafter.free_sources
-            priced = sum(k for s, k in zip(seqs, ks) if k and s.source not in free) * draft_token_s
+            priced = sum(len(shape) for s, shape in zip(seqs, shapes) if shape and s.source not in free) * draft_token_s
             self._policy.cost = self._policy.cost.observed_draft(priced, timing.draft_s)
-        for s, k in zip(seqs, ks):
-            s.stats.draft_s += timing.draft_s / len(requests) if k else 0.0
+        for s, shape in zip(seqs, shapes):
+            s.stats.draft_s += timing.draft_s / len(requests) if shape else 0.0
         return blocks
+
+    def _draft_request(self, s: _Sequence, shape: Shape) -> DraftRequest:
+        """A chain of K (max_nodes 0), or a tree: its template, depth and budget."""
+        seed = 0 if s.request.sampling.greedy else draw_seed(s.generator)
+        tree = not is_chain(shape)
+        return DraftRequest(s.seq_id, s.tokens, shape_depth(shape), s.request.sampling, seed, *self._unsent_features(s),
+                            max_nodes=len(shape) if tree else 0, max_branch=max_fanout(shape) if tree else 1,
+                            shape=shape if tree else None)
 
     def _unsent_features(self, s: _Sequence) -> tuple[torch.Tensor | None, int]:
         """The features a reading drafter has not seen yet, and the position of the first."""
@@ -442,6 +444,8 @@ class SpeculativeEngine:
         st.evaluated_tokens += n + rejected
         if s.trackers is not None and s.source:
             self._tracker(s, s.source).update(n + rejected, n)
+            if self.tree_nodes:
+                self._shapes_of(s.source).observe(block.parents, k, result.path or range(n))
         if k:
             self.drafter.observe(s.seq_id, block, result)
         timing.draft_tokens += k
@@ -464,11 +468,13 @@ class SpeculativeEngine:
                 break
         return chunks, joining
 
-    def _adaptive_ks(self, seqs: list[_Sequence]) -> tuple[dict[int, int], float]:
-        """K per adaptive sequence of the round. Nothing is padded, so each sequence gets its own K:
-        the allocation with the most expected tokens per second of the whole round at this batch
-        size (K = 0 where a sequence's drafts would cost more than they yield), with the policy's
-        probes when every K sits at 0; and the price of one paying draft token this round."""
+    def _adaptive_shapes(self, seqs: list[_Sequence]) -> tuple[dict[int, Shape], float]:
+        """The draft shape of each adaptive sequence of the round. Nothing is padded, so each
+        sequence gets its own: the allocation with the most expected tokens per second of the whole
+        round at this batch size, a chain of K (K = 0 where a sequence's drafts would cost more than
+        they yield), or with trees configured, a tree grown from its source's acceptance by depth and
+        rank (a chain where side branches do not pay); with the policy's probes when every K sits
+        at 0. Also the price of one paying draft token this round."""
         adaptive = [s for s in seqs if s.trackers is not None and s.request.num_draft_tokens is None]
         if not adaptive:
             return {}, 0.0
@@ -482,11 +488,19 @@ class SpeculativeEngine:
         paying = sum(s.source not in free for s in adaptive)  # sequences a drafter with a cost drafts for
         per_token = self._policy.cost.draft_token_s(paying)
         draft_s = [0.0 if s.source in free else per_token for s in adaptive]
-        ks = self._policy.next_ks([self._tracker(s, s.source).alpha for s in adaptive], [s.probes for s in adaptive],
-                                  draft_s)
-        # trees where their extra nodes cost (almost) nothing at this batch size, chains elsewhere
-        self._round_trees = bool(self.tree_nodes) and widening_pays(self._policy.cost, ks, self.tree_branch, draft_s)
-        return dict(zip((s.seq_id for s in adaptive), ks)), per_token
+        alphas = [self._tracker(s, s.source).alpha for s in adaptive]
+        probes = [s.probes for s in adaptive]
+        if self.tree_nodes:
+            shapes = self._policy.next_trees(alphas, [self._shapes_of(s.source) for s in adaptive], probes, draft_s,
+                                             self.tree_nodes, self.tree_branch)
+        else:
+            shapes = [default_shape(k) for k in self._policy.next_ks(alphas, probes, draft_s)]
+        return dict(zip((s.seq_id for s in adaptive), shapes)), per_token
+
+    def _shapes_of(self, source: str) -> ShapeStats:
+        if source not in self._shape_stats:
+            self._shape_stats[source] = ShapeStats(self.max_draft_tokens, self.tree_branch, self.prior_alpha)
+        return self._shape_stats[source]
 
     def _tracker(self, s: _Sequence, source: str) -> AcceptanceTracker:
         """The sequence's alpha for drafts from `source` (lookup and a model accept differently)."""
@@ -494,18 +508,20 @@ class SpeculativeEngine:
             s.trackers[source] = AcceptanceTracker(prior_alpha=self.prior_alpha)
         return s.trackers[source]
 
-    def _choose_k(self, s: _Sequence, adaptive_k: int) -> int:
+    def _choose_shape(self, s: _Sequence, adaptive: Shape) -> Shape:
+        """The sequence's draft shape: adaptive, the request's K, or the configured K (with the
+        configured tree budget), cut to the tokens it may still emit and the context's room."""
         if self.drafter is None:
-            return 0
+            return ()
         if s.request.num_draft_tokens is not None:
-            k = s.request.num_draft_tokens
+            shape = default_shape(s.request.num_draft_tokens, self.tree_nodes, self.tree_branch)
         elif s.trackers is not None:
-            k = adaptive_k
+            shape = adaptive
         else:
-            k = int(self.num_draft_tokens)
+            shape = default_shape(int(self.num_draft_tokens), self.tree_nodes, self.tree_branch)
         remaining = s.request.max_new_tokens - len(s.output)
         room = self.target.max_context - len(s.tokens)  # positions left for [last] + drafts
-        return max(0, min(k, remaining - 1, room - 1))
+        return cut_shape(shape, max(0, remaining - 1), max(0, room - 1))
 
     def _accept(self, seqs: list[_Sequence], blocks: list[DraftBlock], scores: list[torch.Tensor],
                 timing: RoundTiming) -> list[Acceptance]:

@@ -15,6 +15,7 @@ import torch
 
 from ..speculation import make_generator, sample_token, warp_probs
 from ..speculation.round import DraftBlock, DraftRequest
+from ..speculation.shape import children_of, default_shape
 from .drafters import Drafter, TreeBuilder
 from .head import DraftHead
 from .kv import CausalLM
@@ -33,6 +34,7 @@ class _Branch:
     request: DraftRequest
     cache: object  # the head's cache it drafts in (the sequence's, or a fork of it)
     parent: int  # the tree node it continues from (-1: the root)
+    at: int  # the template node it stands for (-1: the root)
 
 
 class HeadDrafter(Drafter):
@@ -78,20 +80,19 @@ class HeadDrafter(Drafter):
             features.append(feats)
             s.fed = m - 1
         trees = {r.seq_id: TreeBuilder() for r, _ in live}
+        templates = {r.seq_id: children_of(r.shape or default_shape(r.k, r.max_nodes, r.max_branch)) for r, _ in live}
         generators = {r.seq_id: None if r.params.greedy else make_generator(r.seed) for r, _ in live}
-        branches = [_Branch(r, s.cache, -1) for r, s in live]
+        branches = [_Branch(r, s.cache, -1, -1) for r, s in live]
         forks = []
-        depth = 0
         while branches:
             outs = self.lm.forward_outputs([b.cache for b in branches], inputs, features=features,
                                            last=[1] * len(branches), hidden=[1] * len(branches))
-            depth += 1
             next_branches, inputs, features = [], [], []
             for b, out in zip(branches, outs):
-                r, tree = b.request, trees[b.request.seq_id]
+                r, tree, template = b.request, trees[b.request.seq_id], templates[b.request.seq_id]
+                slots = template.get(b.at, [])  # the template's children here, in rank order
                 logits = out.scores[0]  # [V'] over the head's vocabulary
-                budget = r.max_nodes if r.max_nodes > 0 else r.k
-                n = min(r.max_branch, budget - len(tree.tokens)) if depth == 1 and r.max_nodes > 0 else 1
+                n = min(len(slots), len(logits))
                 if r.params.greedy:  # chosen children: the head's top n
                     picks = [int(logits.argmax())] if n == 1 else logits.topk(n).indices.tolist()
                     q_full = None
@@ -99,16 +100,15 @@ class HeadDrafter(Drafter):
                     q_vocab = warp_probs(logits[None], [r.params])[0]
                     picks = [sample_token(q_vocab, generators[r.seq_id]) for _ in range(n)]
                     q_full = torch.zeros(self.vocab_size).index_copy_(0, self.vocab, q_vocab)
-                for i, pick in enumerate(picks):
-                    if len(tree.tokens) >= budget:  # the other branches took the node budget
-                        break
+                continuing = [i for i, slot in enumerate(slots[:n]) if template.get(slot)]
+                for i, (pick, slot) in enumerate(zip(picks, slots)):
                     x = int(self.vocab[pick])
                     node = tree.add(x, b.parent, q_full)
-                    if depth < r.k and len(tree.tokens) < budget:
-                        cache = b.cache if i == 0 else self.lm.fork(b.cache)
-                        if i:
+                    if i in continuing:  # the template goes on below it: a branch (its own cache but the first)
+                        cache = b.cache if i == continuing[0] else self.lm.fork(b.cache)
+                        if i != continuing[0]:
                             forks.append(cache)
-                        next_branches.append(_Branch(r, cache, node))
+                        next_branches.append(_Branch(r, cache, node, slot))
                         inputs.append([x])
                         features.append(out.hidden.to(self.head.fc.weight.dtype))  # [1, d] the predicted f
             branches = next_branches

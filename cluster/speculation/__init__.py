@@ -4,13 +4,14 @@ No module here imports Ray, gRPC, DeepSpeed or transformers (tests/test_boundary
 """
 
 from .adaptive import (AcceptanceTracker, AdaptiveK, CostModel, ProbeSchedule, best_k, expected_tokens,
-                       mean_expected_tokens, widening_pays)
+                       best_ks, mean_expected_tokens)
 from .errors import InvalidRequest, Unavailable
 from .greedy import greedy_accept
 from .params import SamplingParams
 from .rejection import RejectionOutput, acceptance_probs, recovered_probs, rejection_sample
 from .reference import reference_rejection_sample
 from .round import Acceptance, DraftBlock, DraftRequest, Drafter, Target, TargetOutput
+from .shape import Shape, ShapeStats, best_trees
 from .sample import draw_seed, make_generator, sample_token
 from .tree import DraftTree, TreeAcceptance, accept_trees, child_outcomes, reference_accept_tree
 from .warp import warp_probs
@@ -35,6 +36,10 @@ __all__ = [
     "accept_trees",
     "child_outcomes",
     "best_k",
+    "best_ks",
+    "best_trees",
+    "Shape",
+    "ShapeStats",
     "draw_seed",
     "expected_tokens",
     "greedy_accept",
@@ -46,5 +51,4 @@ __all__ = [
     "rejection_sample",
     "sample_token",
     "warp_probs",
-    "widening_pays",
 ]

@@ -143,25 +143,6 @@ def _verify_cost(per_seq: tuple[float, ...], batch: int, tokens: float) -> float
     return batch * (per_seq[lo] + (n - lo) * (per_seq[hi] - per_seq[lo]))
 
 
-def widening_pays(cost: CostModel, ks: Sequence[int], width: float, draft_s: Sequence[float] | None = None,
-                  margin: float = 0.1) -> bool:
-    """Whether drafting every depth `width` wide (a tree) costs at most `margin` more than the chain
-    allocation ks, verified and drafted. A tree holds the chain's path, so it never accepts less,
-    and its side branches added 10-20% tokens per target call where measured (README, *Draft
-    trees*): where verification is nearly flat (few sequences) the extra nodes cost less than
-    that; under load each one costs more, and the chain is kept."""
-    b = len(ks)
-    if b == 0 or not any(ks):
-        return False
-    per_seq = cost.at_batch(b).verify_s
-    d = [cost.draft_token_s(b)] * b if draft_s is None else list(draft_s)
-    drafting = sum(di * k for di, k in zip(d, ks))
-    batched = cost.draft_token_s(round(b * width)) / cost.draft_token_s(b) if cost.draft_token_s(b) > 0 else 1.0
-    chain = _verify_cost(per_seq, b, b + sum(ks)) + drafting
-    tree = _verify_cost(per_seq, b, b + width * sum(ks)) + width * drafting * batched  # branches drafted together
-    return tree <= (1 + margin) * chain
-
-
 def best_ks(alphas: Sequence[float], cost: CostModel, max_k: int | None = None, min_gain: float = 0.0,
             draft_s: Sequence[float] | None = None) -> list[int]:
     """One K per sequence for a flattened round, where nothing is padded: a round costs what its
@@ -298,22 +279,45 @@ class AdaptiveK:
         due; the others stay due), so probes cost one sequence's drafts however large the batch;
         without, the policy's one schedule probes for all when every K sits at 0."""
         ks = best_ks(alphas, self.cost, self.max_k, self.min_gain, draft_s)
-        if not alphas:
-            return ks
-        if schedules is None:
-            probing = set(range(len(ks))) if self.probes.due_after(max(ks)) else set()
-        else:
-            for k, schedule in zip(ks, schedules):
-                schedule.count(k)
-            first = next((i for i, schedule in enumerate(schedules) if schedule.due), None)
-            probing = set() if first is None else {first}
-            if first is not None:
-                schedules[first].probed()
+        probing = self._probing(ks, schedules)
         if not probing:
             return ks
-        optimistic = [min(0.99, a + self.optimism) if i in probing else a for i, a in enumerate(alphas)]
-        probed = best_ks(optimistic, self.cost, self.max_k, self.min_gain, draft_s)
+        probed = best_ks(self._optimistic(alphas, probing), self.cost, self.max_k, self.min_gain, draft_s)
         return [probed[i] if i in probing else k for i, k in enumerate(ks)]
+
+    def next_trees(self, alphas: Sequence[float], stats: Sequence, schedules: Sequence[ProbeSchedule] | None = None,
+                   draft_s: Sequence[float] | None = None, max_nodes: int = 8, max_branch: int = 2) -> list[tuple[int, ...]]:
+        """next_ks for trees: one shape per sequence (shape.best_trees) from each sequence's alpha
+        and its source's acceptance by depth and rank (stats[i], a shape.ShapeStats), probes as there."""
+        from .shape import best_trees, tree_table
+
+        def shapes(alphas_: Sequence[float]) -> list[tuple[int, ...]]:
+            tables = [tree_table(st, a) for st, a in zip(stats, alphas_)]
+            return best_trees(tables, self.cost, self.max_k, max_nodes, max_branch, self.min_gain, draft_s)
+
+        chosen = shapes(alphas)
+        probing = self._probing([len(s) for s in chosen], schedules)
+        if not probing:
+            return chosen
+        probed = shapes(self._optimistic(alphas, probing))
+        return [probed[i] if i in probing else s for i, s in enumerate(chosen)]
+
+    def _probing(self, sizes: Sequence[int], schedules: Sequence[ProbeSchedule] | None) -> set[int]:
+        """The sequences that probe this round, given each one's chosen draft size."""
+        if not sizes:
+            return set()
+        if schedules is None:
+            return set(range(len(sizes))) if self.probes.due_after(max(sizes)) else set()
+        for n, schedule in zip(sizes, schedules):
+            schedule.count(n)
+        first = next((i for i, schedule in enumerate(schedules) if schedule.due), None)
+        if first is None:
+            return set()
+        schedules[first].probed()
+        return {first}
+
+    def _optimistic(self, alphas: Sequence[float], probing: set[int]) -> list[float]:
+        return [min(0.99, a + self.optimism) if i in probing else a for i, a in enumerate(alphas)]
 
     def observe(self, num_drafted: int, num_accepted: int) -> None:
         self.tracker.update(num_drafted, num_accepted)

@@ -29,6 +29,9 @@ class DraftRequest:
     features_start: int = 0
     max_nodes: int = 0  # > 0: a tree of at most this many nodes, depth at most k, may come back
     max_branch: int = 1  # its children per node at most
+    # the tree's template (speculation.shape): node j's parent, siblings in rank order; drafters that
+    # rank their candidates follow it, the others draft within max_nodes / max_branch; None: theirs
+    shape: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
