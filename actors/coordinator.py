@@ -57,7 +57,9 @@ class Coordinator:
         from cluster.runtime.calibration import calibration_key
         from cluster.runtime.engine import SpeculativeEngine
         from cluster.runtime.factory import build_drafter, draft_sources
-        from cluster.runtime.models import LoadedModel, load_tokenizer
+        from dataclasses import replace
+
+        from cluster.runtime.models import LoadedModel, load_model_config, load_tokenizer
 
         from .draft_pool import DraftPool
         from .draft_replica import DraftReplica
@@ -66,6 +68,7 @@ class Coordinator:
         c, t = config.cluster, config.target
         self.config = config
         self._placement_group = placement_group
+        self._lookahead = None  # PaSS look-ahead embeddings the ranks must hold (reinstalled after a rebuild)
         self.group = self._new_group()
         self.replicas = []
         if draft_addresses is None:
@@ -84,7 +87,12 @@ class Coordinator:
             self.pool = None
             whole = self.group.whole_model
             loaded = None if whole is None else LoadedModel(whole, load_tokenizer(t.model), t.model, self.group.dtype)
-            drafter = build_drafter(config.draft.drafter, config.draft, draft_sources(config, loaded))
+            sources = draft_sources(config, loaded)
+            if whole is None:  # sharded: look-ahead embeddings (PaSS) go to every rank, now and after a rebuild
+                sources = replace(sources, install_lookahead=self._install_lookahead,
+                                  target_signature=lambda: {"hidden_size": int(load_model_config(t.model).hidden_size),
+                                                            "vocab_size": self.group.vocab_size})
+            drafter = build_drafter(config.draft.drafter, config.draft, sources)
         self.engine = SpeculativeEngine(
             self.group, load_tokenizer(t.model), drafter,
             num_draft_tokens=config.speculation.num_draft_tokens,
@@ -107,8 +115,15 @@ class Coordinator:
 
         c, t = self.config.cluster, self.config.target
         # target rank 0 runs here (its threads are set by it): a verify costs no Ray call
-        return TargetGroup(t.model, t.dtype, c.tp_size, c.target_rank, placement_group=self._placement_group,
-                           first_bundle=1, driver_rank=True, collective_timeout_s=c.collective_timeout_s)
+        group = TargetGroup(t.model, t.dtype, c.tp_size, c.target_rank, placement_group=self._placement_group,
+                            first_bundle=1, driver_rank=True, collective_timeout_s=c.collective_timeout_s)
+        if self._lookahead is not None:
+            group.install_lookahead(self._lookahead)
+        return group
+
+    def _install_lookahead(self, la) -> list[int]:
+        self._lookahead = la
+        return self.group.install_lookahead(la)
 
     def _rebuild_target(self) -> None:
         """After a rank failed: every sequence is gone; a new group takes the next rounds."""

@@ -158,6 +158,12 @@ class RankHost:
         states = _wire(torch.cat([o.hidden for o in out]).cpu()) if hidden is not None else None
         return *_wire(rows), ids, states, time.perf_counter() - start
 
+    def install_lookahead(self, vectors: torch.Tensor) -> None:
+        """PaSS: this rank's model reads look-ahead ids (runtime/lookahead.py) from now on."""
+        from cluster.runtime.lookahead import install
+
+        install(self.lm.model, vectors)
+
     def cached_length(self, handle: int) -> int:
         return self.lm.cached_length(self._caches[handle])
 
@@ -329,6 +335,13 @@ class TargetGroup:
     def keep(self, cache: int, positions: list[int]) -> None:
         """Commits a subset of cached positions (CausalLM.keep); deferred like rollback."""
         self._edits.append((cache, "keep", list(positions)))
+
+    def install_lookahead(self, la) -> list[int]:
+        """PaSS look-ahead embeddings (a runtime.lookahead.LookaheadEmbeddings) on every rank; their ids."""
+        from cluster.runtime.lookahead import lookahead_ids
+
+        self._all("install_lookahead", la.vectors.detach().float().cpu())
+        return lookahead_ids(self.vocab_size, len(la))
 
     def cached_length(self, cache: int) -> int:
         return self._all("cached_length", cache)

@@ -17,7 +17,7 @@ from importlib import resources
 import torch
 
 from .config import SpecserveConfig
-from .heads import builtin_head
+from .heads import builtin_head, builtin_lookahead
 from .registry import DRAFTERS
 from .runtime.engine import GenerationRequest
 from .runtime.factory import load_target, make_engine, second_stage
@@ -40,7 +40,9 @@ def runnable_drafters(config: SpecserveConfig) -> list[str]:
     d = config.draft
     return [name for name, kind in DRAFTERS.items()
             if (cpu or not kind.cpu_only) and (name != "model" or d.model.usable) and (name != "trained" or d.trained.path)
-            and (not kind.reads_target or d.head.path is not None or builtin_head(config.target.model))]
+            and (name not in ("head", "ngram_head") or d.head.path is not None or builtin_head(config.target.model))
+            and (name not in ("pass", "ngram_pass") or d.pass_.embeddings is not None
+                 or (shipped := builtin_lookahead(config.target.model)) is not None and shipped.is_file())]
 
 
 def choose_drafters(config: SpecserveConfig, names: list[str] | None) -> list[str]:

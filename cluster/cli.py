@@ -1,4 +1,4 @@
-"""`specserve generate`, `bench`, `serve`, `build-corpus` and `train-draft`."""
+"""`specserve generate`, `bench`, `serve`, `soak`, `build-corpus`, `train-draft` and `train-lookahead`."""
 
 from __future__ import annotations
 
@@ -115,10 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         if args.command == "serve":
             return _serve(config, args)
-        if args.command in ("build-corpus", "train-draft"):
+        if args.command in ("build-corpus", "train-draft", "train-lookahead"):
             from .training import commands
 
-            run = commands.build_corpus_command if args.command == "build-corpus" else commands.train_draft_command
+            run = {"build-corpus": commands.build_corpus_command, "train-draft": commands.train_draft_command,
+                   "train-lookahead": commands.train_lookahead_command}[args.command]
             try:
                 return run(config, args)
             except (ValueError, OSError) as e:  # a bad corpus, features or head file: said plainly

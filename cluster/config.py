@@ -15,7 +15,7 @@ Dtype = Literal["auto", "float32", "bfloat16"]  # auto: bfloat16 on GPUs and CPU
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, serialize_by_alias=True)  # `pass` (drafter pass) dumps as written
 
 
 class TargetConfig(_Strict):
@@ -60,6 +60,11 @@ class TrainedDrafterConfig(_Strict):
     dtype: Dtype | None = None  # default: the target's
 
 
+class PassDrafterConfig(_Strict):
+    embeddings: str | None = None  # look-ahead embeddings (specserve train-lookahead); None: the ones shipped for the target
+    lookahead: int | None = Field(None, ge=1, le=16)  # L: use the first L vectors of the file (None: all of them)
+
+
 class DraftConfig(_Strict):
     drafter: Literal[DRAFTER_NAMES] = "ngram"  # the drafter that runs (cluster/registry.py); ngram works for any target
     model: ModelDrafterConfig = ModelDrafterConfig()  # settings of drafter 'model'
@@ -67,6 +72,7 @@ class DraftConfig(_Strict):
     head: HeadDrafterConfig = HeadDrafterConfig()  # settings of drafters 'head' and 'ngram_head'
     ngram_head: NgramHeadDrafterConfig = NgramHeadDrafterConfig()  # drafter 'ngram_head' (lookup sizes up to ngram.max_n)
     trained: TrainedDrafterConfig = TrainedDrafterConfig()  # drafter 'trained'
+    pass_: PassDrafterConfig = Field(PassDrafterConfig(), alias="pass")  # drafter 'pass' (PaSS); key `pass` in YAML
     second_stage: Literal[("none", *SECOND_STAGES)] = "none"  # speeds up a draft model's own decoding (int8, model, trained)
 
     @model_validator(mode="after")

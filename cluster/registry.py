@@ -45,6 +45,12 @@ DRAFTERS: dict[str, DrafterKind] = {
         DrafterKind("ngram_head", "prompt lookup where the context's last draft.ngram_head.min_n or more tokens occurred "
                     "before, the draft head (drafter 'head') for the other sequences",
                     "cluster.runtime.factory:build_ngram_head", "dense", lambda d: True, reads_target=True),
+        DrafterKind("pass", "PaSS: the target drafts for itself with learned look-ahead embeddings (draft.pass, from "
+                    "specserve train-lookahead), in the round's one forward",
+                    "cluster.runtime.factory:build_pass", "dense", lambda d: True, reads_target=True),
+        DrafterKind("ngram_pass", "prompt lookup where the context's last draft.ngram_head.min_n or more tokens occurred "
+                    "before, PaSS (drafter 'pass') for the other sequences",
+                    "cluster.runtime.factory:build_ngram_pass", "dense", lambda d: True, reads_target=True),
     )
 }
 DRAFTER_NAMES = tuple(DRAFTERS)

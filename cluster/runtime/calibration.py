@@ -143,6 +143,8 @@ def _feature_probe(drafter, probe_ids: list[int], vocab: int, start: int, k: int
 def measure_agreement(target, drafter: Drafter | None, tokenizer) -> float:
     """Greedy agreement of a draft model with the target on a fixed text, teacher-forced: two
     forward passes, deterministic for given weights. Model-free drafters get 0.5."""
+    if getattr(drafter, "prior_alpha", None) is not None:  # measured where it was trained (PaSS)
+        return float(drafter.prior_alpha)
     if not isinstance(drafter, ModelDrafter):
         return 0.5
     ids = tokenizer.encode(CALIBRATION_TEXT)[: target.max_context - 1]

@@ -36,6 +36,11 @@ class Drafter(ABC):
     def release(self, seq_id: int) -> None:
         """Forgets a finished sequence."""
 
+    def look_ahead(self, seq_id: int, rows: torch.Tensor, context_length: int) -> None:
+        """PaSS drafters (blocks with lookahead > 0): the look-ahead rows at the point where the
+        round's acceptance stopped ([L] argmax ids, or [L, V] logits), which draft the tokens after
+        the first context_length of the sequence."""
+
 
 class NgramDrafter(Drafter):
     """Prompt lookup: find the latest earlier occurrence of the context's last n tokens

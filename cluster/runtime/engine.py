@@ -43,6 +43,22 @@ def _layout(head: int, parents: tuple[int, ...] | None) -> list[int] | None:
     return list(range(-1, head - 1)) + [head - 1 if p < 0 else head + p for p in parents]
 
 
+def _lookahead_layout(head: int, k: int, count: int) -> list[int]:
+    """PaSS: the uncached tokens and k drafts as a chain, then `count` look-ahead tokens after each
+    of the k + 1 accept points (the head's last token, each draft), each block a chain of its own."""
+    out = list(range(-1, head + k - 1))
+    for j in range(k + 1):
+        start = len(out)
+        out += [head - 1 + j] + list(range(start, start + count - 1))
+    return out
+
+
+def _split_lookahead(out: TargetOutput, k: int, count: int) -> TargetOutput:
+    """The verify rows [k + 1] and the look-ahead rows, [k + 1, count] per accept point."""
+    rows = out.scores[k + 1 :]
+    return TargetOutput(out.scores[: k + 1], out.hidden, rows.view(k + 1, count, *rows.shape[1:]))
+
+
 def _draft_ids(blocks: list[DraftBlock]) -> torch.Tensor:
     return torch.tensor([t for b in blocks for t in b.token_ids], dtype=torch.long)  # [T]
 
@@ -235,6 +251,8 @@ class SpeculativeEngine:
         self.tree_branch = tree_branch
         self.max_prompt_tokens = max_prompt_tokens
         self._shape_stats: dict[str, ShapeStats] = {}  # acceptance by depth and rank, per drafter source
+        self.lookahead = int(getattr(drafter, "lookahead", 0) or 0)  # PaSS: L look-ahead tokens per accept point
+        self._lookahead_source = getattr(drafter, "lookahead_source", None)  # the drafter's part that drafts by PaSS
         self._cost_model = cost_model
         self._learn_costs = cost_model is None  # a given cost model stays as given (deterministic K)
         self._prior_alpha = prior_alpha
@@ -342,9 +360,9 @@ class SpeculativeEngine:
         results = self._accept(seqs, blocks, [o.scores for o in verified], timing)
         if self._policy is not None and self._learn_costs and not prefilling:  # real rounds refine the costs
             # nothing is padded: the round cost what its tokens in all cost (as round_cost_s reads it)
-            tokens = len(seqs) + sum(len(b) for b in blocks)
+            tokens = len(seqs) + sum(len(b) + (len(b) + 1) * b.lookahead for b in blocks)
             self._policy.cost = self._policy.cost.observed(len(seqs), tokens, timing.verify_s + timing.sample_s)
-        outputs = [self._commit(s, block, result, out.hidden, timing)
+        outputs = [self._commit(s, block, result, out, timing)
                    for s, block, result, out in zip(seqs, blocks, results, verified)]
         self.last_round = timing
         return outputs
@@ -359,7 +377,7 @@ class SpeculativeEngine:
         timing.draft_s = self.clock() - t
         blocks = [next(proposed) if shape else _NO_DRAFT for shape in shapes]
         # real chain rounds refine the draft cost (when every drafting sequence was priced by adaptive K)
-        if (requests and self._learn_costs and all(not r.max_nodes for r in requests)
+        if (requests and self._learn_costs and not self.lookahead and all(not r.max_nodes for r in requests)
                 and all(s.seq_id in adaptive for s, shape in zip(seqs, shapes) if shape)):
             free = self.drafter.free_sources
             priced = sum(len(shape) for s, shape in zip(seqs, shapes) if shape and s.source not in free) * draft_token_s
@@ -375,6 +393,12 @@ class SpeculativeEngine:
         return DraftRequest(s.seq_id, s.tokens, shape_depth(shape), s.request.sampling, seed, *self._unsent_features(s),
                             max_nodes=len(shape) if tree else 0, max_branch=max_fanout(shape) if tree else 1,
                             shape=shape if tree else None)
+
+    def _lookahead_ids(self, block: DraftBlock) -> list[int]:
+        """The look-ahead tokens a PaSS block asks for: [LA]_1..[LA]_L (ids V..V+L-1) per accept point."""
+        if not block.lookahead:
+            return []
+        return list(range(self.target.vocab_size, self.target.vocab_size + block.lookahead)) * (len(block) + 1)
 
     def _unsent_features(self, s: _Sequence) -> tuple[torch.Tensor | None, int]:
         """The features a reading drafter has not seen yet, and the position of the first."""
@@ -393,15 +417,19 @@ class SpeculativeEngine:
         sequence's output and whether the round prefilled."""
         t = self.clock()
         heads = [s.uncached for s in seqs]
-        inputs = [h + b.token_ids for h, b in zip(heads, blocks)] + [ids for _, ids in chunks]
-        trees = [_layout(len(h), b.parents) for h, b in zip(heads, blocks)]
+        ahead = [self._lookahead_ids(b) for b in blocks]  # PaSS: look-ahead tokens after each accept point
+        inputs = [h + b.token_ids + a for h, b, a in zip(heads, blocks, ahead)] + [ids for _, ids in chunks]
+        trees = [_layout(len(h), b.parents) if not a else _lookahead_layout(len(h), len(b), b.lookahead)
+                 for h, b, a in zip(heads, blocks, ahead)]
         outputs = self.target.forward_outputs(
             [s.cache for s in seqs] + [s.cache for s, _ in chunks], inputs,
             argmax_only=[s.request.sampling.greedy for s in seqs] + [True] * len(chunks),
-            last=[len(b) + 1 for b in blocks] + [0] * len(chunks),
+            last=[len(b) + 1 + len(a) for b, a in zip(blocks, ahead)] + [0] * len(chunks),
             parents=trees + [None] * len(chunks) if any(t is not None for t in trees) else None,
             hidden=[len(x) for x in inputs] if self.reads_features else None,
         )
+        outputs = [_split_lookahead(o, len(b), b.lookahead) if a else o
+                   for o, b, a in zip(outputs, blocks, ahead)] + outputs[len(seqs):]
         for (s, _), o in zip(chunks, outputs[len(seqs) :]):
             if o.hidden is not None:
                 s.features.append(o.hidden)
@@ -419,13 +447,15 @@ class SpeculativeEngine:
             s.stats.verify_s += timing.verify_s / len(seqs)
         return outputs[: len(seqs)], any(prompt_tokens)
 
-    def _commit(self, s: _Sequence, block: DraftBlock, result: Acceptance, hidden: torch.Tensor | None,
+    def _commit(self, s: _Sequence, block: DraftBlock, result: Acceptance, out: TargetOutput,
                 timing: RoundTiming) -> StepOutput:
-        """The target's cache keeps the accepted drafts; stats, alpha and the drafter learn the
-        outcome; the tokens are emitted."""
-        k, n = len(block), result.num_accepted
+        """The target's cache keeps the accepted drafts (look-ahead tokens go with the rejected
+        ones); stats, alpha and the drafter learn the outcome; the tokens are emitted."""
+        k, n, hidden = len(block), result.num_accepted, out.hidden
         if result.path is None:
-            self.target.rollback(s.cache, k - n)
+            self.target.rollback(s.cache, k - n + (k + 1) * block.lookahead)
+            if out.lookahead is not None:  # the block after the last accepted token: the drafts after this round's tokens
+                self.drafter.look_ahead(s.seq_id, out.lookahead[n], len(s.tokens) + len(result.tokens))
             if hidden is not None:  # [len(uncached) + k, d]: the committed positions' rows
                 s.features.append(hidden[: len(hidden) - (k - n)])
         else:  # a tree: keep the accepted path's positions, gathered behind the committed ones
@@ -487,7 +517,10 @@ class SpeculativeEngine:
             s.source = self.drafter.source(s.seq_id, s.tokens)
         paying = sum(s.source not in free for s in adaptive)  # sequences a drafter with a cost drafts for
         per_token = self._policy.cost.draft_token_s(paying)
-        draft_s = [0.0 if s.source in free else per_token for s in adaptive]
+        # PaSS: a draft costs no draft step but its accept point's look-ahead block, L verified tokens
+        lookahead_s = self.lookahead * self._policy.cost.at_batch(len(seqs)).token_s()
+        draft_s = [0.0 if s.source in free else lookahead_s if s.source == self._lookahead_source else per_token
+                   for s in adaptive]
         alphas = [self._tracker(s, s.source).alpha for s in adaptive]
         probes = [s.probes for s in adaptive]
         if self.tree_nodes:
@@ -520,8 +553,12 @@ class SpeculativeEngine:
         else:
             shape = default_shape(int(self.num_draft_tokens), self.tree_nodes, self.tree_branch)
         remaining = s.request.max_new_tokens - len(s.output)
-        room = self.target.max_context - len(s.tokens)  # positions left for [last] + drafts
-        return cut_shape(shape, max(0, remaining - 1), max(0, room - 1))
+        depth = remaining - 1
+        room = self.target.max_context - len(s.tokens)  # positions left for [last] + drafts (+ look-ahead blocks)
+        if self.lookahead and s.source in (None, self._lookahead_source):  # PaSS drafts at most L, each with a block
+            depth = min(depth, self.lookahead)
+            room = (room - self.lookahead) // (1 + self.lookahead)
+        return cut_shape(shape, max(0, depth), max(0, room - 1))
 
     def _accept(self, seqs: list[_Sequence], blocks: list[DraftBlock], scores: list[torch.Tensor],
                 timing: RoundTiming) -> list[Acceptance]:

@@ -29,6 +29,10 @@ class DraftSources:
     target_weights: Callable[[], LoadedModel]
     dtype: str  # the target's configured dtype ("auto" allowed)
     device: str
+    # where the target runs elsewhere (a tensor-parallel group): installs look-ahead embeddings on
+    # every rank (returns their ids), and the target's description for checking a file against it
+    install_lookahead: Callable[[object], list[int]] | None = None
+    target_signature: Callable[[], dict] | None = None
 
 
 def check_drafter_name(name: str, draft: DraftConfig) -> None:
@@ -78,6 +82,38 @@ def build_ngram_head(draft: DraftConfig, sources: DraftSources) -> Drafter:
     from .lookup_head import LookupThenHead
 
     return LookupThenHead(NgramDrafter(max_n=draft.ngram.max_n, min_n=draft.ngram_head.min_n), build_head(draft, sources))
+
+
+def build_pass(draft: DraftConfig, sources: DraftSources) -> Drafter:
+    """PaSS: the look-ahead embeddings installed in the target (its input embedding reads their ids)."""
+    from ..heads import builtin_lookahead
+    from .lookahead import LookaheadEmbeddings, install
+    from .pass_drafter import PassDrafter
+
+    path = draft.pass_.embeddings or builtin_lookahead(sources.target_name)
+    if path is None or not Path(path).is_file():
+        raise ValueError(f"draft.pass.embeddings: no look-ahead embeddings {'at ' + str(path) if path else 'ship'} "
+                         f"for target {sources.target_name!r} (specserve train-lookahead makes them)")
+    if sources.install_lookahead is None:  # the target is here
+        from .head import target_signature
+
+        target = sources.target_weights().model
+        signature, installer = target_signature(target), lambda la: install(target, la)
+    else:
+        signature, installer = sources.target_signature(), sources.install_lookahead
+    la = LookaheadEmbeddings.load(path, signature)
+    if draft.pass_.lookahead is not None:
+        if draft.pass_.lookahead > len(la):
+            raise ValueError(f"draft.pass.lookahead: {path} holds {len(la)} look-ahead embeddings, "
+                             f"{draft.pass_.lookahead} were asked for")
+        la = la.first(draft.pass_.lookahead)
+    return PassDrafter(installer(la), prior_alpha=la.prior_alpha, path=str(path))
+
+
+def build_ngram_pass(draft: DraftConfig, sources: DraftSources) -> Drafter:
+    from .lookup_pass import LookupThenPass
+
+    return LookupThenPass(NgramDrafter(max_n=draft.ngram.max_n, min_n=draft.ngram_head.min_n), build_pass(draft, sources))
 
 
 def second_stage(draft: DraftConfig) -> NgramDrafter | None:

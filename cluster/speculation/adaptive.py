@@ -51,6 +51,10 @@ class CostModel:
     def max_k(self) -> int:
         return len(self.verify_s) - 1
 
+    def token_s(self) -> float:
+        """One more verified token's cost for one sequence: the verify table's mean slope."""
+        return (self.verify_s[-1] - self.verify_s[0]) / self.max_k if self.max_k else self.verify_s[0]
+
     def round_s(self, k: int) -> float:
         return k * self.draft_step_s + self.verify_s[k]
 

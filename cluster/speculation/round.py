@@ -39,6 +39,7 @@ class DraftBlock:
     token_ids: list[int]  # [k]
     probs: torch.Tensor | None  # [k, V] the q each token was drawn from; None: one-hot (deterministic)
     parents: tuple[int, ...] | None = None  # [k] each token's parent (-1: the last committed token); None: a chain
+    lookahead: int = 0  # PaSS: the verifier appends this many look-ahead tokens after each accept point
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -50,6 +51,7 @@ class TargetOutput:
 
     scores: torch.Tensor  # [n, V] float32 logits, or [n] int64 argmax ids (greedy sequences)
     hidden: torch.Tensor | None = None  # [h, d] last hidden states (what the output layer reads) of its last h tokens
+    lookahead: torch.Tensor | None = None  # PaSS: [k + 1, L, V] logits or [k + 1, L] argmax ids, a block per accept point
 
 
 @dataclass(frozen=True)

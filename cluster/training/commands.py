@@ -13,6 +13,7 @@ import torch
 
 from ..speculation import InvalidRequest
 from .train_head import HeadTraining
+from .train_lookahead import LookaheadTraining
 from .train_model import ModelTraining
 
 TRAININGS = {"head": HeadTraining, "model": ModelTraining}  # train-draft KIND -> its settings
@@ -50,6 +51,20 @@ def add_parsers(sub) -> None:
             if f.name in seen:
                 train.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(training(), f.name)), default=None,
                                    help="default " + ", ".join(seen.pop(f.name)))
+
+
+    la = sub.add_parser("train-lookahead", help="train PaSS look-ahead embeddings for the config's target on a corpus "
+                        "(target frozen; drafter pass)")
+    la.add_argument("--corpus", required=True, help="from specserve build-corpus")
+    la.add_argument("--out", required=True, help="the embeddings file to write (draft.pass.embeddings)")
+    la.add_argument("--config", default=None, help="YAML config (its target is the one drafted for)")
+    la.add_argument("--window", type=int, default=128, help="tokens per training window")
+    la.add_argument("--max-tokens", type=int, default=None, help="use at most this many corpus tokens")
+    la.add_argument("--plot", default=None, metavar="OUT.png", help="loss and acceptance against steps")
+    defaults = LookaheadTraining()
+    for f in fields(LookaheadTraining):
+        la.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name),
+                        help=f"default {getattr(defaults, f.name)}")
 
 
 def _positive(name: str, value) -> None:
@@ -154,3 +169,60 @@ def train_draft_command(config, args) -> int:
     }
     print(json.dumps(report, indent=2))
     return 0
+
+
+def train_lookahead_command(config, args) -> int:
+    """specserve train-lookahead: the vectors, a report of acceptance per look-ahead position and
+    what a look-ahead block adds to a target step."""
+    from ..runtime.factory import load_target
+    from .corpus import read_corpus
+    from .features import cut_windows
+    from .loop import plot
+    from .train_lookahead import train_lookahead
+
+    for name in ("window", "max_tokens", "lookahead", "steps", "batch", "anchors", "lr", "eval_every", "eval_windows"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+    if args.objective not in ("distill", "tokens"):
+        raise InvalidRequest("objective", f"must be distill or tokens, got {args.objective!r}")
+    cfg = LookaheadTraining(**{f.name: getattr(args, f.name) for f in fields(LookaheadTraining)})
+    target = load_target(config)
+    windows = cut_windows(read_corpus(args.corpus), args.window, args.max_tokens)
+    la, log, per_position = train_lookahead(target.model, windows.tokens, windows.held_out, cfg, args.out)
+    if args.plot:
+        plot(log, args.plot)
+    from ..runtime.lookahead import install
+
+    install(target.model, la)
+    plain_s, with_block_s = lookahead_step_costs(target.model, cfg.lookahead)
+    report = {
+        "out": args.out, "training": asdict(cfg), "seconds": round(log.seconds, 1),
+        "train_tokens": int((~windows.held_out).sum()) * windows.tokens.shape[1],
+        "held_out_tokens": int(windows.held_out.sum()) * windows.tokens.shape[1],
+        "held_out_loss": round(log.eval_loss[-1], 4), "held_out_loss_untrained": round(log.eval_loss[0], 4),
+        "per_position": per_position,
+        "target_step_s": round(plain_s, 5), "step_with_lookahead_block_s": round(with_block_s, 5),
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+@torch.inference_mode()
+def lookahead_step_costs(target, count: int, context: int = 256, reps: int = 10) -> tuple[float, float]:
+    """Seconds of one decode step at batch 1 after `context` tokens, plain and with a block of
+    `count` look-ahead tokens appended (what PaSS adds to a step that drafts nothing)."""
+    from ..runtime.kv import CausalLM
+
+    lm = CausalLM(target)
+    cache = lm.new_cache()
+    lm.forward_outputs([cache], [[1] * context], last=[1])
+    out = []
+    for extra in (0, count):
+        ids = [1] + [lm.vocab_size + i for i in range(extra)]
+        for rep in range(reps + 2):
+            if rep == 2:
+                start = time.perf_counter()
+            lm.forward_outputs([cache], [ids], last=[len(ids)])
+            lm.rollback(cache, len(ids))
+        out.append((time.perf_counter() - start) / reps)
+    lm.release(cache)
+    return out[0], out[1]

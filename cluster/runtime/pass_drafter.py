@@ -1,0 +1,66 @@
+"""Drafter `pass` (PaSS): the target drafts for itself, in the round's one forward.
+
+Each block it returns asks the verifier to append L look-ahead tokens (runtime/lookahead.py)
+after every point where acceptance may stop: after the uncached token and after each draft, each
+look-ahead block seeing the committed prefix, the drafts up to its point and its own earlier
+look-ahead tokens (the round's per-sequence tree mask). The round's acceptance stops at one point;
+that block's rows are the next round's drafts (look_ahead): for greedy requests their argmax ids,
+for sampled ones tokens drawn from the warped look-ahead distribution, which is the q sent to
+rejection sampling. Look-ahead positions are dropped from the KV store with the rejected drafts.
+The first round of a sequence has nothing to draft yet: it only appends a block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..speculation import make_generator, sample_token, warp_probs
+from ..speculation.round import DraftBlock, DraftRequest
+from .drafters import Drafter
+
+
+class PassDrafter(Drafter):
+    name = "pass"
+    lookahead_source = "pass"  # the source whose blocks carry look-ahead tokens
+
+    def __init__(self, lookahead_ids: list[int], prior_alpha: float | None = None, path: str | None = None):
+        if not lookahead_ids:
+            raise ValueError("draft.pass.lookahead must be at least 1")
+        self.lookahead_ids = list(lookahead_ids)  # the input ids of [LA]_1..[LA]_L
+        self.prior_alpha = prior_alpha  # training's held-out agreement at [LA]_1 (calibration's prior alpha)
+        self.path = path  # the embeddings file (tensor-parallel ranks install it too)
+        self._rows: dict[int, tuple[int, torch.Tensor]] = {}  # seq_id -> (context length, [L] ids or [L, V] logits)
+
+    @property
+    def lookahead(self) -> int:
+        return len(self.lookahead_ids)
+
+    def source(self, seq_id: int, context: list[int]) -> str:
+        return "pass"
+
+    def propose(self, seq_id, context, k, params, seed) -> DraftBlock:
+        return self.propose_many([DraftRequest(seq_id, context, k, params, seed)])[0]
+
+    def propose_many(self, requests: list[DraftRequest]) -> list[DraftBlock]:
+        return [self._block(r) for r in requests]
+
+    def _block(self, r: DraftRequest) -> DraftBlock:
+        if r.k <= 0:
+            return DraftBlock([], None)
+        at, rows = self._rows.pop(r.seq_id, (None, None))
+        if at != len(r.context):  # none yet, or drafted for another point (another drafter drafted since)
+            return DraftBlock([], None, lookahead=self.lookahead)
+        rows = rows[: r.k]
+        if rows.dim() == 1:  # greedy: the look-ahead argmax ids
+            return DraftBlock(rows.tolist(), None, lookahead=self.lookahead)
+        q = warp_probs(rows, [r.params] * len(rows))  # [k, V]
+        gen = make_generator(r.seed)
+        return DraftBlock([sample_token(row, gen) for row in q], q, lookahead=self.lookahead)
+
+    def look_ahead(self, seq_id: int, rows: torch.Tensor, context_length: int) -> None:
+        """The look-ahead rows at the point where this round's acceptance stopped: [L] argmax ids
+        or [L, V] logits, drafting what follows the sequence's first context_length tokens."""
+        self._rows[seq_id] = (context_length, rows)
+
+    def release(self, seq_id: int) -> None:
+        self._rows.pop(seq_id, None)
