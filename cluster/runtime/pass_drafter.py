@@ -1,7 +1,7 @@
 """Drafter `pass` (PaSS): the target drafts for itself, in the round's one forward.
 
-Each block it returns asks the verifier to append L look-ahead tokens (runtime/lookahead.py)
-after every point where acceptance may stop: after the uncached token and after each draft, each
+Each block it returns asks the verifier to append look-ahead tokens [LA]_1..[LA]_n (n = K + 1,
+at most L; runtime/lookahead.py) after every point where acceptance may stop: after the uncached token and after each draft, each
 look-ahead block seeing the committed prefix, the drafts up to its point and its own earlier
 look-ahead tokens (the round's per-sequence tree mask). The round's acceptance stops at one point;
 that block's rows are the next round's drafts (look_ahead): for greedy requests their argmax ids,
@@ -47,15 +47,18 @@ class PassDrafter(Drafter):
     def _block(self, r: DraftRequest) -> DraftBlock:
         if r.k <= 0:
             return DraftBlock([], None)
+        # blocks as long as the next round may draft: one more than this round's K (so K can grow),
+        # at most L ([LA]_1..[LA]_n of a shorter block are exactly those of a longer one: causal)
+        count = min(self.lookahead, r.k + 1)
         at, rows = self._rows.pop(r.seq_id, (None, None))
         if at != len(r.context):  # none yet, or drafted for another point (another drafter drafted since)
-            return DraftBlock([], None, lookahead=self.lookahead)
+            return DraftBlock([], None, lookahead=count)
         rows = rows[: r.k]
         if rows.dim() == 1:  # greedy: the look-ahead argmax ids
-            return DraftBlock(rows.tolist(), None, lookahead=self.lookahead)
+            return DraftBlock(rows.tolist(), None, lookahead=count)
         q = warp_probs(rows, [r.params] * len(rows))  # [k, V]
         gen = make_generator(r.seed)
-        return DraftBlock([sample_token(row, gen) for row in q], q, lookahead=self.lookahead)
+        return DraftBlock([sample_token(row, gen) for row in q], q, lookahead=count)
 
     def look_ahead(self, seq_id: int, rows: torch.Tensor, context_length: int) -> None:
         """The look-ahead rows at the point where this round's acceptance stopped: [L] argmax ids

@@ -27,7 +27,7 @@ class LookaheadTraining:
     steps: int = 400
     batch: int = 4  # windows a step
     anchors: int = 32  # look-ahead blocks a window
-    lr: float = 3e-2
+    lr: float = 1e-2
     warmup: int = 20
     objective: str = "distill"  # distill: against the target's p; tokens: against the corpus token
     eval_every: int = 100
