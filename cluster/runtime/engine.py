@@ -474,7 +474,7 @@ class SpeculativeEngine:
         st.evaluated_tokens += n + rejected
         if s.trackers is not None and s.source:
             self._tracker(s, s.source).update(n + rejected, n)
-            if self.tree_nodes:
+            if self.tree_nodes or self.lookahead:
                 self._shapes_of(s.source).observe(block.parents, k, result.path or range(n))
         if k:
             self.drafter.observe(s.seq_id, block, result)
@@ -526,13 +526,18 @@ class SpeculativeEngine:
         if self.tree_nodes:
             shapes = self._policy.next_trees(alphas, [self._shapes_of(s.source) for s in adaptive], probes, draft_s,
                                              self.tree_nodes, self.tree_branch)
+        elif self.lookahead:  # PaSS: chains as long as the measured acceptance per look-ahead position pays
+            shapes = self._policy.next_trees(alphas, [self._shapes_of(s.source) for s in adaptive], probes, draft_s,
+                                             self.max_draft_tokens, 1)
         else:
             shapes = [default_shape(k) for k in self._policy.next_ks(alphas, probes, draft_s)]
         return dict(zip((s.seq_id for s in adaptive), shapes)), per_token
 
     def _shapes_of(self, source: str) -> ShapeStats:
         if source not in self._shape_stats:
-            self._shape_stats[source] = ShapeStats(self.max_draft_tokens, self.tree_branch, self.prior_alpha)
+            prior = getattr(self.drafter, "prior_by_depth", None) if source == self._lookahead_source else None
+            self._shape_stats[source] = ShapeStats(self.max_draft_tokens, max(1, self.tree_branch), self.prior_alpha,
+                                                   prior_depth=prior)
         return self._shape_stats[source]
 
     def _tracker(self, s: _Sequence, source: str) -> AcceptanceTracker:

@@ -51,6 +51,26 @@ def target_signature(target: nn.Module) -> dict:
             "output_checksum": round(float(w.float()[:64].sum()), 3)}
 
 
+def load_trained_file(path: str | Path, field: str, what: str, file_format: int, signature: dict) -> dict:
+    """A file trained for a target (a head, look-ahead embeddings), read without unpickling code and
+    checked against the target's signature (sizes; the output layer's checksum where the signature
+    has one); a clear error names the config field and what does not match."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise ValueError(f"{field}: cannot read a {what} from {path}: {e}") from None
+    if not isinstance(data, dict) or data.get("format") != file_format:
+        raise ValueError(f"{field}: {path} is not a specserve {what} (format {file_format})")
+    got = data["signature"]
+    for key in ("hidden_size", "vocab_size"):
+        if got[key] != signature[key]:
+            raise ValueError(f"{field}: {path} was trained for a target with {key} {got[key]}, this target has {signature[key]}")
+    want = signature.get("output_checksum")
+    if want is not None and abs(got["output_checksum"] - want) > 1e-2 * max(1.0, abs(want)):
+        raise ValueError(f"{field}: {path} was trained for another target (its output layer differs)")
+    return data
+
+
 class DraftHead(nn.Module):
     """fc + one decoder layer over the target's frozen embedding and output layer (rows `vocab`)."""
 
@@ -106,20 +126,7 @@ class DraftHead(nn.Module):
     def load(cls, path: str | Path, target: nn.Module) -> "DraftHead":
         """A saved head for `target` (its embedding and output layer are shared); a clear error
         names what does not match."""
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError) as e:
-            raise ValueError(f"draft.head.path: cannot read a draft head from {path}: {e}") from None
-        if not isinstance(data, dict) or data.get("format") != HEAD_FORMAT:
-            raise ValueError(f"draft.head.path: {path} is not a specserve draft head (format {HEAD_FORMAT})")
-        want = target_signature(target)
-        got = data["signature"]
-        for key in ("hidden_size", "vocab_size"):
-            if got[key] != want[key]:
-                raise ValueError(f"draft.head.path: {path} was trained for a target with {key} {got[key]}, "
-                                 f"this target has {want[key]}")
-        if abs(got["output_checksum"] - want["output_checksum"]) > 1e-2 * max(1.0, abs(want["output_checksum"])):
-            raise ValueError(f"draft.head.path: {path} was trained for another target (its output layer differs)")
+        data = load_trained_file(path, "draft.head.path", "draft head", HEAD_FORMAT, target_signature(target))
         head = cls(target, data["vocab"], data["intermediate_size"])
         like = target.get_output_embeddings().weight
         missing, unexpected = head.load_state_dict({k: v.to(like.dtype) for k, v in data["state"].items()}, strict=False)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .head import target_signature
+from .head import load_trained_file, target_signature
 
 LOOKAHEAD_FORMAT = 1
 TRAINING_ATTENTION = "specserve_lookahead"
@@ -70,21 +70,8 @@ class LookaheadEmbeddings(nn.Module):
     def load(cls, path: str | Path, signature: dict) -> "LookaheadEmbeddings":
         """Saved vectors for the target described by `signature` (head.target_signature; without
         output_checksum, as for a sharded target, sizes only); a clear error names what does not match."""
-        field = "draft.pass.embeddings"
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError) as e:
-            raise ValueError(f"{field}: cannot read look-ahead embeddings from {path}: {e}") from None
-        if not isinstance(data, dict) or data.get("format") != LOOKAHEAD_FORMAT:
-            raise ValueError(f"{field}: {path} is not a specserve look-ahead file (format {LOOKAHEAD_FORMAT})")
+        data = load_trained_file(path, "draft.pass.embeddings", "look-ahead file", LOOKAHEAD_FORMAT, signature)
         got = data["signature"]
-        for key in ("hidden_size", "vocab_size"):
-            if got[key] != signature[key]:
-                raise ValueError(f"{field}: {path} was trained for a target with {key} {got[key]}, "
-                                 f"this target has {signature[key]}")
-        want = signature.get("output_checksum")
-        if want is not None and abs(got["output_checksum"] - want) > 1e-2 * max(1.0, abs(want)):
-            raise ValueError(f"{field}: {path} was trained for another target (its output layer differs)")
         vectors = data["vectors"]
         la = cls(vectors.shape[0], vectors.shape[1], got, data.get("meta", {}))
         with torch.no_grad():

@@ -63,13 +63,15 @@ def default_shape(k: int, max_nodes: int = 0, max_branch: int = 1) -> Shape:
 @dataclass
 class ShapeStats:
     """c(d, r) for one drafter source, learned from every round's outcome with decaying counts,
-    and a prior (prior_alpha at rank 0, halved for each later rank) for what was never tested."""
+    and a prior (prior_alpha at rank 0, or prior_depth[d], halved for each later rank) for what
+    was never tested."""
 
     max_depth: int
     max_rank: int
     prior_alpha: float = 0.5
     prior_weight: float = 4.0
     decay: float = 0.995
+    prior_depth: Sequence[float] | None = None  # rank 0's prior per depth where known (PaSS: per look-ahead position)
     accepted: list[list[float]] = field(default_factory=list)  # [depth][rank]
     tested: list[list[float]] = field(default_factory=list)
 
@@ -82,7 +84,10 @@ class ShapeStats:
         """The conditional acceptance of the rank-`rank` child at `depth` (1-based depth)."""
         if not 1 <= depth <= self.max_depth or not 0 <= rank < self.max_rank:
             return 0.0
-        prior = self.prior_alpha * 0.5 ** rank
+        first = self.prior_alpha
+        if self.prior_depth:
+            first = self.prior_depth[min(depth, len(self.prior_depth)) - 1]
+        prior = first * 0.5 ** rank
         a, t = self.accepted[depth - 1][rank], self.tested[depth - 1][rank]
         return (a + prior * self.prior_weight) / (t + self.prior_weight)
 
