@@ -261,3 +261,62 @@ def test_greedy_accept_equals_rejection_sampling_on_one_hot_p():
         assert torch.equal(got.num_accepted, want.num_accepted) and torch.equal(got.token_ids, want.token_ids)
     shifted = greedy_accept(torch.roll(argmax, 1), draft_ids, ks)  # negative control: rows misaligned
     assert not torch.equal(shifted.token_ids, want.token_ids)
+
+
+def pass_dist(p: torch.Tensor, q: torch.Tensor, k: int, sent: torch.Tensor | None = None, n: int = N) -> dict:
+    """Exact distribution of the first n tokens of PaSS from CONTEXT. A round starting at token c
+    drafts k tokens drawn independently, draft i from q[a, i] where a is the token before c: the
+    look-ahead block sat after a, before c (the previous round's last token) was drawn. Acceptance
+    is told `sent` ([V, L, V]; default q), the q the drafter reports."""
+    sent = q if sent is None else sent
+    v = p.shape[0]
+    done, frontier = defaultdict(float), {(CONTEXT, CONTEXT, ()): 1.0}  # (a, c, emitted) -> probability
+    while frontier:
+        nxt = defaultdict(float)
+        for (a, c, emitted), w in frontier.items():
+            for xs in itertools.product(range(v), repeat=k):
+                prob = 1.0
+                for i, x in enumerate(xs):
+                    prob *= float(q[a, i, x])
+                if prob == 0:
+                    continue
+                prevs, reach, outcomes = (c,) + xs, prob, []
+                for j, x in enumerate(xs):
+                    told = sent[a, j]
+                    accept = float(acceptance_probs(p[prevs[j], x : x + 1], told[x : x + 1])[0])
+                    residual = recovered_probs(p[prevs[j]][None], told[None], torch.tensor([x]))[0]
+                    outcomes += [(xs[:j] + (y,), reach * (1 - accept) * float(residual[y])) for y in range(v)]
+                    reach *= accept
+                outcomes += [(xs + (y,), reach * float(p[prevs[k], y])) for y in range(v)]
+                for toks, pr in outcomes:
+                    if pr == 0:
+                        continue
+                    seq = emitted + toks
+                    if len(seq) >= n:
+                        done[seq[:n]] += w * pr
+                    else:
+                        nxt[((c,) + toks)[-2], toks[-1], seq] += w * pr
+        frontier = nxt
+    return done
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("case", ["t1", "t0.7", "top_k2", "mixed"])
+def test_pass_drafting_is_exact(case, k):
+    """PaSS: drafts drawn position by position from the warped look-ahead rows (independent of each
+    other and of the round's first token), that q sent to rejection sampling: the output is the
+    target's chain exactly. Negative control: acceptance told the unwarped look-ahead rows (a q the
+    drafts were not drawn from) is biased."""
+    v, params = 3, CASES[case]
+    lp, _ = tables(v, seed=7 + k)
+    p = warp_probs(lp, [params] * v).double()
+    g = torch.Generator().manual_seed(11 + k)
+    rows = torch.randn(v, 2, v, generator=g) * 1.5  # [a, position, V] look-ahead logits
+    q = warp_probs(rows.reshape(-1, v), [params] * (2 * v)).double().reshape(v, 2, v)
+    want = chain_dist(Model(lp, lp, params))
+    got = pass_dist(p, q, k)
+    assert abs(sum(got.values()) - 1.0) < TOL
+    assert max(abs(got.get(ys, 0.0) - pw) for ys, pw in want.items()) < TOL
+    shifted = q.roll(1, dims=1).clamp(min=1e-12)  # each draft checked against the other position's row
+    wrong = pass_dist(p, q, k, sent=shifted / shifted.sum(-1, keepdim=True))
+    assert max(abs(wrong.get(ys, 0.0) - pw) for ys, pw in want.items()) > BROKEN
