@@ -276,3 +276,27 @@ def test_served_greedy_with_pass_equals_plain(ray_cluster, trained):
             assert sum(r.stats.draft_tokens for r in fixed) > 10
     finally:
         serve.shutdown()
+
+
+@pytest.mark.parametrize("slope, fused", [(0.002, True), (0.3, False)])
+def test_pass_fuses_or_alternates_by_measured_cost(tiny, trained, slope, fused):
+    """Where verified tokens are nearly free, a round verifies its drafts and appends look-ahead
+    blocks at every accept point (fused); where each costs 30% of a step, rounds alternate as in the
+    paper (a call that drafts, then a call that verifies); greedy output is plain's either way."""
+    cost = CostModel(0.0, tuple(1.0 + slope * j for j in range(7)))
+    engine = _engine(tiny, trained[0], 2, cost)
+    seen = []
+    ids_of = engine._lookahead_ids
+    engine._lookahead_ids = lambda block: seen.append((len(block), block.lookahead)) or ids_of(block)
+    prompts = [tiny.tokenizer.encode(p) for p in TINY_PROMPTS[:3]]
+    results = engine.generate([GenerationRequest("", 24, SamplingParams(temperature=0.0), prompt_ids=p) for p in prompts])
+    eos = tiny.tokenizer.eos_token_id
+    for ids, r in zip(prompts, results):
+        assert r.token_ids == hf_greedy(tiny.model, ids, 24, eos)[: len(r.token_ids)]
+    both = sum(1 for k, n in seen if k and n)  # rounds that verify drafts and draft again
+    drafting_only = sum(1 for k, n in seen if not k and n)
+    verifying_only = sum(1 for k, n in seen if k and not n)
+    if fused:
+        assert both > 10 and verifying_only == 0
+    else:
+        assert both == 0 and drafting_only > 10 and verifying_only > 10

@@ -4,7 +4,7 @@ the whole ragged batch at once, roll back both caches. New sequences join betwee
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 import torch
@@ -25,6 +25,7 @@ from ..speculation import (
     warp_probs,
 )
 from ..speculation.round import Acceptance, DraftBlock, DraftRequest, TargetOutput
+from ..speculation.adaptive import verify_cost
 from ..speculation.shape import Shape, ShapeStats, cut_shape, default_shape, is_chain, max_fanout, shape_depth
 from .calibration import Calibration, load_or_measure, measure_agreement, measure_costs, recheck_draft_cost
 from .drafters import Drafter
@@ -376,6 +377,8 @@ class SpeculativeEngine:
         proposed = iter(self.drafter.propose_many(requests) if requests else [])
         timing.draft_s = self.clock() - t
         blocks = [next(proposed) if shape else _NO_DRAFT for shape in shapes]
+        if self.lookahead and not self._fused_pays(seqs, blocks):  # PaSS as the paper's alternating calls
+            blocks = [replace(b, lookahead=0) if b.lookahead and len(b) else b for b in blocks]
         # real chain rounds refine the draft cost (when every drafting sequence was priced by adaptive K)
         if (requests and self._learn_costs and not self.lookahead and all(not r.max_nodes for r in requests)
                 and all(s.seq_id in adaptive for s, shape in zip(seqs, shapes) if shape)):
@@ -393,6 +396,29 @@ class SpeculativeEngine:
         return DraftRequest(s.seq_id, s.tokens, shape_depth(shape), s.request.sampling, seed, *self._unsent_features(s),
                             max_nodes=len(shape) if tree else 0, max_branch=max_fanout(shape) if tree else 1,
                             shape=shape if tree else None)
+
+    def _fused_pays(self, seqs: list[_Sequence], blocks: list[DraftBlock]) -> bool:
+        """PaSS, fused or alternating: a round that verifies K drafts and appends a look-ahead
+        block of n after each of its K + 1 accept points (one call yields 1 + E tokens, E the
+        expected accepted drafts), or, as in the paper, calls that only draft ([last] + one block:
+        one token) alternating with calls that only verify (1 + E tokens). Whichever the measured
+        costs at this batch size say gives more tokens per second."""
+        pass_blocks = [(s, b) for s, b in zip(seqs, blocks) if b.lookahead and len(b)]
+        if not pass_blocks:
+            return True
+        cost = self._policy.cost if self._policy is not None else self._cost_model or (
+            self._calibration.cost if self._calibration is not None else None)
+        if cost is None:  # nothing measured yet (never inside a round): fused
+            return True
+        per_seq = cost.at_batch(len(seqs)).verify_s
+        k = sum(len(b) for _, b in pass_blocks) / len(pass_blocks)
+        n = sum(b.lookahead for _, b in pass_blocks) / len(pass_blocks)
+        alphas = [self._tracker(s, s.source).alpha if s.trackers is not None and s.source else self.prior_alpha
+                  for s, _ in pass_blocks]
+        gained = sum(sum(a ** i for i in range(1, len(b) + 1)) for a, (_, b) in zip(alphas, pass_blocks)) / len(alphas)
+        fused = (1 + gained) / verify_cost(per_seq, 1, 1 + k + (k + 1) * n)
+        alternating = (2 + gained) / (verify_cost(per_seq, 1, 1 + n) + verify_cost(per_seq, 1, 1 + k))
+        return fused >= alternating
 
     def _lookahead_ids(self, block: DraftBlock) -> list[int]:
         """The look-ahead tokens a PaSS block asks for: [LA]_1..[LA]_L (ids V..V+L-1) per accept point."""

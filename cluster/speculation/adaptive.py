@@ -134,10 +134,12 @@ def best_k(alpha: float | Sequence[float], cost: CostModel, max_k: int | None = 
 def round_cost_s(cost: CostModel, batch: int, tokens: float) -> float:
     """One flattened round of `batch` sequences verifying `tokens` tokens in all (batch..batch*(max_k+1)):
     the batch's verify table read at tokens / batch per sequence, linear in between."""
-    return _verify_cost(cost.at_batch(batch).verify_s, batch, tokens)
+    return verify_cost(cost.at_batch(batch).verify_s, batch, tokens)
 
 
-def _verify_cost(per_seq: tuple[float, ...], batch: int, tokens: float) -> float:
+def verify_cost(per_seq: tuple[float, ...], batch: int, tokens: float) -> float:
+    """A round of `batch` sequences verifying `tokens` tokens in all, from a per-sequence table
+    (per_seq[j]: j + 1 tokens each): linear in between, the last slope past the table's end."""
     n = max(tokens / batch, 1.0) - 1  # drafts per sequence, fractional
     if n > len(per_seq) - 1 and len(per_seq) > 1:  # wider than the table (a tree): its last slope on
         return batch * (per_seq[-1] + (n - len(per_seq) + 1) * (per_seq[-1] - per_seq[-2]))
@@ -163,9 +165,9 @@ def best_ks(alphas: Sequence[float], cost: CostModel, max_k: int | None = None, 
     draft_s = [cost.draft_token_s(b)] * b if draft_s is None else list(draft_s)
     per_seq = cost.at_batch(b).verify_s
     ks, expected, tokens, drafting_s = [0] * b, float(b), b, 0.0
-    plain = rate = expected / _verify_cost(per_seq, b, b)
+    plain = rate = expected / verify_cost(per_seq, b, b)
     while True:
-        verify = _verify_cost(per_seq, b, tokens + 1)
+        verify = verify_cost(per_seq, b, tokens + 1)
         rates = [((expected + a ** (k + 1)) / (verify + drafting_s + d), -i)
                  for i, (a, k, d) in enumerate(zip(alphas, ks, draft_s)) if k < top]
         if not rates:

@@ -17,7 +17,7 @@ import heapq
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .adaptive import CostModel, _verify_cost
+from .adaptive import CostModel, verify_cost
 
 Shape = tuple[int, ...]  # [n] node j's parent (< j, or -1: the root); siblings in rank order
 
@@ -164,9 +164,9 @@ def best_trees(tables: Sequence[Sequence[Sequence[float]]], cost: CostModel, max
     reach: list[list[float]] = [[] for _ in range(b)]
     heaps = [[_Candidate(-c(i, 1, 0), -1, 1, 0, 1.0)] if top >= 1 and max_nodes >= 1 else [] for i in range(b)]
     expected, tokens, drafting_s = float(b), b, 0.0
-    plain = rate = expected / _verify_cost(per_seq, b, b)
+    plain = rate = expected / verify_cost(per_seq, b, b)
     while True:
-        verify = _verify_cost(per_seq, b, tokens + 1)
+        verify = verify_cost(per_seq, b, tokens + 1)
         rates = [((expected - heaps[i][0].neg_reach) / (verify + drafting_s + draft_s[i]), -i)
                  for i in range(b) if heaps[i] and len(shapes[i]) < max_nodes]
         if not rates:
