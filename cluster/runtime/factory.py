@@ -107,8 +107,7 @@ def build_pass(draft: DraftConfig, sources: DraftSources) -> Drafter:
             raise ValueError(f"draft.pass.lookahead: {path} holds {len(la)} look-ahead embeddings, "
                              f"{draft.pass_.lookahead} were asked for")
         la = la.first(draft.pass_.lookahead)
-    per_position = la.meta.get("per_position", {}).get("agreement")
-    return PassDrafter(installer(la), prior_alpha=la.prior_alpha, path=str(path), prior_by_depth=per_position)
+    return PassDrafter(installer(la), prior_alpha=la.prior_alpha, prior_by_depth=la.agreement)
 
 
 def build_ngram_pass(draft: DraftConfig, sources: DraftSources) -> Drafter:

@@ -36,10 +36,13 @@ class LookaheadEmbeddings(nn.Module):
         return self.vectors.shape[0]
 
     @property
+    def agreement(self) -> list[float] | None:
+        """Training's held-out greedy agreement per look-ahead position, where it reported it."""
+        return self.meta.get("per_position", {}).get("agreement")
+
+    @property
     def prior_alpha(self) -> float | None:
-        """The held-out greedy agreement of the first look-ahead position, where training reported it."""
-        agreement = self.meta.get("per_position", {}).get("agreement")
-        return float(agreement[0]) if agreement else None
+        return float(self.agreement[0]) if self.agreement else None
 
     def first(self, count: int) -> "LookaheadEmbeddings":
         """The first `count` vectors ([LA]_i drafts i + 1 tokens ahead whatever L is)."""

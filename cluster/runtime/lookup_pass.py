@@ -25,8 +25,7 @@ class LookupThenPass(Drafter):
 
     def __init__(self, lookup: NgramDrafter, pas: PassDrafter):
         self.lookup, self.pas = lookup, pas
-        self.lookahead_ids, self.prior_alpha, self.path = pas.lookahead_ids, pas.prior_alpha, pas.path
-        self.prior_by_depth = pas.prior_by_depth
+        self.prior_alpha, self.prior_by_depth = pas.prior_alpha, pas.prior_by_depth
 
     @property
     def lookahead(self) -> int:

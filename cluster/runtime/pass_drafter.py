@@ -23,13 +23,12 @@ class PassDrafter(Drafter):
     name = "pass"
     lookahead_source = "pass"  # the source whose blocks carry look-ahead tokens
 
-    def __init__(self, lookahead_ids: list[int], prior_alpha: float | None = None, path: str | None = None,
+    def __init__(self, lookahead_ids: list[int], prior_alpha: float | None = None,
                  prior_by_depth: list[float] | None = None):
         if not lookahead_ids:
             raise ValueError("draft.pass.lookahead must be at least 1")
         self.lookahead_ids = list(lookahead_ids)  # the input ids of [LA]_1..[LA]_L
         self.prior_alpha = prior_alpha  # training's held-out agreement at [LA]_1 (calibration's prior alpha)
-        self.path = path  # the embeddings file (tensor-parallel ranks install it too)
         self.prior_by_depth = prior_by_depth  # training's held-out agreement per look-ahead position
         self._rows: dict[int, tuple[int, torch.Tensor]] = {}  # seq_id -> (context length, [L] ids or [L, V] logits)
 
