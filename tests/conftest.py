@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 
@@ -193,3 +195,40 @@ def make_certs(folder, server_name: str = "specserve-draft") -> dict:
     return {"ca_file": write("ca.pem", ca.public_bytes(pem)), "cert_file": write("cert.pem", leaf.public_bytes(pem)),
             "key_file": write("key.pem", pem_key(key)), "rogue_cert_file": write("rogue.pem", rogue.public_bytes(pem)),
             "rogue_key_file": write("rogue-key.pem", pem_key(rogue_key))}
+
+
+@contextlib.contextmanager
+def served_tiny(app_name: str, **sections):
+    """configs/tiny.yaml served by Ray Serve with these top-level sections merged in (a dict each,
+    replacing the file's keys it names); yields run(prompt, k) -> the gRPC Generate reply (24
+    tokens, k None: the server's policy). Serve is shut down afterwards."""
+    from pathlib import Path
+
+    import grpc
+    import yaml
+    from ray import serve
+    from specserve.v1 import generation_pb2 as pb
+    from specserve.v1 import generation_pb2_grpc as pb_grpc
+
+    from cluster import app
+    from cluster.config import parse_config
+
+    data = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml").read_text())
+    for key, values in sections.items():
+        data[key] = {**data.get(key, {}), **values}
+    data["serve"] = {"app_name": app_name, "grpc_port": free_port(), "http_port": free_port(), "host": "127.0.0.1",
+                     "max_new_tokens": 24}
+    config = parse_config(data)
+    app.start(config)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{config.serve.grpc_port}") as channel:
+            stub = pb_grpc.SpeculativeGenerationStub(channel)
+
+            def run(prompt: str, k: int | None):
+                extra = {} if k is None else {"num_draft_tokens": k}
+                return stub.Generate(pb.GenerateRequest(prompt=prompt, max_new_tokens=24, **extra),
+                                     metadata=(("application", app_name),))
+
+            yield run
+    finally:
+        serve.shutdown()

@@ -203,38 +203,12 @@ def test_adaptive_trees_grow_where_verification_is_flat_and_shrink_where_it_cost
 def test_served_greedy_with_adaptive_trees_equals_plain(ray_cluster):
     """Through Serve's gRPC API (configs/tiny.yaml: tensor parallel 2, the n-gram drafter on a draft
     replica, trees of up to 8 nodes): the server's policy and K = 4 give plain decoding's tokens."""
-    from pathlib import Path
+    from conftest import served_tiny
 
-    import grpc
-    import yaml
-    from ray import serve
-    from specserve.v1 import generation_pb2 as pb
-    from specserve.v1 import generation_pb2_grpc as pb_grpc
-
-    from cluster import app
-    from conftest import free_port
-
-    data = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml").read_text())
-    data["draft"] = {"drafter": "ngram"}
-    data["speculation"] |= {"tree": {"max_nodes": 8, "max_branch": 2}}
-    data["serve"] = {"app_name": "tree-test", "grpc_port": free_port(), "http_port": free_port(), "host": "127.0.0.1",
-                     "max_new_tokens": 24}
-    config = parse_config(data)
-    app.start(config)
-    meta = (("application", "tree-test"),)
     prompts = [p * 3 for p in TINY_PROMPTS[:3]]  # repeated text: earlier matches to branch on
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{config.serve.grpc_port}") as channel:
-            stub = pb_grpc.SpeculativeGenerationStub(channel)
-
-            def run(prompt: str, k: int | None):
-                extra = {} if k is None else {"num_draft_tokens": k}
-                return stub.Generate(pb.GenerateRequest(prompt=prompt, max_new_tokens=24, **extra), metadata=meta)
-
-            plain = [list(run(p, 0).token_ids) for p in prompts]
-            for k in (4, None):
-                got = [run(p, k) for p in prompts]
-                assert [list(r.token_ids) for r in got] == plain
-                assert sum(r.stats.accepted_tokens for r in got) > 0
-    finally:
-        serve.shutdown()
+    with served_tiny("tree-test", draft={"drafter": "ngram"}, speculation={"tree": {"max_nodes": 8, "max_branch": 2}}) as run:
+        plain = [list(run(p, 0).token_ids) for p in prompts]
+        for k in (4, None):
+            got = [run(p, k) for p in prompts]
+            assert [list(r.token_ids) for r in got] == plain
+            assert sum(r.stats.accepted_tokens for r in got) > 0

@@ -240,42 +240,16 @@ def test_distributed_greedy_with_pass_equals_plain(ray_cluster, tiny, trained):
 def test_served_greedy_with_pass_equals_plain(ray_cluster, trained):
     """Through Serve's gRPC API (configs/tiny.yaml: tensor parallel 2 behind the engine): PaSS
     rounds (the server's policy and K = 3) give plain decoding's tokens."""
-    from pathlib import Path
+    from conftest import served_tiny
 
-    import grpc
-    import yaml
-    from ray import serve
-    from specserve.v1 import generation_pb2 as pb
-    from specserve.v1 import generation_pb2_grpc as pb_grpc
-
-    from cluster import app
-    from conftest import free_port
-
-    data = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml").read_text())
-    data["draft"] = {"drafter": "pass", "pass": {"embeddings": trained[0]}}
-    data["cluster"]["draft_replicas"] = 0
-    data["serve"] = {"app_name": "pass-test", "grpc_port": free_port(), "http_port": free_port(), "host": "127.0.0.1",
-                     "max_new_tokens": 24}
-    config = parse_config(data)
-    app.start(config)
-    meta = (("application", "pass-test"),)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{config.serve.grpc_port}") as channel:
-            stub = pb_grpc.SpeculativeGenerationStub(channel)
-
-            def run(prompt: str, k: int | None):
-                extra = {} if k is None else {"num_draft_tokens": k}
-                return stub.Generate(pb.GenerateRequest(prompt=prompt, max_new_tokens=24, **extra), metadata=meta)
-
-            plain = [run(p, 0) for p in TINY_PROMPTS[:3]]
-            for k in (3, None):
-                got = [run(p, k) for p in TINY_PROMPTS[:3]]
-                assert [list(r.token_ids) for r in got] == [list(r.token_ids) for r in plain]
-            assert all(r.stats.draft_tokens == 0 for r in plain)
-            fixed = [run(p, 3) for p in TINY_PROMPTS[:3]]
-            assert sum(r.stats.draft_tokens for r in fixed) > 10
-    finally:
-        serve.shutdown()
+    with served_tiny("pass-test", draft={"drafter": "pass", "pass": {"embeddings": trained[0]}},
+                     cluster={"draft_replicas": 0}) as run:
+        plain = [run(p, 0) for p in TINY_PROMPTS[:3]]
+        for k in (3, None):
+            got = [run(p, k) for p in TINY_PROMPTS[:3]]
+            assert [list(r.token_ids) for r in got] == [list(r.token_ids) for r in plain]
+        assert all(r.stats.draft_tokens == 0 for r in plain)
+        assert sum(r.stats.draft_tokens for r in (run(p, 3) for p in TINY_PROMPTS[:3])) > 10
 
 
 @pytest.mark.parametrize("slope, fused", [(0.002, True), (0.3, False)])
