@@ -26,6 +26,7 @@ import torch
 from ..speculation.round import TargetOutput
 
 ATTENTION = "specserve_flat"
+INVARIANT_SPAN = 512  # CPU sdpa reads keys in blocks of 512: whole blocks keep a row's sums in one order
 BATCHED_BLOCK = 16  # blocks of at most this many tokens may attend in the batched call
 _CALL_COST = 1200  # one attention call, in query-row x key units (measured: ~40 us against ~0.03 us)
 _GROWTH_ALIGN = 64  # capacity is a multiple of this many positions
@@ -171,6 +172,7 @@ class FlatBatch:
     mask: torch.Tensor | None  # [width, 1, block, extent] bool (True: attend)
     # one by one: (slot, first row, end row, cached length + new tokens, mask [n, end] or None)
     singles: tuple[tuple[int, int, int, int, torch.Tensor | None], ...]
+    invariant: bool = False  # every query row attends as its own head (batch_invariant_attention)
 
 
 def attention_mask(start: int, parents: list[int], device) -> torch.Tensor | None:
@@ -225,8 +227,26 @@ def batched_part(blocks: list[int], ends: list[int], slots: list[int]) -> list[i
     return best
 
 
-def _layout(pool: KVPool, caches, starts, trees, device) -> FlatBatch:
-    """Where each new token is stored and how each sequence attends (built once per forward)."""
+def batch_invariant_attention(q, k, v, mask=None, scale=None):
+    """sdpa in which each query row is a head of its own (one query each), so a row's output is
+    bitwise the same whatever other rows, blocks or sequences the call holds: CPU sdpa kernels
+    choose their arithmetic by the number of queries (1-2 rows differ from 3 or more). The query
+    heads are ordered so that grouped-query attention maps each to its own kv head, so the keys and
+    values are read in place. q [w, H, b, D], k/v [w, H_kv, L, D], mask [w or 1, 1, b, L] or [b, L]
+    bool (or None) -> [w, H, b, D]. Key ranges must be whole multiples of INVARIANT_SPAN: the
+    kernel sums over keys in blocks of that many, and a fully masked block adds exact zeros."""
+    w, heads, b, dim = q.shape
+    rows = q.reshape(w, heads * b, 1, dim)  # head h, row j -> head h * b + j; its kv head is h // (H / H_kv)
+    if mask is not None:
+        mask = mask.reshape(-1, 1, b, mask.shape[-1]).expand(w, heads, b, mask.shape[-1]).reshape(w, heads * b, 1, -1)
+    out = torch.nn.functional.scaled_dot_product_attention(rows, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.view(w, heads, b, dim)
+
+
+def _layout(pool: KVPool, caches, starts, trees, device, invariant: bool = False) -> FlatBatch:
+    """Where each new token is stored and how each sequence attends (built once per forward).
+    invariant: key ranges are whole multiples of INVARIANT_SPAN (see batch_invariant_attention)."""
+    span = (lambda e: -(-e // INVARIANT_SPAN) * INVARIANT_SPAN) if invariant else (lambda e: e)
     offsets = [0]
     for tree in trees:
         offsets.append(offsets[-1] + len(tree))
@@ -235,7 +255,8 @@ def _layout(pool: KVPool, caches, starts, trees, device) -> FlatBatch:
     batched = set(batched_part([len(t) for t in trees], [s + len(t) for s, t in zip(starts, trees)],
                                [c.slot for c in caches]))
     singles = tuple(
-        (caches[i].slot, offsets[i], offsets[i + 1], starts[i] + len(trees[i]), attention_mask(starts[i], trees[i], device))
+        (caches[i].slot, offsets[i], offsets[i + 1], span(starts[i] + len(trees[i])),
+         _padded(attention_mask(starts[i], trees[i], "cpu"), starts[i] + len(trees[i]), span, device))
         for i in range(len(trees)) if i not in batched
     )
     batched = sorted(batched)
@@ -245,7 +266,7 @@ def _layout(pool: KVPool, caches, starts, trees, device) -> FlatBatch:
         slots = [caches[i].slot for i in batched]
         lo, width = min(slots), max(slots) - min(slots) + 1
         block = max(len(trees[i]) for i in batched)
-        extent = max(starts[i] + len(trees[i]) for i in batched)
+        extent = span(max(starts[i] + len(trees[i]) for i in batched))
         mask = torch.zeros(width, 1, block, extent, dtype=torch.bool)
         mask[:, :, :, 0] = True  # padding queries see one position (their output is dropped)
         for i, slot in zip(batched, slots):
@@ -258,16 +279,26 @@ def _layout(pool: KVPool, caches, starts, trees, device) -> FlatBatch:
     to = dict(dtype=torch.long, device=device)
     return FlatBatch(
         pool, torch.tensor(write_slot, **to), torch.tensor(write_pos, **to),
-        max((s + len(t) for s, t in zip(starts, trees)), default=0),
+        span(max((s + len(t) for s, t in zip(starts, trees)), default=0)),
         lo, width, block, extent, torch.tensor(rows, **to), torch.tensor(padded, **to),
-        0 < width * block == offsets[-1] and rows == padded == list(range(offsets[-1])), mask, singles,
+        0 < width * block == offsets[-1] and rows == padded == list(range(offsets[-1])), mask, singles, invariant,
     )
+
+
+def _padded(mask: torch.Tensor | None, end: int, span, device) -> torch.Tensor | None:
+    """A single sequence's mask [n, end] (None: one token that sees everything) over span(end) keys."""
+    if span(end) == end:
+        return None if mask is None else mask.to(device)
+    out = torch.zeros(1 if mask is None else mask.shape[0], span(end), dtype=torch.bool)
+    out[:, :end] = True if mask is None else mask
+    return out.to(device)
 
 
 def flat_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, flat_batch=None, **kwargs):
     """query [1, H, T, D], key/value [1, H_kv, T, D] of one layer for the whole flattened batch.
     Stores the new keys/values in the pool, then attends each sequence within its slot."""
-    b, sdpa = flat_batch, torch.nn.functional.scaled_dot_product_attention
+    b = flat_batch
+    sdpa = _invariant_sdpa if b.invariant else torch.nn.functional.scaled_dot_product_attention
     if module.layer_idx == 0:
         b.pool.reserve(b.capacity, key)
         b.pool.writes += 1
@@ -294,6 +325,10 @@ def flat_attention(module, query, key, value, attention_mask, scaling=None, drop
     return out.unsqueeze(0), None  # [1, T, H, D]
 
 
+def _invariant_sdpa(q, k, v, attn_mask=None, scale=None, enable_gqa=True):
+    return batch_invariant_attention(q, k, v, attn_mask, scale)
+
+
 def _register() -> None:
     from transformers import AttentionInterface
 
@@ -303,9 +338,15 @@ def _register() -> None:
 class CausalLM:
     """A causal LM whose sequences each own a slot of its KVPool; every forward is one flattened batch."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, batch_invariant: bool | None = None):
+        """batch_invariant (default: whether the model's linears are int8, see int8.py): every
+        query row attends alone (batch_invariant_attention), so a row's logits never depend on the
+        rest of the forward."""
+        from .int8 import is_int8
+
         _register()
         self.model = model
+        self.batch_invariant = is_int8(model) if batch_invariant is None else batch_invariant
         self.device = next(model.parameters(), torch.empty(0)).device
         self.vocab_size = int(model.config.vocab_size)
         self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
@@ -369,7 +410,7 @@ class CausalLM:
         for x, k in zip(inputs, keep):
             end += len(x)
             rows += range(end - k, end)
-        batch = _layout(self.pool, caches, starts, trees, self.device)
+        batch = _layout(self.pool, caches, starts, trees, self.device, self.batch_invariant)
         to = dict(dtype=torch.long, device=self.device)
         extra = {}
         if hidden is not None:
