@@ -106,12 +106,12 @@ class RankHost:
         self._control = dist.new_group(ranks, timeout=_FOLLOW_TIMEOUT, backend="gloo")
         # loaded on the host: AutoTP shards it, then moves this rank's shard to its device (the whole
         # model never sits on one GPU; the host holds one full copy per rank while loading)
-        loaded = load_model(model, dtype, "cpu")
-        engine = deepspeed.init_inference(
-            loaded.model, tensor_parallel={"tp_size": self.world_size}, dtype=DTYPES[dtype],
+        # int8: AutoTP shards the float32 model, then each rank quantizes its own shard
+        shard = lambda m: deepspeed.init_inference(  # noqa: E731
+            m, tensor_parallel={"tp_size": self.world_size}, dtype=torch.float32 if dtype == "int8" else DTYPES[dtype],
             replace_with_kernel_inject=False,
-        )
-        self.lm = CausalLM(engine.module)
+        ).module
+        self.lm = CausalLM(load_model(model, dtype, "cpu", shard=shard).model)
         return self.lm.vocab_size, dtype
 
     def call(self, edits: list[tuple[int, str, object]], method: str, *args):

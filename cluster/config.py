@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .heads import builtin_head
 from .registry import DRAFTER_NAMES, DRAFTERS, SECOND_STAGES
 
-Dtype = Literal["auto", "float32", "bfloat16"]  # auto: bfloat16 on GPUs and CPUs with native bf16, else float32
+Dtype = Literal["auto", "float32", "bfloat16", "int8"]  # auto: bfloat16 on GPUs and CPUs with native bf16, else float32; int8: CPU, exact per row (runtime/int8.py)
 
 
 class _Strict(BaseModel):

@@ -139,3 +139,34 @@ def test_tp2_returns_the_hidden_states_a_fresh_forward_gives(groups, request):
     assert out.scores.dtype == torch.int64 and out.hidden.shape == want.shape
     assert (out.hidden.float() - want).abs().max() <= 1e-5
     group.release(g)
+
+
+def test_tp2_int8_shards_are_quantized_batch_invariant_and_speculation_equals_plain(ray_cluster, tiny_llama):
+    """Each rank quantizes its own shard of the int8 target: logits stay close to the unsharded
+    float32 model, a token's logits are the same alone and in a block, and greedy speculation on the
+    int8 group equals its own plain decoding."""
+    from actors.target import TargetGroup
+    from cluster.runtime.drafters import NgramDrafter
+
+    group = TargetGroup("tiny-qwen2", "int8", tp_size=2, rank=ActorResources(cpus=0.5))
+    try:
+        assert group.dtype == "int8"
+        prompt = list(range(40, 80))
+        c = group.new_cache()
+        alone = group.forward(c, prompt)
+        group.rollback(c, 1)
+        block = group.forward(c, prompt[-1:] + [3, 4, 5])
+        group.release(c)
+        assert torch.equal(alone[-1], block[0])
+        from cluster.runtime.models import load_model
+
+        ref = _reference(load_model("tiny-qwen2").model, prompt)
+        assert (alone - ref).norm() / ref.norm() < 0.05
+        spec = SpeculativeEngine(group, tiny_llama.tokenizer, NgramDrafter(), num_draft_tokens=4)
+        plain = SpeculativeEngine(group, tiny_llama.tokenizer, None)
+        requests = lambda: [GenerationRequest(p, 24) for p in TINY_PROMPTS]  # noqa: E731
+        got, want = spec.generate(requests()), plain.generate(requests())
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+        assert sum(r.stats.draft_tokens for r in got) > 0
+    finally:
+        group.shutdown()

@@ -117,39 +117,54 @@ def quantize_model(model: torch.nn.Module, kernel: str = "fbgemm", per_tensor: b
     `weight` whose forward is x @ weight.T + bias, see _linear_like) by an Int8Linear, in place.
     The rest of the model stays float32."""
     model.float()
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if _linear_like(child) and not skip(full):
-                setattr(module, child_name, _replacement(child, kernel, per_tensor))
+                new = _replacement(child, kernel, per_tensor)
+                if child is output:  # drafters read the output layer's rows (a head, signatures): kept,
+                    new.weight = child.weight  # no extra memory where it is tied to the input embedding
+                setattr(module, child_name, new)
     return model
 
 
 def _linear_like(module: torch.nn.Module) -> bool:
-    return isinstance(module, torch.nn.Linear) or type(module).__name__ in _SHARDED
-
-
-_SHARDED = {"LinearLayer", "LinearAllreduce"}  # DeepSpeed AutoTP's shards: a Linear's shard (+ all-reduce)
+    if isinstance(module, torch.nn.Linear):
+        return True
+    kind = type(module).__name__
+    return kind in ("LinearAllreduce", "LmHeadLinearAllreduce") or (kind == "LinearLayer" and not module.gather_output)
 
 
 def _replacement(child: torch.nn.Module, kernel: str, per_tensor: bool) -> torch.nn.Module:
+    """DeepSpeed AutoTP's shards keep their layout: a column shard (LinearLayer) is a Linear over
+    its output channels; a row shard (LinearAllreduce) sums its partial output over the group, then
+    adds the bias; the lm_head's row shard first takes its slice of the input."""
     bias = getattr(child, "bias", None)
-    if type(child).__name__ == "LinearAllreduce":
-        return _AllReduced(Int8Linear(child.weight, None, kernel, per_tensor), bias, child.mp_group)
+    kind = type(child).__name__
+    if kind in ("LinearAllreduce", "LmHeadLinearAllreduce"):
+        sizes = child._partition_sizes if kind == "LmHeadLinearAllreduce" else None
+        part = None if sizes is None else (sum(sizes[: child.tp_index]), sizes[child.tp_index])
+        empty = child.weight.shape[1] == 0  # AutoTP may give a rank no input channels of the lm_head
+        linear = child.weight.shape[0] if empty else Int8Linear(child.weight, None, kernel, per_tensor)
+        return _AllReduced(linear, bias, child.mp_group, part)
     return Int8Linear(child.weight, bias, kernel, per_tensor)
 
 
 class _AllReduced(torch.nn.Module):
-    """A row-parallel shard: the partial output summed over the tensor-parallel group, then the bias
-    (as DeepSpeed's LinearAllreduce does)."""
+    """A row-parallel shard: the partial output over this rank's input channels (each rank's row
+    scales are its own), summed over the tensor-parallel group, then the bias."""
 
-    def __init__(self, linear: Int8Linear, bias: torch.Tensor | None, group):
+    def __init__(self, linear: Int8Linear | int, bias: torch.Tensor | None, group, part: tuple[int, int] | None):
         super().__init__()
-        self.linear, self.group = linear, group
+        # linear: an int N where this rank holds no input channels (its partial output is zeros [.., N])
+        self.linear, self.group, self.part = linear, group, part  # part: (offset, size) of the input this rank reads
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.linear(x)
+        if self.part is not None:
+            x = x[..., self.part[0] : self.part[0] + self.part[1]]
+        out = x.new_zeros(*x.shape[:-1], self.linear) if isinstance(self.linear, int) else self.linear(x)
         if self.group is not None:
             import deepspeed.comm as dist
 

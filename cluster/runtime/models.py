@@ -81,18 +81,54 @@ def model_folder(name: str) -> Path:
     return folder
 
 
-def load_model(name: str, dtype: str = "float32", device: str = "auto") -> LoadedModel:
-    """`dtype` may be `auto` (see choose_dtype); LoadedModel.dtype is the one chosen."""
+def load_model(name: str, dtype: str = "float32", device: str = "auto", shard=None) -> LoadedModel:
+    """`dtype` may be `auto` (see choose_dtype); LoadedModel.dtype is the one chosen. `int8` loads
+    float32 weights and quantizes every linear (runtime/int8.py); `shard` (optional) runs on the
+    float32 model first and returns the model to quantize (DeepSpeed AutoTP shards before int8)."""
     where = select_device(device)
     dtype = choose_dtype(dtype, where)
+    if dtype == "int8" and where.type != "cpu":
+        raise ValueError(f"dtype int8 runs on CPUs only (fbgemm); device is {where}: use bfloat16 there")
+    weights = torch.float32 if dtype == "int8" else DTYPES[dtype]
     if name in TINY:
-        return LoadedModel(tiny_model(name).to(device=where, dtype=DTYPES[dtype]), ByteTokenizer(), name, dtype)
-    folder = model_folder(name)
-    from transformers import AutoModelForCausalLM
+        model, tokenizer = tiny_model(name).to(device=where, dtype=weights), ByteTokenizer()
+    else:
+        from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
-    model = model.to(where).eval()
-    return LoadedModel(model, load_tokenizer(name), name, dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_folder(name), dtype=weights).to(where).eval()
+        tokenizer = load_tokenizer(name)
+    if shard is not None:
+        model = shard(model)
+    if dtype == "int8":
+        from .int8 import quantize_model
+
+        quantize_model(model, int8_kernel())
+    return LoadedModel(model, tokenizer, name, dtype)
+
+
+def int8_kernel() -> str:
+    """The int8 kernel for this machine: SPECSERVE_INT8_KERNEL, else the faster one measured here
+    (runtime/int8.choose_kernel; measured once, cached per CPU flags and torch version)."""
+    from .int8 import KERNELS, choose_kernel
+
+    named = os.environ.get("SPECSERVE_INT8_KERNEL")
+    if named:
+        if named not in KERNELS:
+            raise ValueError(f"SPECSERVE_INT8_KERNEL must be one of {', '.join(KERNELS)}, got {named!r}")
+        return named
+    import hashlib
+
+    key = hashlib.sha256(f"{sorted(cpu_flags())}|{torch.__version__}|{torch.get_num_threads()}".encode()).hexdigest()[:16]
+    path = cache_dir() / "int8" / f"{key}.json"
+    try:
+        return json.loads(path.read_text())["kernel"]
+    except (OSError, ValueError, KeyError):
+        pass
+    kernel, times = choose_kernel()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"kernel": kernel, "ms": times}))
+    print(f"specserve: int8 kernel {kernel} (measured here, ms: {times})", file=sys.stderr)
+    return kernel
 
 
 def load_trained_draft(path: str, target_name: str, dtype: str = "float32", device: str = "auto") -> torch.nn.Module:
@@ -110,7 +146,12 @@ def load_trained_draft(path: str, target_name: str, dtype: str = "float32", devi
                          f"target {target_name!r} has {want}")
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[choose_dtype(dtype, select_device(device))])
+    dtype = choose_dtype(dtype, select_device(device))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if dtype == "int8" else DTYPES[dtype])
+    if dtype == "int8":
+        from .int8 import quantize_model
+
+        quantize_model(model, int8_kernel())
     return model.to(select_device(device)).eval()
 
 
@@ -214,9 +255,14 @@ def layer_subset(model: torch.nn.Module, layers: list[int]) -> torch.nn.Module:
 
 
 def int8_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """An int8 dynamically quantised copy (Linear layers), a draft that needs no training. CPU only."""
+    """An int8 dynamically quantised copy (Linear layers), a draft that needs no training. CPU only.
+    (A draft need not be batch invariant: rejection sampling corrects whatever q it proposes.)"""
     import warnings
 
+    from .int8 import is_int8
+
+    if is_int8(model):  # the target already is int8: the copy is the target itself
+        return copy.deepcopy(model)
     quantize_dynamic = torch.ao.quantization.quantize_dynamic
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -1,0 +1,192 @@
+"""int8 targets stay exact: per-row activation scales make a row's logits bitwise independent of the
+rest of the forward (alone, in a verify block, a tree, a batch of 16 with an outlier row); one scale
+for the whole tensor (the negative control) does not. Speculative output in int8 equals plain, and
+sampling follows the int8 target's own distribution."""
+
+import pytest
+import torch
+
+from cluster.runtime.engine import GenerationRequest
+from cluster.runtime.factory import make_engine
+from cluster.runtime.int8 import KERNELS, Int8Linear, choose_kernel, is_int8, quantize_model, reference_linear, quantize_weight
+from cluster.runtime.kv import CausalLM
+from cluster.runtime.models import load_model, tiny_model
+from conftest import TINY_PROMPTS, tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny_int8():
+    return load_model("tiny-llama", "int8")
+
+
+def _rows(m, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    x[min(3, m - 1)] *= 50  # an outlier row
+    x[:, 7] *= 20  # and an outlier channel
+    return x
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_int8_linear_computes_the_per_row_reference(kernel):
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(96, 160, generator=g) * 0.05, torch.randn(96, generator=g)
+    layer = Int8Linear(w, b, kernel)
+    x = _rows(9, 160)
+    got, want = layer(x), reference_linear(x, *quantize_weight(w), b)
+    # fbgemm's grid is [-1, 1] in 255 (or 127) steps, the reference's max-abs / 127: the same scheme, both
+    # within a small fraction of the float32 result
+    exact = x @ w.t() + b
+    tol = 0.03 if kernel == "fbgemm" else 1e-4
+    assert ((got - want).norm(dim=1) / want.norm(dim=1)).max() < tol
+    assert ((got - exact).norm(dim=1) / exact.norm(dim=1)).max() < 0.05
+    assert got.shape == (9, 96) and layer(x[None]).shape == (1, 9, 96)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_rows_output_does_not_depend_on_the_other_rows(kernel):
+    g = torch.Generator().manual_seed(2)
+    layer = Int8Linear(torch.randn(256, 192, generator=g) * 0.05, None, kernel)
+    x = _rows(16, 192)
+    alone = layer(x[:1])
+    for m in (2, 5, 12, 16):
+        assert torch.equal(layer(x[:m])[:1], alone)
+    assert torch.equal(layer(torch.cat([x[:1], 1e3 * torch.randn(40, 192, generator=g)]))[:1], alone)
+
+
+def test_negative_control_one_scale_per_tensor_depends_on_the_batch():
+    g = torch.Generator().manual_seed(2)
+    layer = Int8Linear(torch.randn(256, 192, generator=g) * 0.05, None, "fbgemm", per_tensor=True)
+    x = _rows(16, 192)
+    assert not torch.equal(layer(x[:5])[:1], layer(x[:1]))
+
+
+def _logits_in_every_layout(model) -> dict[str, torch.Tensor]:
+    """Row 0's logits for one sequence's next token: alone, first of a 5-token verify block, root of a
+    12-node tree, and in a flattened batch of 16 sequences (one an outlier of odd tokens)."""
+    lm = CausalLM(model)
+    g = torch.Generator().manual_seed(0)
+    v = lm.vocab_size
+    prompts = [torch.randint(0, v, (40 + 7 * i,), generator=g).tolist() for i in range(16)]
+
+    def after_prefill(prompt, new, parents=None):
+        cache = lm.new_cache()
+        lm.forward(cache, prompt[:-1])
+        out = lm.forward_batch([cache], [prompt[-1:] + new], parents=None if parents is None else [parents])[0][0]
+        lm.release(cache)
+        return out
+
+    out = {"alone": after_prefill(prompts[0], []), "block": after_prefill(prompts[0], [5, 6, 7, 8]),
+           "tree": after_prefill(prompts[0], list(range(10, 21)), [-1, 0, 0, 1, 1, 2, 3, 3, 4, 5, 6, 7])}
+    caches = [lm.new_cache() for _ in prompts]
+    lm.forward_batch(caches, [p[:-1] for p in prompts], last=[0] * len(prompts))
+    inputs = [p[-1:] + [9] * (i % 5) for i, p in enumerate(prompts)]
+    inputs[3] = [0, 0, 0, v - 1]
+    out["batch of 16"] = lm.forward_batch(caches, inputs)[0][0]
+    for c in caches:
+        lm.release(c)
+    return out
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_int8_model_logits_are_bitwise_batch_invariant(kernel):
+    model = quantize_model(tiny_model("tiny-llama"), kernel)
+    assert is_int8(model) and CausalLM(model).batch_invariant
+    got = _logits_in_every_layout(model)
+    for layout, logits in got.items():
+        assert torch.equal(logits, got["alone"]), layout
+
+
+def test_negative_control_per_tensor_int8_model_is_not_batch_invariant():
+    got = _logits_in_every_layout(quantize_model(tiny_model("tiny-llama"), "fbgemm", per_tensor=True))
+    assert not torch.equal(got["batch of 16"], got["alone"])
+
+
+def test_int8_stays_close_to_float32(tiny_int8, tiny_llama):
+    ids = torch.tensor([tiny_llama.tokenizer.encode("the quick brown fox")])
+    with torch.inference_mode():
+        a, b = tiny_llama.model(ids).logits.float(), tiny_int8.model(ids).logits.float()
+    assert (a - b).norm() / a.norm() < 0.05
+
+
+def test_int8_greedy_speculation_equals_plain(tiny_int8):
+    assert tiny_int8.dtype == "int8"
+    engine = make_engine(tiny_config(model="tiny-llama", drafter="ngram"), tiny_int8)
+    plain = engine.generate([GenerationRequest(p, 40, num_draft_tokens=0) for p in TINY_PROMPTS])
+    drafted = 0
+    for k in (1, 2, 4, None):
+        spec = engine.generate([GenerationRequest(p, 40, num_draft_tokens=k) for p in TINY_PROMPTS])
+        assert [s.token_ids for s in spec] == [r.token_ids for r in plain], f"K={k}"
+        drafted += sum(s.stats.draft_tokens for s in spec)
+    assert drafted > 0
+
+
+def test_int8_greedy_with_trees_and_a_layer_draft_equals_plain(tiny_int8):
+    from cluster.config import parse_config
+
+    config = parse_config({"target": {"model": "tiny-llama", "dtype": "int8", "chat_template": False},
+                           "draft": {"drafter": "model", "model": {"layers": [0, 1]}},
+                           "speculation": {"num_draft_tokens": 3, "tree": {"max_nodes": 8, "max_branch": 2}}})
+    engine = make_engine(config, tiny_int8)
+    plain = engine.generate([GenerationRequest(p, 32, num_draft_tokens=0) for p in TINY_PROMPTS])
+    spec = engine.generate([GenerationRequest(p, 32) for p in TINY_PROMPTS])
+    assert [s.token_ids for s in spec] == [r.token_ids for r in plain]
+    assert sum(s.stats.draft_tokens for s in spec) > 0
+
+
+def test_int8_engine_samples_the_int8_targets_distribution(tiny_int8, monkeypatch):
+    """Chi-square of two sampled tokens against the int8 target's exact joint (enumerated with the
+    target computing each prefix alone); accepting every draft (the negative control) fails."""
+    import cluster.speculation.rejection as rejection
+    from cluster.speculation import SamplingParams, warp_probs
+    from test_engine_sampling import PARAMS, _chi2_pvalue, _sample_pairs
+
+    lm = CausalLM(tiny_int8.model)
+
+    def p_next(ids):
+        cache = lm.new_cache()
+        logits = lm.forward(cache, ids)[-1:]
+        lm.release(cache)
+        return warp_probs(logits, [PARAMS])[0]
+
+    prompt = "ab"
+    ids = tiny_int8.tokenizer.encode(prompt)
+    p1, joint = p_next(ids), {}
+    for y1 in p1.nonzero().squeeze(1).tolist():
+        p2 = p_next(ids + [y1])
+        for y2 in p2.nonzero().squeeze(1).tolist():
+            joint[(y1, y2)] = float(p1[y1] * p2[y2])
+    engine = make_engine(tiny_config(model="tiny-llama", drafter="model", layers=(0,)), tiny_int8)
+    assert isinstance(PARAMS, SamplingParams)
+    assert _chi2_pvalue(_sample_pairs(engine, prompt, PARAMS, 1500, k=2), joint) > 1e-3
+    monkeypatch.setattr(rejection, "acceptance_probs", lambda p_x, q_x: torch.ones_like(p_x))
+    assert _chi2_pvalue(_sample_pairs(engine, prompt, PARAMS, 1500, k=2), joint) < 1e-6
+
+
+def test_int8_kernel_choice_measures_what_runs_here():
+    kernel, times = choose_kernel(shape=(64, 128), rows=(1, 5), repeats=3)
+    assert kernel in KERNELS and kernel in times and times[kernel] == min(times.values())
+
+
+def test_int8_on_a_gpu_device_is_refused():
+    if torch.cuda.is_available():
+        pytest.skip("this check is for machines without CUDA")
+    with pytest.raises((ValueError, RuntimeError)):
+        load_model("tiny-llama", "int8", "cuda")
+
+
+@pytest.mark.smollm2
+def test_smollm2_int8_is_batch_invariant_and_speculation_equals_plain():
+    loaded = load_model("smollm2-135m-instruct", "int8", "cpu")
+    got = _logits_in_every_layout(loaded.model)
+    for layout, logits in got.items():
+        assert torch.equal(logits, got["alone"]), layout
+    from cluster.config import parse_config
+    from test_engine_greedy import SMOL_PROMPTS
+
+    config = parse_config({"target": {"model": "smollm2-135m-instruct", "dtype": "int8"}, "draft": {"drafter": "ngram_head"}})
+    engine = make_engine(config, loaded)
+    plain = engine.generate([GenerationRequest(p, 24, num_draft_tokens=0) for p in SMOL_PROMPTS])
+    spec = engine.generate([GenerationRequest(p, 24, num_draft_tokens=k) for p, k in zip(SMOL_PROMPTS, (2, 4, None, 3))])
+    assert [s.token_ids for s in spec] == [r.token_ids for r in plain]
+    assert sum(s.stats.accepted_tokens for s in spec) > 0
