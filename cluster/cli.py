@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "and the served gRPC API against in process")
     bench.add_argument("--no-served", action="store_true", help="with --load: skip the served gRPC rows (no Ray)")
 
+    quality = sub.add_parser("quality", help="held-out perplexity of the config's target in float32 and in int8 "
+                                             "(the bench's texts); prints JSON")
+    quality.add_argument("--config", help="YAML config (default: the embedded configs/local.yaml)")
+    quality.add_argument("--max-tokens", type=int, default=512, help="tokens of each text scored (default 512)")
+
     from .training.commands import add_parsers
 
     add_parsers(sub)
@@ -115,6 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         if args.command == "serve":
             return _serve(config, args)
+        if args.command == "quality":
+            if args.max_tokens < 2:
+                raise InvalidRequest("max-tokens", f"must be at least 2, got {args.max_tokens}")
+            from .runtime.quality import int8_quality
+
+            print(json.dumps(int8_quality(config.target.model, args.max_tokens), indent=2))
+            return 0
         if args.command in ("build-corpus", "train-draft", "train-lookahead"):
             from .training import commands
 

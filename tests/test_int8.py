@@ -190,3 +190,54 @@ def test_smollm2_int8_is_batch_invariant_and_speculation_equals_plain():
     spec = engine.generate([GenerationRequest(p, 24, num_draft_tokens=k) for p, k in zip(SMOL_PROMPTS, (2, 4, None, 3))])
     assert [s.token_ids for s in spec] == [r.token_ids for r in plain]
     assert sum(s.stats.accepted_tokens for s in spec) > 0
+
+
+class _Uniform(torch.nn.Module):
+    """Equal logits over V ids: every next token has probability 1 / V, so perplexity is V."""
+
+    def __init__(self, v):
+        super().__init__()
+        self.v = v
+
+    def forward(self, input_ids):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, self.v))
+
+
+def test_perplexity_arithmetic():
+    from cluster.runtime.quality import perplexity
+
+    assert perplexity(_Uniform(7), [[1, 2, 3], [4, 5]]) == pytest.approx(7.0)
+    model = tiny_model("tiny-llama")
+    seqs = [[5, 9, 13, 40, 2], [7, 7, 8]]
+    with torch.inference_mode():
+        nll = [-model(input_ids=torch.tensor([s])).logits[0, :-1].double().log_softmax(-1)[range(len(s) - 1), s[1:]]
+               for s in seqs]
+    want = float(torch.cat(nll).mean().exp())
+    assert perplexity(model, seqs) == pytest.approx(want, rel=1e-9)
+    with pytest.raises(ValueError, match="at least one sequence"):
+        perplexity(model, [[1]])
+
+
+def test_int8_quality_reports_both_formats_on_the_bench_texts():
+    from cluster.runtime.quality import bench_texts, int8_quality
+
+    assert len(bench_texts()) >= 9 and all(bench_texts())
+    report = int8_quality("tiny-llama", max_tokens=64)
+    assert report["ratio"] == pytest.approx(report["int8"] / report["float32"])
+    assert 0.9 < report["ratio"] < 1.1 and report["tokens"] > 100
+
+
+def test_quality_command_prints_both_perplexities(tmp_path, capsys):
+    import json
+
+    from cluster.cli import main
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text("target: {model: tiny-llama, dtype: float32, chat_template: false}\ndraft: {drafter: ngram}\n")
+    assert main(["quality", "--config", str(config), "--max-tokens", "32"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == "tiny-llama" and report["ratio"] == pytest.approx(report["int8"] / report["float32"])
+    assert main(["quality", "--config", str(config), "--max-tokens", "1"]) == 2
+    assert "max-tokens" in capsys.readouterr().err
