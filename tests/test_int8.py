@@ -295,3 +295,11 @@ def test_naming_a_qwen_model_that_is_not_installed_fails_at_once_with_the_comman
     for name in ("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"):
         with pytest.raises(FileNotFoundError, match=r"\./setup\.sh --models qwen-coder"):
             model_folder(name)
+
+
+def test_the_qwen_coder_config_validates():
+    from cluster.config import load_config
+
+    config = load_config("configs/qwen-coder.yaml")
+    assert config.target.model == "qwen2.5-coder-1.5b-instruct" and config.target.dtype == "int8"
+    assert config.draft.model.name == "qwen2.5-coder-0.5b-instruct"
