@@ -83,6 +83,8 @@ class RankHost:
 
         gpu = torch.cuda.is_available()
         dtype = choose_dtype(dtype, torch.device("cuda" if gpu else "cpu"))
+        if gpu and dtype == "int8":
+            raise ValueError("target.dtype: int8 runs on CPUs only (fbgemm); use bfloat16 on GPUs")
         if self.world_size == 1:  # nothing to shard: the plain model, no process group
             self.lm = CausalLM(load_model(model, dtype, "cuda" if gpu else "cpu").model)
             return self.lm.vocab_size, dtype
