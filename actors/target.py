@@ -79,7 +79,7 @@ class RankHost:
         from deepspeed.inference.engine import InferenceEngine
 
         from cluster.runtime.kv import CausalLM
-        from cluster.runtime.models import DTYPES, choose_dtype, load_model
+        from cluster.runtime.models import choose_dtype, load_model, loading_dtype
 
         gpu = torch.cuda.is_available()
         dtype = choose_dtype(dtype, torch.device("cuda" if gpu else "cpu"))
@@ -110,7 +110,7 @@ class RankHost:
         # model never sits on one GPU; the host holds one full copy per rank while loading)
         # int8: AutoTP shards the float32 model, then each rank quantizes its own shard
         shard = lambda m: deepspeed.init_inference(  # noqa: E731
-            m, tensor_parallel={"tp_size": self.world_size}, dtype=torch.float32 if dtype == "int8" else DTYPES[dtype],
+            m, tensor_parallel={"tp_size": self.world_size}, dtype=loading_dtype(dtype),
             replace_with_kernel_inject=False,
         ).module
         self.lm = CausalLM(load_model(model, dtype, "cpu", shard=shard).model)

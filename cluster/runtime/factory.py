@@ -15,7 +15,7 @@ from .calibration import calibration_key
 from .drafters import Drafter, NgramDrafter
 from .model_drafter import ModelDrafter
 from .engine import SpeculativeEngine
-from .models import (DTYPES, LoadedModel, choose_dtype, int8_copy, int8_kernel, layer_subset, load_model, load_tokenizer,
+from .models import (LoadedModel, choose_dtype, in_format, int8_copy, layer_subset, load_model, load_tokenizer,
                      load_trained_draft, select_device)
 from .tokenizer import Tokenizer
 
@@ -135,13 +135,7 @@ def build_model(draft: DraftConfig, sources: DraftSources) -> Drafter:
         check_same_vocabulary(sources.target_name, sources.tokenizer(), loaded)
         base = loaded.model
     model = layer_subset(base, spec.layers) if spec.layers is not None else base
-    if dtype == "int8":
-        from .int8 import is_int8, quantize_model
-
-        model = model if is_int8(model) else quantize_model(model, int8_kernel())
-    else:
-        model = model.to(DTYPES[dtype])
-    return ModelDrafter(model, name="model", second_stage=second_stage(draft))
+    return ModelDrafter(in_format(model, dtype), name="model", second_stage=second_stage(draft))
 
 
 def build_trained(draft: DraftConfig, sources: DraftSources) -> Drafter:

