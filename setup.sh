@@ -29,6 +29,8 @@ if [ -n "$models" ]; then
   for name in $(.venv/bin/python -c "from cluster.runtime.gguf_parts import SETS; print(' '.join(SETS['$models']))"); do
     .venv/bin/python -c "from cluster.runtime.models import model_folder; print('specserve:', model_folder('$name'))"
   done
+  # dtype auto's measurement for the 1.5B target, once (each format timed, int8's perplexity cost checked)
+  .venv/bin/python -m cluster.runtime.formats qwen2.5-coder-1.5b-instruct
 fi
 .venv/bin/python - <<'PY'
 import torch

@@ -82,12 +82,14 @@ class RankHost:
         from cluster.runtime.models import choose_dtype, load_model, loading_dtype
 
         gpu = torch.cuda.is_available()
-        dtype = choose_dtype(dtype, torch.device("cuda" if gpu else "cpu"))
         if gpu and dtype == "int8":
             raise ValueError("target.dtype: int8 runs on CPUs only (fbgemm); use bfloat16 on GPUs")
-        if self.world_size == 1:  # nothing to shard: the plain model, no process group
-            self.lm = CausalLM(load_model(model, dtype, "cuda" if gpu else "cpu").model)
-            return self.lm.vocab_size, dtype
+        if self.world_size == 1:  # nothing to shard: the plain model, no process group; auto measured
+            loaded = load_model(model, dtype, "cuda" if gpu else "cpu")
+            self.lm = CausalLM(loaded.model)
+            return self.lm.vocab_size, loaded.dtype
+        # ranks must agree: at TP, auto follows the CPU's flags (runtime/models.choose_dtype)
+        dtype = choose_dtype(dtype, torch.device("cuda" if gpu else "cpu"))
         os.environ.update(
             MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(self.rank),
             WORLD_SIZE=str(self.world_size), LOCAL_SIZE=str(self.world_size),

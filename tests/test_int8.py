@@ -300,5 +300,5 @@ def test_the_qwen_coder_config_validates():
     from cluster.config import load_config
 
     config = load_config("configs/qwen-coder.yaml")
-    assert config.target.model == "qwen2.5-coder-1.5b-instruct" and config.target.dtype == "int8"
+    assert config.target.model == "qwen2.5-coder-1.5b-instruct" and config.target.dtype == "auto"
     assert config.draft.model.name == "qwen2.5-coder-0.5b-instruct"

@@ -15,6 +15,7 @@ from .calibration import calibration_key
 from .drafters import Drafter, NgramDrafter
 from .model_drafter import ModelDrafter
 from .engine import SpeculativeEngine
+from .formats import resolve
 from .models import (LoadedModel, choose_dtype, in_format, int8_copy, layer_subset, load_model, load_tokenizer,
                      load_trained_draft, select_device)
 from .tokenizer import Tokenizer
@@ -127,15 +128,15 @@ def build_int8(draft: DraftConfig, sources: DraftSources) -> Drafter:
 
 def build_model(draft: DraftConfig, sources: DraftSources) -> Drafter:
     spec = draft.model
-    dtype = choose_dtype(spec.dtype or sources.dtype, select_device(sources.device))
+    fmt = resolve(spec.dtype or sources.dtype, select_device(sources.device), spec.name or sources.target_name)
     if spec.name is None:
         base = sources.target_weights().model
     else:  # a separate draft model: the target's weights are never loaded for it
-        loaded = load_model(spec.name, dtype, sources.device)
+        loaded = load_model(spec.name, fmt.dtype, sources.device)
         check_same_vocabulary(sources.target_name, sources.tokenizer(), loaded)
         base = loaded.model
     model = layer_subset(base, spec.layers) if spec.layers is not None else base
-    return ModelDrafter(in_format(model, dtype), name="model", second_stage=second_stage(draft))
+    return ModelDrafter(in_format(model, fmt.dtype, fmt.kernel), name="model", second_stage=second_stage(draft))
 
 
 def build_trained(draft: DraftConfig, sources: DraftSources) -> Drafter:
@@ -173,7 +174,8 @@ def make_engine(
     """An engine over an already loaded target; `drafter` overrides config.draft.drafter by name."""
     name = drafter or config.draft.drafter
     t = config.target
-    key = calibration_key(model=t.model, dtype=target.dtype, device=str(select_device(t.device)), drafter=name,
+    kernel = target.format.kernel if target.format is not None else ""
+    key = calibration_key(model=t.model, dtype=target.dtype, kernel=kernel, device=str(select_device(t.device)), drafter=name,
                           draft=config.draft.model_dump(), max_k=config.speculation.max_draft_tokens)
     return SpeculativeEngine(
         target.model,

