@@ -63,6 +63,7 @@ class Coordinator:
 
         from .draft_pool import DraftPool
         from .draft_replica import DraftReplica
+        from .wire import draft_message_limit
 
         config = parse_config(config_data, "coordinator config")
         c, t = config.cluster, config.target
@@ -81,7 +82,9 @@ class Coordinator:
             ]
             draft_addresses = ray.get([r.address.remote() for r in self.replicas])
         if c.draft_replicas:
-            self.pool = DraftPool(draft_addresses, c.draft_timeout_s, c.draft_tls)
+            # the channels' message limits fit the config's largest block of q (the replicas set the same)
+            limit = draft_message_limit(self.group.vocab_size, config.speculation.block_nodes)
+            self.pool = DraftPool(draft_addresses, c.draft_timeout_s, c.draft_tls, limit)
             drafter = self.pool
         else:  # the drafter runs here, in the coordinator
             self.pool = None

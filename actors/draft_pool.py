@@ -3,7 +3,9 @@ failover. A failed replica's sequences move to a live one (their context is re-p
 the first request carries it whole) or, with none left, fall back to K = 0 (plain decoding).
 Either way the output distribution is unchanged and no request is lost: the same context and
 seed give the same block on any replica, and an empty block is exact by construction. A failed
-replica that is still listed (a missed deadline under load) rejoins once it answers a probe."""
+replica that is still listed (a missed deadline under load) rejoins once it answers a probe.
+A block over the channel's message limits (wire.DraftTooLarge) is no replica's failure: it reaches
+the caller (the round fails, naming the sizes), never a silent K = 0."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from .remote_drafter import RemoteDrafter
 
 _EMPTY = DraftBlock([], None)
 PROBE_INTERVAL_S = 1.0  # how often a failed, still listed replica is asked whether it is back
+# RESOURCE_EXHAUSTED here is a replica out of resources; a message over the size limits is DraftTooLarge
 FAILURES = {
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
     grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -29,11 +32,12 @@ class DraftPool(Drafter):
     name = "pool"
     drafts_trees = True  # passes the tree budget on; the replicas' drafter decides (chains or trees)
 
-    def __init__(self, addresses: list[str], timeout_s: float = 10.0, tls=None):
+    def __init__(self, addresses: list[str], timeout_s: float = 10.0, tls=None, max_message_bytes: int | None = None):
         self.timeout_s = timeout_s
         self.tls = tls  # cluster.draft_tls: mutual TLS to every replica
+        self.max_message_bytes = max_message_bytes  # every channel's message limits (wire.draft_message_limit)
         self.owner = uuid.uuid4().hex  # this pool's (engine's) sequences on shared replicas
-        self.replicas = [RemoteDrafter(a, timeout_s, owner=self.owner, tls=tls) for a in addresses]
+        self.replicas = [self._replica(a) for a in addresses]
         self.alive = [True] * len(addresses)
         self.placement: dict[int, int] = {}  # seq_id -> replica index, sticky
         self.moved = 0  # sequences moved off a failed replica
@@ -44,6 +48,9 @@ class DraftPool(Drafter):
         self._listed = set(addresses)
         self._probes: dict[int, grpc.Future] = {}  # failed, still listed replica -> its health probe
         self._probe_at: dict[int, float] = {}  # no new probe before this time
+
+    def _replica(self, address: str) -> RemoteDrafter:
+        return RemoteDrafter(address, self.timeout_s, owner=self.owner, tls=self.tls, max_message_bytes=self.max_message_bytes)
 
     @property
     def parallelism(self) -> int:
@@ -88,7 +95,7 @@ class DraftPool(Drafter):
                 r.close()
         for a in addresses:
             if a not in known:
-                self.replicas.append(RemoteDrafter(a, self.timeout_s, owner=self.owner, tls=self.tls))
+                self.replicas.append(self._replica(a))
                 self.alive.append(True)
                 self.served.append(0)
         self._probe_failed()

@@ -20,6 +20,7 @@ class DraftHost:
         from cluster.runtime.factory import build_drafter, draft_sources
 
         from .draft_service import DraftServicer, create_server
+        from .wire import draft_message_limit
 
         torch.set_num_threads(threads)
         config = parse_config(config_data, "draft replica config")
@@ -29,7 +30,9 @@ class DraftHost:
         # int8 and layer-subset drafts load the target's weights here; a separate draft model never does
         self.drafter = worker.submit(build_drafter, name, config.draft, draft_sources(config)).result()
         idle_s = config.cluster.draft_idle_s
-        self.servicer = DraftServicer(self.drafter, idle_s)
+        # the message limits fit the config's largest block of q (drafters without a vocabulary send none)
+        limit = draft_message_limit(getattr(self.drafter, "vocab_size", 0), config.speculation.block_nodes)
+        self.servicer = DraftServicer(self.drafter, idle_s, max_message_bytes=limit)
         host = host or ray.util.get_node_ip_address()
         self.host = f"[{host}]" if ":" in host else host  # an IPv6 address in brackets
         self.server, self.port = create_server(self.drafter, f"{self.host}:0", self.servicer, worker,

@@ -3,7 +3,10 @@
 Sequences are keyed by (owner, seq_id): each engine numbers its own, and engines share replicas.
 A sequence not drafted for `idle_s` is freed by sweep() (DraftHost calls it every idle_s / 4 on
 the drafter's thread): its engine may have died without releasing it; an engine that comes back
-to it gets FAILED_PRECONDITION and resends the context whole."""
+to it gets FAILED_PRECONDITION and resends the context whole.
+
+Both message limits are `max_message_bytes` (wire.draft_message_limit of the config's largest block);
+a block that would still exceed them is refused with OUT_OF_RANGE (the client raises DraftTooLarge)."""
 
 from __future__ import annotations
 
@@ -20,14 +23,16 @@ from cluster.runtime.drafters import Drafter
 from cluster.speculation import InvalidRequest, SamplingParams
 from cluster.speculation.round import DraftRequest
 
-from .wire import encode_probs
+from .wire import GRPC_DEFAULT_MESSAGE_BYTES, encode_probs, message_options
 
 MAX_K = 64
 
 
 class DraftServicer(pb_grpc.DraftServiceServicer):
-    def __init__(self, drafter: Drafter, idle_s: float = 300.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, drafter: Drafter, idle_s: float = 300.0, clock: Callable[[], float] = time.monotonic,
+                 max_message_bytes: int = GRPC_DEFAULT_MESSAGE_BYTES):
         self.drafter = drafter
+        self.max_message_bytes = max_message_bytes  # the server's send and receive limits (create_server sets them)
         self.idle_s = idle_s
         self.clock = clock
         self.contexts: dict[tuple[str, int], list[int]] = {}  # (owner, seq_id) -> committed context
@@ -70,6 +75,12 @@ class DraftServicer(pb_grpc.DraftServiceServicer):
                                       parents=block.parents or ())
         if block.probs is not None:
             response.probs.CopyFrom(encode_probs(block.probs))
+        if (size := response.ByteSize()) > self.max_message_bytes:
+            vocab = "" if block.probs is None else f" of q at a vocabulary of {block.probs.shape[1]} ids"
+            context.abort(grpc.StatusCode.OUT_OF_RANGE,
+                          f"draft block: {len(block)} nodes{vocab} take {size} bytes, above the draft channel's limit of "
+                          f"{self.max_message_bytes} (set from speculation.max_draft_tokens and speculation.tree.max_nodes; "
+                          f"this request asked for k {request.k}, max_nodes {request.max_nodes})")
         return response
 
     def Release(self, request: pb.ReleaseRequest, context) -> pb.ReleaseResponse:
@@ -99,11 +110,13 @@ class DraftServicer(pb_grpc.DraftServiceServicer):
 def create_server(drafter: Drafter, address: str = "127.0.0.1:0", servicer: DraftServicer | None = None,
                   worker: ThreadPoolExecutor | None = None, tls=None) -> tuple[grpc.Server, int]:
     """A started-later server and its bound port. One worker thread (`worker`: the one that built
-    the drafter): calls on the drafter serialise. tls (cluster.draft_tls): mutual TLS."""
+    the drafter): calls on the drafter serialise. tls (cluster.draft_tls): mutual TLS. The message
+    limits are the servicer's max_message_bytes."""
     from .tls import server_credentials
 
-    server = grpc.server(worker or ThreadPoolExecutor(max_workers=1))
-    pb_grpc.add_DraftServiceServicer_to_server(servicer or DraftServicer(drafter), server)
+    servicer = servicer or DraftServicer(drafter)
+    server = grpc.server(worker or ThreadPoolExecutor(max_workers=1), options=message_options(servicer.max_message_bytes))
+    pb_grpc.add_DraftServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port(address) if tls is None else server.add_secure_port(address, server_credentials(tls))
     if port == 0:
         raise OSError(f"draft service: cannot bind {address}")

@@ -9,7 +9,7 @@ from specserve.internal.v1 import draft_pb2_grpc as pb_grpc
 from cluster.runtime.drafters import Drafter
 from cluster.speculation.round import DraftBlock, DraftRequest
 
-from .wire import decode_probs
+from .wire import DraftTooLarge, decode_probs
 
 
 class RemoteDrafter(Drafter):
@@ -17,9 +17,11 @@ class RemoteDrafter(Drafter):
 
     drafts_trees = True  # passes the tree budget on; the replica's drafter decides (chains or trees)
 
-    def __init__(self, address: str, timeout_s: float = 30.0, name: str = "remote", owner: str = "", tls=None):
+    def __init__(self, address: str, timeout_s: float = 30.0, name: str = "remote", owner: str = "", tls=None,
+                 max_message_bytes: int | None = None):
         self.address = address
         self.tls = tls  # cluster.draft_tls: mutual TLS
+        self.max_message_bytes = max_message_bytes  # the channel's message limits (wire.draft_message_limit); None: gRPC's
         self.name = name
         self.owner = owner  # names this engine's sequences on the service (seq_ids are per engine)
         self.timeout_s = timeout_s
@@ -33,7 +35,7 @@ class RemoteDrafter(Drafter):
     def _open(self) -> None:
         from .tls import channel
 
-        self._channel = channel(self.address, self.tls)
+        self._channel = channel(self.address, self.tls, self.max_message_bytes)
         self._stub = pb_grpc.DraftServiceStub(self._channel)
 
     def propose(self, seq_id, context, k, params, seed) -> DraftBlock:
@@ -47,16 +49,15 @@ class RemoteDrafter(Drafter):
         return (self._stub.Propose.future(request, timeout=self.timeout_s), draft, sent)
 
     def finish(self, pending) -> DraftBlock:
-        """The block of a started proposal; raises grpc.RpcError when the service fails."""
+        """The block of a started proposal; raises grpc.RpcError when the service fails, and
+        DraftTooLarge when the block does not fit the channel's message limits."""
         future, draft, sent = pending
         try:
-            response = future.result()
+            response = self._response(future, draft, sent)
         except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.FAILED_PRECONDITION or sent is None:
+            if not _too_large(e):
                 raise
-            request = self._request(draft, None)  # the service lost track: resend the whole context
-            self.bytes_sent += request.ByteSize()
-            response = self._stub.Propose(request, timeout=self.timeout_s)
+            raise DraftTooLarge(f"draft service {self.address}: {e.details()}") from None
         self._sent[draft.seq_id] = len(draft.context)
         self.bytes_received += response.ByteSize()
         self.compute_s += response.compute_s
@@ -66,6 +67,16 @@ class RemoteDrafter(Drafter):
                                     or any(not -1 <= p < j for j, p in enumerate(parents))):
             raise ValueError(f"draft service {self.address}: a malformed tree (parents {list(parents)})")
         return DraftBlock(list(response.token_ids), probs, parents)
+
+    def _response(self, future, draft: DraftRequest, sent: int | None) -> pb.ProposeResponse:
+        try:
+            return future.result()
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.FAILED_PRECONDITION or sent is None:
+                raise
+            request = self._request(draft, None)  # the service lost track: resend the whole context
+            self.bytes_sent += request.ByteSize()
+            return self._stub.Propose(request, timeout=self.timeout_s)
 
     def propose_many(self, requests: list[DraftRequest]) -> list[DraftBlock]:
         return [self.finish(p) for p in [self.start(r) for r in requests]]
@@ -111,3 +122,11 @@ class RemoteDrafter(Drafter):
         if self._channel is not None:
             self._channel.close()
             self._channel = None
+
+
+def _too_large(e: grpc.RpcError) -> bool:
+    """A message over the channel's limits: refused by the service (OUT_OF_RANGE), or stopped by
+    gRPC itself on either end (RESOURCE_EXHAUSTED, "... message larger than max ...")."""
+    code = e.code()
+    return code == grpc.StatusCode.OUT_OF_RANGE or (
+        code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (e.details() or ""))

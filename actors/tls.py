@@ -1,4 +1,4 @@
-"""Mutual TLS for the internal draft channel (cluster.draft_tls): credentials from PEM files."""
+"""The internal draft channel: mutual TLS (cluster.draft_tls) from PEM files, and its message limits."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 import grpc
 
 from cluster.config import ConfigError, DraftTls
+
+from .wire import message_options
 
 
 def _read(tls: DraftTls, field: str) -> bytes:
@@ -23,9 +25,11 @@ def server_credentials(tls: DraftTls) -> grpc.ServerCredentials:
                                        root_certificates=_read(tls, "ca_file"), require_client_auth=True)
 
 
-def channel(address: str, tls: DraftTls | None) -> grpc.Channel:
-    """A channel to a replica: plaintext, or mutual TLS checking the replica's name."""
+def channel(address: str, tls: DraftTls | None, max_message_bytes: int | None = None) -> grpc.Channel:
+    """A channel to a replica: plaintext, or mutual TLS checking the replica's name. max_message_bytes
+    (wire.draft_message_limit): both message limits; None: gRPC's defaults (4 MiB received)."""
+    options = message_options(max_message_bytes)
     if tls is None:
-        return grpc.insecure_channel(address)
+        return grpc.insecure_channel(address, options=options)
     credentials = grpc.ssl_channel_credentials(_read(tls, "ca_file"), _read(tls, "key_file"), _read(tls, "cert_file"))
-    return grpc.secure_channel(address, credentials, options=[("grpc.ssl_target_name_override", tls.server_name)])
+    return grpc.secure_channel(address, credentials, options=[("grpc.ssl_target_name_override", tls.server_name), *options])

@@ -6,6 +6,37 @@ import torch
 from specserve.internal.v1 import draft_pb2 as pb
 
 DTYPES = {name: getattr(torch, name) for name in ("float32", "float16", "bfloat16", "int64", "int32", "uint8", "bool")}
+Q_BYTES = 4  # a value of q on the wire: float32 (encode_probs), whatever precision it was sampled in
+GRPC_DEFAULT_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's own receive limit: the floor of the draft channel's
+GRPC_MAX_MESSAGE_BYTES = 2**31 - 1  # what a gRPC channel option (an int32) and a protobuf message can hold
+NODE_BYTES = 32  # a node's id and parent varints (-1 takes 10 bytes), and its row offset in the sparse form
+FRAMING_BYTES = 4096  # the rest of a reply: tags, lengths, dtype names, shapes, vocab_size, compute_s
+
+
+class DraftTooLarge(RuntimeError):
+    """A draft block that does not fit the draft channel's message limit. Not a replica failure (it
+    would fail the same way on every replica) and never a silent K = 0: it reaches the caller."""
+
+
+def draft_message_limit(vocab: int, nodes: int, sequences: int = 1, bytes_per_value: int = Q_BYTES) -> int:
+    """The draft channel's message limit in bytes: the largest reply, `sequences` blocks (a Propose
+    carries one) of `nodes` dense q rows of `vocab` values (the sparse form is never larger but by its
+    row offsets), with their ids, parents and framing; never below gRPC's default 4 MiB (which also
+    bounds the contexts the requests carry)."""
+    block = nodes * (vocab * bytes_per_value + NODE_BYTES) + FRAMING_BYTES
+    limit = max(GRPC_DEFAULT_MESSAGE_BYTES, sequences * block)
+    if limit > GRPC_MAX_MESSAGE_BYTES:
+        raise DraftTooLarge(f"a draft block of {nodes} nodes at a vocabulary of {vocab} ids ({limit} bytes) exceeds the "
+                            f"{GRPC_MAX_MESSAGE_BYTES} bytes a gRPC message can hold: lower speculation.max_draft_tokens "
+                            "and speculation.tree.max_nodes")
+    return limit
+
+
+def message_options(max_message_bytes: int | None) -> list[tuple[str, int]]:
+    """gRPC channel / server options setting both message limits (None: gRPC's defaults)."""
+    if max_message_bytes is None:
+        return []
+    return [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
 
 
 def tensor_to_proto(t: torch.Tensor) -> pb.Tensor:

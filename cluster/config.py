@@ -106,6 +106,11 @@ class SpeculationConfig(_Strict):
             raise ValueError(f"speculation.num_draft_tokens must be 'adaptive' or in [0, {self.max_draft_tokens}], got {k}")
         return self
 
+    @property
+    def block_nodes(self) -> int:
+        """The most draft nodes a sequence's block can hold: a chain of max_draft_tokens or a tree of tree.max_nodes."""
+        return max(self.max_draft_tokens, self.tree.max_nodes)
+
 
 class ActorResources(_Strict):
     cpus: float = Field(1.0, ge=0)  # Ray num_cpus of each actor
