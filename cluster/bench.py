@@ -17,10 +17,13 @@ from importlib import resources
 import torch
 
 from .config import SpecserveConfig
+from .bench_reference import (format_forward_rows, format_peer_rows, forward_rows, log_stderr, peer_rows, peer_runs,
+                              text_table)
 from .heads import builtin_head, builtin_lookahead
 from .registry import DRAFTERS
 from .runtime.engine import GenerationRequest
 from .runtime.factory import load_target, make_engine, second_stage
+from .runtime.formats import candidates
 from .runtime.models import select_device
 from .speculation import InvalidRequest, SamplingParams, mean_expected_tokens
 
@@ -45,9 +48,13 @@ def runnable_drafters(config: SpecserveConfig) -> list[str]:
                  or (shipped := builtin_lookahead(config.target.model)) is not None and shipped.is_file())]
 
 
-def choose_drafters(config: SpecserveConfig, names: list[str] | None) -> list[str]:
-    """`names` (--drafters), checked against what this config can run; None: all it can."""
+def choose_drafters(config: SpecserveConfig, names: list[str] | None, quick: bool = False) -> list[str]:
+    """`names` (--drafters), checked against what this config can run; None: all it can, or with
+    quick the config's drafter, prompt lookup, and the draft model where one is named."""
     runnable = runnable_drafters(config)
+    if names is None and quick:
+        names = [n for n in (config.draft.drafter, "ngram", "model" if config.draft.model.name else None)
+                 if n in runnable]
     if names is None:
         return runnable
     for name in names:
@@ -60,14 +67,15 @@ def run_bench(config: SpecserveConfig, json_out: str | None = None, plot: str | 
               drafters: list[str] | None = None, temperatures: list[float] | None = None) -> int:
     prompts = load_prompts(quick)
     max_new = 48 if quick else 96
-    reps = 3
-    temperatures = temperatures or ([0.0] if quick else [0.0, 1.0])
-    fixed_ks = [k for k in ([4] if quick else [2, 4, 8]) if k <= config.speculation.max_draft_tokens]
-    drafters = choose_drafters(config, drafters)
-    log = lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    reps = 2 if quick else 3
+    temperatures = temperatures or [0.0, 1.0]
+    fixed_ks = [] if quick else [k for k in (2, 4, 8) if k <= config.speculation.max_draft_tokens]
+    drafters = choose_drafters(config, drafters, quick)
+    log = log_stderr
 
     log(f"loading {config.target.model} ({config.target.dtype})")
     target = load_target(config)
+    log(f"target format: {target.format}")
     adaptive = config.model_copy(update={"speculation": config.speculation.model_copy(update={"num_draft_tokens": "adaptive"})})
     engines = {}
     for name in drafters:
@@ -115,21 +123,61 @@ def run_bench(config: SpecserveConfig, json_out: str | None = None, plot: str | 
             plain_spread.append(max(plain_times) / min(plain_times) - 1)
     log(f"measured in {time.perf_counter() - started:.0f} s")
     noise = round(sum(plain_spread) / len(plain_spread), 3)
-
     rows = aggregate(runs)
+    plain = engines[drafters[0]]
+    batch = batch_plain(plain, prompts, max_new, reps)
+    draft = engines["model"].drafter.lm.model if "model" in engines and config.draft.model.name else None
+    peers = peer_rows(peer_runs(target, draft, prompts, max_new, temperatures, 1 if quick else reps,
+                                lambda p: plain.validate(GenerationRequest(p, max_new)), log), CATEGORIES)
+    device = select_device(config.target.device)
+    others = candidates() if device.type == "cpu" and not quick else [("float32", "mkl" if device.type == "cpu" else device.type)]
+    kinds = list(dict.fromkeys([(target.format.dtype, target.format.kernel), *others]))
+    forwards = forward_rows(config.target.model, kinds, str(device), log)
+
     print(format_table(rows))
     print(f"noise floor: identical plain runs of a prompt differed by {100 * noise:.1f}% on average "
           f"(slowest vs fastest of {reps}); each variant keeps its fastest of {reps}")
+    print(f"\nthe engine's plain decoding against the raw forward ({target.format.dtype}/{target.format.kernel}):")
+    print(format_engine_vs_raw(rows, batch, forwards[0]))
+    print("\nraw forward (transformers, its own cache) and specserve's KV store, per weight format:")
+    print(format_forward_rows(forwards))
+    print("\npeer: transformers' generate on the same prompts (speedup over its own plain generate):")
+    print(format_peer_rows(peers))
     if json_out:
         with open(json_out, "w") as f:
             json.dump({"config": config.model_dump(), "machine": machine(), "quick": quick,
-                       "max_new_tokens": max_new, "reps": reps,
-                       "plain_rep_spread": noise, "rows": rows}, f, indent=2)
+                       "max_new_tokens": max_new, "reps": reps, "target_format": str(target.format),
+                       "plain_rep_spread": noise, "rows": rows, "plain_batch": batch, "forward": forwards,
+                       "peer": peers}, f, indent=2)
         log(f"wrote {json_out}")
     if plot:
         plot_speedup(rows, plot)
         log(f"wrote {plot}")
     return 0
+
+
+def batch_plain(engine, prompts: list[tuple[str, str]], max_new: int, reps: int, sequences: int = 16) -> dict:
+    """Plain decoding of `sequences` requests at once (the prompts cycled), greedy: tokens/s of
+    all of them, the fastest of `reps`."""
+    requests = [GenerationRequest(prompts[i % len(prompts)][1], max_new, num_draft_tokens=0) for i in range(sequences)]
+    best = None
+    for _ in range(reps):
+        t = time.perf_counter()
+        results = engine.generate(requests)
+        seconds = time.perf_counter() - t
+        tokens = sum(len(r.token_ids) for r in results)
+        if best is None or seconds < best["seconds"]:
+            best = dict(sequences=sequences, tokens=tokens, seconds=round(seconds, 3), tokens_per_s=round(tokens / seconds, 2))
+    return best
+
+
+def format_engine_vs_raw(rows: list[dict], batch: dict, forward: dict) -> str:
+    """The engine's plain tokens/s over the raw forward's step rate, at 1 and at 16 sequences."""
+    one = next(r for r in rows if r["drafter"] == "none" and r["temperature"] == 0 and r["prompts"] == "all")
+    raw1, raw16 = 1e3 / forward["raw_ms"]["1x1"], 16e3 / forward["raw_ms"]["16x1"]
+    return text_table([["sequences", "engine plain tok/s", "raw forward tok/s", "ratio"],
+                       ["1", str(one["tokens_per_s"]), f"{raw1:.2f}", f"{one['tokens_per_s'] / raw1:.2f}x"],
+                       ["16", str(batch["tokens_per_s"]), f"{raw16:.2f}", f"{batch['tokens_per_s'] / raw16:.2f}x"]])
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
@@ -185,11 +233,7 @@ def format_table(rows: list[dict]) -> str:
             ("tok/call", "tokens_per_target_call"), ("expected", "expected_tokens_per_target_call"),
             ("mean K", "mean_k"), ("draft ms/tok", "draft_ms_per_token"), ("= plain", "matches_plain")]
     show = lambda v: "-" if v is None else str(v)  # noqa: E731
-    cells = [[h for h, _ in cols]] + [[show(r.get(key, "")) for _, key in cols] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table([[h for h, _ in cols]] + [[show(r.get(key, "")) for _, key in cols] for r in rows])
 
 
 def machine() -> dict:

@@ -18,19 +18,60 @@ def test_bench_quick_rows(tmp_path, capsys):
         assert FIELDS <= set(row)
         assert row["prompts"] in ("chat", "grounded", "code", "all")
         assert row["k"] == "adaptive" or isinstance(row["k"], int)
-        assert row["matches_plain"] is True  # greedy: every variant equals plain decoding
+        assert row["temperature"] == 1.0 or row["matches_plain"] is True  # greedy: every variant equals plain decoding
     drafters = {r["drafter"] for r in rows}
-    assert drafters == {"none", "ngram", "int8", "model"}
+    assert drafters == {"none", "model", "ngram"}  # --quick: the config's drafter and prompt lookup
+    assert {r["temperature"] for r in rows} == {0.0, 1.0} and {r["k"] for r in rows} == {0, "adaptive"}
     assert {r["shape"] for r in rows if r["drafter"] == "ngram"} == {"chain", "tree"}  # ngram drafts trees
-    for name in ("int8", "model"):  # model drafters: trees, and a second stage
-        assert {(r["shape"], r["stages"]) for r in rows if r["drafter"] == name} == {(s, n) for s in ("chain", "tree") for n in (1, 2)}
+    # model drafters: trees, and a second stage
+    assert {(r["shape"], r["stages"]) for r in rows if r["drafter"] == "model"} == {(s, n) for s in ("chain", "tree") for n in (1, 2)}
     assert all(r["stages"] == 1 for r in rows if r["drafter"] in ("none", "ngram"))
-    assert all(r["draft_ms_per_token"] > 0 for r in rows if r["drafter"] != "none" and r["k"] == 4)
+    assert all(r["draft_ms_per_token"] > 0 for r in rows if r["drafter"] == "model" and r["mean_k"] > 0)
     for r in rows:
         if r["drafter"] == "none":
             assert r["speedup"] == 1.0 and r["tokens_per_target_call"] <= 1.0  # < 1 only when EOS ends a prompt
-        if r["k"] == 4:
-            assert r["tokens_per_target_call"] >= 1.0
+    report = json.loads(out.read_text())
+    assert report["target_format"].startswith("float32 (mkl)")
+    assert report["plain_batch"]["sequences"] == 16 and report["plain_batch"]["tokens_per_s"] > 0
+    forward = report["forward"]  # the target's format first; float32 through MKL as the reference
+    assert [f["format"] for f in forward] == ["float32/mkl"]
+    shapes = {"1x1", "1x5", "1x9", "16x1"}
+    assert set(forward[0]["raw_ms"]) == set(forward[0]["raw_ratio"]) == set(forward[0]["kv_store_ms"]) == shapes
+    assert forward[0]["raw_ratio"]["1x1"] == 1.0 and min(forward[0]["raw_ms"].values()) > 0
+    peer = report["peer"]  # transformers' generate: plain and prompt lookup (no draft model named)
+    assert {(p["variant"], p["temperature"]) for p in peer} == {(v, t) for v in ("plain", "prompt_lookup") for t in (0.0, 1.0)}
+    assert all(p["speedup"] == 1.0 for p in peer if p["variant"] == "plain") and all(p["tokens_per_s"] > 0 for p in peer)
+    printed = capsys.readouterr().out
+    assert "raw forward" in printed and "peer: transformers" in printed
+
+
+def test_raw_step_leaves_the_cache_as_it_found_it():
+    from transformers import DynamicCache
+
+    from cluster.bench_reference import raw_step_s
+    from cluster.runtime.models import tiny_model
+
+    model = tiny_model("tiny-llama")
+    seen = []
+    real = DynamicCache.crop
+    DynamicCache.crop = lambda self, n: (real(self, n), seen.append(self.get_seq_length()))
+    try:
+        got = raw_step_s(model, shapes=((1, 1), (2, 5)), context=12, reps=2)
+    finally:
+        DynamicCache.crop = real
+    assert set(got) == {"1x1", "2x5"} and min(got.values()) > 0
+    assert seen and set(seen) == {12}  # every call is timed after exactly the context
+
+
+def test_peer_rows_are_ratios_to_their_own_plain():
+    from cluster.bench_reference import peer_rows
+
+    runs = [dict(temperature=0.0, category=c, prompt=i, variant=v, seconds=s, tokens=48)
+            for i, (c, v, s) in enumerate([("chat", "plain", 2.0), ("chat", "prompt_lookup", 1.0),
+                                           ("code", "plain", 4.0), ("code", "prompt_lookup", 1.0)])]
+    rows = {(r["prompts"], r["variant"]): r for r in peer_rows(runs, ("chat", "code"))}
+    assert rows[("chat", "prompt_lookup")]["speedup"] == 2.0 and rows[("code", "prompt_lookup")]["speedup"] == 4.0
+    assert rows[("all", "plain")]["tokens_per_s"] == 16.0 and rows[("all", "prompt_lookup")]["speedup"] == 3.0
 
 
 def test_bench_load_quick_rows(tmp_path, capsys):
