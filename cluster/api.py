@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from .runtime.engine import CHAT_ROLES, ChatMessage, GenerationRequest, GenerationResult
+from .runtime.engine import CHAT_ROLES, ChatMessage, Detokenizer, GenerationRequest, GenerationResult
 from .speculation import InvalidRequest, SamplingParams
 
 MAX_SEED = 2**63 - 1
@@ -256,24 +256,25 @@ def _openai_reason(reason: str) -> str:
 
 class TextStream:
     """Text deltas of a growing token list whose concatenation is the final text exactly: holds
-    back a possibly incomplete UTF-8 character and anything that could begin a stop string."""
+    back a possibly incomplete UTF-8 character and anything that could begin a stop string. Each
+    push decodes a bounded tail of the ids, not all of them (runtime.engine.Detokenizer)."""
 
     def __init__(self, decode, stop: tuple[str, ...] = ()):
-        self.decode = decode
+        self.text = Detokenizer(decode)
         self.hold = max((len(s) for s in stop), default=1) - 1
-        self.ids: list[int] = []
         self.sent = 0  # characters emitted
 
     def push(self, token_ids: list[int], final_text: str | None = None) -> str:
-        self.ids.extend(token_ids)
         if final_text is not None:
             delta, self.sent = final_text[self.sent:], len(final_text)
             return delta
-        text = self.decode(self.ids)
-        end = len(text) - self.hold
-        while end > self.sent and text[end - 1] == "\ufffd":
+        self.text.push(token_ids)
+        unsent = self.text.text_from(self.sent)
+        end = len(unsent) - self.hold
+        while end > 0 and unsent[end - 1] == "\ufffd":
             end -= 1
-        if end <= self.sent:
+        if end <= 0:
             return ""
-        delta, self.sent = text[self.sent:end], end
-        return delta
+        self.sent += end
+        self.text.forget(self.sent)
+        return unsent[:end]

@@ -164,6 +164,7 @@ class _Sequence:
     # for a drafter that reads the target: hidden states of committed positions not yet sent to it
     features: list[torch.Tensor] = field(default_factory=list)
     features_sent: int = 0  # positions whose features the drafter has
+    text: Detokenizer | None = None  # the output's text, for stop strings
 
     @property
     def tokens(self) -> list[int]:
@@ -173,6 +174,66 @@ class _Sequence:
     def uncached(self) -> list[int]:
         """What the next verify block starts with: the rest of the prompt, or the last token."""
         return self.tokens[self.cached :]
+
+
+class Detokenizer:
+    """decode(ids) of a growing token list with a bounded decode a push: the standard prefix /
+    read offsets. The text of ids[:read] is settled; each push decodes ids[prefix:] (`left` tokens
+    before read, for merge and leading-space rules) and keeps what follows decode(ids[prefix:read]).
+    read moves on when that ends in a whole character. Where new tokens change the text before
+    read (the window no longer starts with its head), the whole list is decoded once instead.
+    Text before `forget`'s mark is dropped."""
+
+    def __init__(self, decode: Callable[[list[int]], str], left: int = 4):
+        self.decode, self.left = decode, left
+        self.ids: list[int] = []
+        self.prefix = self.read = 0
+        self.head = ""  # decode(ids[prefix:read])
+        self.settled = ""  # the text of ids[:read], from character `base` on
+        self.base = 0
+        self.tail = ""  # the text of ids[read:] as decoded now (may still change)
+        self.changed = 0  # the last push may have changed the text from this character on
+
+    @property
+    def settled_len(self) -> int:
+        """Characters of ids[:read]: the text's first settled_len characters no longer change."""
+        return self.base + len(self.settled)
+
+    def push(self, ids: list[int]) -> None:
+        self.ids.extend(ids)
+        self.changed = self.settled_len
+        window = self.decode(self.ids[self.prefix :])
+        if not window.startswith(self.head):  # the new tokens rewrote settled text: decode it all
+            self.prefix = self.read = self.base = self.changed = 0
+            self.head = self.settled = ""
+            window = self.decode(self.ids)
+        tail = window[len(self.head) :]
+        if not tail or tail.endswith("\ufffd"):  # maybe half a character: read stays
+            self.tail = tail
+            return
+        self.settled, self.tail, self.read = self.settled + tail, "", len(self.ids)
+        prefix = max(0, self.read - self.left)
+        self.head = window if prefix == self.prefix else self.decode(self.ids[prefix : self.read])
+        self.prefix = prefix
+
+    def text_from(self, start: int) -> str:
+        """decode(ids)[start:], start at or after what `forget` dropped."""
+        assert start >= self.base, (start, self.base)
+        if start >= self.settled_len:
+            return self.tail[start - self.settled_len :]
+        return self.settled[start - self.base :] + self.tail
+
+    def forget(self, upto: int) -> None:
+        """Drops the settled text before character `upto`."""
+        cut = min(upto, self.settled_len) - self.base
+        if cut > 0:
+            self.settled, self.base = self.settled[cut:], self.base + cut
+
+
+def stop_at(text: str, stop: tuple[str, ...]) -> int | None:
+    """Where the first stop string in `text` begins (None: none)."""
+    hits = [i for i in (text.find(x) for x in stop) if i >= 0]
+    return min(hits) if hits else None
 
 
 def check_request_fields(request: GenerationRequest, max_draft_tokens: int) -> None:
@@ -652,18 +713,29 @@ class SpeculativeEngine:
                 break
             s.output.append(t)
             new.append(t)
-            if len(s.output) >= req.max_new_tokens or len(s.tokens) >= self.target.max_context:
+            if len(s.output) >= req.max_new_tokens or len(s.prompt_ids) + len(s.output) >= self.target.max_context:
                 reason = "length"
                 break
-        text = self.tokenizer.decode(s.output) if req.stop or reason else ""
-        if req.stop:
-            hits = [i for i in (text.find(x) for x in req.stop) if i >= 0]
-            if hits:
-                text, reason = text[: min(hits)], "stop"
+        ending = reason is not None or bool(req.stop) and self._stopped(s, new)
+        text = self.tokenizer.decode(s.output) if ending else ""
+        if req.stop and (cut := stop_at(text, req.stop)) is not None:  # where it is in the whole text
+            text, reason = text[:cut], "stop"
         if reason is not None:
             s.result = GenerationResult(text, list(s.output), reason, s.stats, len(s.prompt_ids))
             self.abort(s.seq_id)
         return StepOutput(s.seq_id, new, s.result)
+
+    def _stopped(self, s: _Sequence, new: list[int]) -> bool:
+        """Whether a stop string now occurs in the output's text. No earlier round's text held one,
+        so only a hit ending in text that changed can be new: the search starts a stop string's
+        length before it (Detokenizer.changed), and the push decodes a bounded tail."""
+        if s.text is None:
+            s.text = Detokenizer(self.tokenizer.decode)
+        d = s.text
+        d.push(new)
+        start = max(0, d.changed - max(map(len, s.request.stop)) + 1)
+        d.forget(start)
+        return stop_at(d.text_from(start), s.request.stop) is not None
 
     # -- costs for adaptive K ------------------------------------------------------------
     def prepare(self) -> None:
