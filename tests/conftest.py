@@ -6,6 +6,7 @@ import torch
 from cluster.config import parse_config
 from cluster.runtime.factory import load_target, make_engine
 from cluster.runtime.models import load_model
+from cluster.speculation.exact import first_children  # noqa: F401  (the tests import it from here)
 
 TINY_PROMPTS = [
     "hello world, this is a test",
@@ -76,18 +77,6 @@ def tiny_distributed(draft: dict, draft_replicas: int, speculation: dict):
     data["cluster"]["draft_replicas"] = draft_replicas
     data["speculation"] |= speculation
     return DistributedEngine(parse_config(data))
-
-
-def first_children(p, tree, generator):
-    """A wrong tree acceptance (negative controls): takes every first child, then samples at the leaf."""
-    from cluster.speculation.tree import TreeAcceptance
-    from cluster.speculation import sample_token
-
-    path, node = [], -1
-    while tree.children(node):
-        node = tree.children(node)[0]
-        path.append(node)
-    return TreeAcceptance(tuple(path), tuple(tree.tokens[c] for c in path) + (sample_token(p[node + 1], generator),))
 
 
 def assert_greedy_equals_plain_on_smollm2(engine, loaded, prompts: list[str], n: int, k) -> list:

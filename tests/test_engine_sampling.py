@@ -4,11 +4,12 @@ import itertools
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from cluster.runtime.engine import GenerationRequest
 from cluster.runtime.factory import make_engine
 from cluster.speculation import CostModel, SamplingParams, warp_probs
+from cluster.speculation.exact import DISTRIBUTION_TEST_PARAMS as PARAMS
+from cluster.speculation.exact import chi2_pvalue as _chi2_pvalue  # the names other test files import
 from conftest import TINY_PROMPTS, tiny_config
 
 # A fixed cost model makes adaptive K a deterministic function of the acceptance history. Its
@@ -85,20 +86,6 @@ def _sample_pairs(engine, prompt, params, n, k):
         for s in range(n)
     ]
     return [tuple(r.token_ids) for r in engine.generate(reqs)]
-
-
-def _chi2_pvalue(pairs, joint):
-    """Chi-square p-value of the samples against the exact joint; 0 if any falls outside its support."""
-    if any(x not in joint for x in pairs):
-        return 0.0
-    cells = sorted(joint)
-    counts = [sum(1 for x in pairs if x == c) for c in cells]
-    mass = sum(joint[c] for c in cells)  # 1 up to float32 rounding
-    expected = [joint[c] / mass * len(pairs) for c in cells]
-    return chisquare(counts, expected).pvalue
-
-
-PARAMS = SamplingParams(temperature=1.0, top_k=3)
 
 
 def test_engine_samples_match_target_distribution(tiny_llama):

@@ -12,6 +12,7 @@ from cluster.runtime.head import DraftHead
 from cluster.runtime.head_drafter import HeadDrafter
 from cluster.runtime.kv import CausalLM
 from cluster.speculation import SamplingParams
+from cluster.speculation.exact import exact_joint as _exact_joint  # the name other test files import
 from cluster.training.corpus import read_corpus
 from cluster.training.features import cut_windows, extract_features
 from cluster.training.train_head import HeadTraining, train_head
@@ -227,23 +228,6 @@ def test_adaptive_k_charges_lookup_nothing_and_the_head_its_cost(tiny_llama, tin
         counts[draft_step_s] = drafter.counts
     assert counts[0.5]["lookup"] > 0 and counts[0.5]["head"] == 0, counts
     assert counts[0.0]["head"] > 0, counts
-
-
-def _exact_joint(loaded, prompt_ids, params, n):
-    """P(y1..yn) of the warped target, by enumeration over the support at each step."""
-    from cluster.speculation import warp_probs
-
-    joint = {(): 1.0}
-    with torch.inference_mode():
-        for _ in range(n):
-            grown = {}
-            for prefix, mass in joint.items():
-                logits = loaded.model(torch.tensor([prompt_ids + list(prefix)])).logits[0, -1:].float()
-                p = warp_probs(logits, [params])[0]
-                for y in p.nonzero().squeeze(1).tolist():
-                    grown[prefix + (y,)] = mass * float(p[y])
-            joint = grown
-    return joint
 
 
 def test_lookup_then_head_samples_the_target_distribution(tiny_llama, tiny_head):
