@@ -6,8 +6,7 @@ import grpc
 from specserve.internal.v1 import draft_pb2 as pb
 from specserve.internal.v1 import draft_pb2_grpc as pb_grpc
 
-from cluster.runtime.drafters import Drafter
-from cluster.speculation.round import DraftBlock, DraftRequest
+from cluster.speculation.round import DraftBlock, DraftRequest, Drafter, DrafterCapabilities
 
 from .wire import DraftTooLarge, decode_probs
 
@@ -15,7 +14,7 @@ from .wire import DraftTooLarge, decode_probs
 class RemoteDrafter(Drafter):
     """Sends each sequence's context incrementally; resends it whole when the service lost it."""
 
-    drafts_trees = True  # passes the tree budget on; the replica's drafter decides (chains or trees)
+    capabilities = DrafterCapabilities(drafts_trees=True)  # passes the tree budget on; the replica's drafter decides
 
     def __init__(self, address: str, timeout_s: float = 30.0, name: str = "remote", owner: str = "", tls=None,
                  max_message_bytes: int | None = None):
@@ -37,9 +36,6 @@ class RemoteDrafter(Drafter):
 
         self._channel = channel(self.address, self.tls, self.max_message_bytes)
         self._stub = pb_grpc.DraftServiceStub(self._channel)
-
-    def propose(self, seq_id, context, k, params, seed) -> DraftBlock:
-        return self.finish(self.start(DraftRequest(seq_id, context, k, params, seed)))
 
     def start(self, draft: DraftRequest):
         """Sends a proposal without waiting; finish() collects it."""

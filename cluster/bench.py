@@ -19,8 +19,7 @@ import torch
 from .config import SpecserveConfig
 from .bench_reference import (format_forward_rows, format_peer_rows, forward_rows, log_stderr, peer_rows, peer_runs,
                               text_table)
-from .heads import builtin_head, builtin_lookahead
-from .registry import DRAFTERS
+from .registry import DRAFTERS, unusable
 from .runtime.engine import GenerationRequest
 from .runtime.factory import load_target, make_engine, second_stage
 from .runtime.formats import candidates
@@ -39,13 +38,8 @@ def load_prompts(quick: bool) -> list[tuple[str, str]]:
 
 def runnable_drafters(config: SpecserveConfig) -> list[str]:
     """The registry's drafters this config can build on this device."""
-    cpu = select_device(config.target.device).type == "cpu"
-    d = config.draft
-    return [name for name, kind in DRAFTERS.items()
-            if (cpu or not kind.cpu_only) and (name != "model" or d.model.usable) and (name != "trained" or d.trained.path)
-            and (name not in ("head", "ngram_head") or d.head.path is not None or builtin_head(config.target.model))
-            and (name not in ("pass", "ngram_pass") or d.pass_.embeddings is not None
-                 or (shipped := builtin_lookahead(config.target.model)) is not None and shipped.is_file())]
+    device = select_device(config.target.device).type
+    return [name for name in DRAFTERS if unusable(name, config.draft, config.target.model, device) is None]
 
 
 def choose_drafters(config: SpecserveConfig, names: list[str] | None, quick: bool = False) -> list[str]:
@@ -66,7 +60,7 @@ def choose_drafters(config: SpecserveConfig, names: list[str] | None, quick: boo
 def run_bench(config: SpecserveConfig, json_out: str | None = None, plot: str | None = None, quick: bool = False,
               drafters: list[str] | None = None, temperatures: list[float] | None = None) -> int:
     prompts = load_prompts(quick)
-    max_new = 48 if quick else 96
+    max_new = 40 if quick else 96
     reps = 2 if quick else 3
     temperatures = temperatures or [0.0, 1.0]
     fixed_ks = [] if quick else [k for k in (2, 4, 8) if k <= config.speculation.max_draft_tokens]
@@ -87,7 +81,7 @@ def run_bench(config: SpecserveConfig, json_out: str | None = None, plot: str | 
     variants = [("none", "chain", 1, 0)] + [
         (d, shape, stages, k) for d in drafters
         for shape in (("chain", "tree") if getattr(engines[d].drafter, "drafts_trees", False) else ("chain",))
-        for stages in ((1, 2) if DRAFTERS[d].staged else (1,))
+        for stages in ((1, 2) if DRAFTERS[d].staged and not quick else (1,))
         for k in [*fixed_ks, "adaptive"]
     ]
 
@@ -125,7 +119,8 @@ def run_bench(config: SpecserveConfig, json_out: str | None = None, plot: str | 
     noise = round(sum(plain_spread) / len(plain_spread), 3)
     rows = aggregate(runs)
     plain = engines[drafters[0]]
-    batch = batch_plain(plain, prompts, max_new, reps)
+    log("plain decoding, 16 sequences at once")
+    batch = batch_plain(plain, prompts, max_new, 1 if quick else reps)
     draft = engines["model"].drafter.lm.model if "model" in engines and config.draft.model.name else None
     peers = peer_rows(peer_runs(target, draft, prompts, max_new, temperatures, 1 if quick else reps,
                                 lambda p: plain.validate(GenerationRequest(p, max_new)), log), CATEGORIES)

@@ -9,7 +9,7 @@ import os
 import sys
 
 from .client import API_TOKEN_ENV
-from .config import ConfigError, load_config, parse_config
+from .config import ConfigError, SpecserveConfig, load_config, parse_config
 from .registry import DRAFTERS, SECOND_STAGES
 from .speculation import InvalidRequest, SamplingParams
 
@@ -55,8 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="start a local Ray cluster and the service; stay up until interrupted")
     srv.add_argument("--config", default=None, help="YAML config; default: the embedded default (configs/local.yaml)")
-    srv.add_argument("--grpc-port", type=int, default=None, help="default: the config's serve.grpc_port (9000)")
-    srv.add_argument("--http-port", type=int, default=None, help="default: the config's serve.http_port (8000)")
+    schema = SpecserveConfig().serve  # help states the schema's defaults, never copies of them
+    srv.add_argument("--grpc-port", type=int, default=None,
+                     help=f"default: the config's serve.grpc_port ({schema.grpc_port} in the embedded default)")
+    srv.add_argument("--http-port", type=int, default=None,
+                     help=f"default: the config's serve.http_port ({schema.http_port} in the embedded default)")
 
     soak = sub.add_parser("soak", help="many concurrent streams against a running service, with cancellations and "
                                        "deadlines; reports outcomes and p50/p99 latencies")
@@ -90,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     quality = sub.add_parser("quality", help="held-out perplexity of the config's target in float32 and in int8 "
                                              "(the bench's texts); prints JSON")
     quality.add_argument("--config", help="YAML config (default: the embedded configs/local.yaml)")
-    quality.add_argument("--max-tokens", type=int, default=512, help="tokens of each text scored (default 512)")
+    quality.add_argument("--max-tokens", type=int, default=512, help="tokens of each text scored (default %(default)s)")
 
     from .training.commands import add_parsers
 

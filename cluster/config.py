@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .heads import builtin_head
-from .registry import DRAFTER_NAMES, DRAFTERS, SECOND_STAGES
+from .registry import BUILTIN_DRAFTERS, SECOND_STAGES, find, unusable
 
 Dtype = Literal["auto", "float32", "bfloat16", "int8"]  # auto: bfloat16 on GPUs and CPUs with native bf16, else float32; int8: CPU, exact per row (runtime/int8.py)
 
@@ -66,7 +66,8 @@ class PassDrafterConfig(_Strict):
 
 
 class DraftConfig(_Strict):
-    drafter: Literal[DRAFTER_NAMES] = "ngram"  # the drafter that runs (cluster/registry.py); ngram works for any target
+    # the drafter that runs: a name in cluster/registry.py (or a registered "module:attribute"); unset: see _default_drafter
+    drafter: str = Field("ngram_head", json_schema_extra=lambda s: _builtin_drafters(s))
     model: ModelDrafterConfig = ModelDrafterConfig()  # settings of drafter 'model'
     ngram: NgramDrafterConfig = NgramDrafterConfig()  # settings of drafter 'ngram'
     head: HeadDrafterConfig = HeadDrafterConfig()  # settings of drafters 'head' and 'ngram_head'
@@ -75,18 +76,24 @@ class DraftConfig(_Strict):
     pass_: PassDrafterConfig = Field(PassDrafterConfig(), alias="pass")  # drafter 'pass' (PaSS); key `pass` in YAML
     second_stage: Literal[("none", *SECOND_STAGES)] = "none"  # speeds up a draft model's own decoding (int8, model, trained)
 
+    @field_validator("drafter")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if find(name) is None:
+            raise ValueError(unusable(name, None))
+        return name
+
     @model_validator(mode="after")
-    def _check(self):
-        if self.drafter == "model" and not self.model.usable:
-            raise ValueError("drafter 'model' needs draft.model.name (a draft LM) or draft.model.layers")
-        if self.drafter == "trained" and self.trained.path is None:
-            raise ValueError("drafter 'trained' needs draft.trained.path (a folder from specserve train-draft model)")
-        if self.second_stage != "none" and not DRAFTERS[self.drafter].staged:
-            raise ValueError(f"draft.second_stage {self.second_stage!r} speeds up a draft model's own decoding; drafter "
-                             f"{self.drafter!r} has none (use one of {', '.join(n for n, k in DRAFTERS.items() if k.staged)})")
-        if self.drafter == "ngram_head" and self.ngram_head.min_n > self.ngram.max_n:
-            raise ValueError(f"draft.ngram_head.min_n ({self.ngram_head.min_n}) exceeds draft.ngram.max_n ({self.ngram.max_n})")
+    def _check(self):  # what the draft section alone decides (the registry's answer)
+        if (reason := unusable(self.drafter, self)) is not None:
+            raise ValueError(reason)
         return self
+
+
+def _builtin_drafters(schema: dict) -> None:
+    """The JSON schema (values.schema.json) of draft.drafter: the built-in names."""
+    schema.pop("type", None)
+    schema["enum"], schema["type"] = list(BUILTIN_DRAFTERS), "string"
 
 
 class TreeConfig(_Strict):
@@ -134,6 +141,15 @@ class ActorResources(_Strict):
         return {"CPU": self.cpus} | ({"GPU": self.gpus} if self.gpus else {}) | self.resources
 
 
+# Each role's defaults are its fields', so a partial section (`coordinator: {threads: 2}`) keeps the rest.
+class TargetRankResources(ActorResources):
+    threads: int = Field(2, ge=1)  # torch intra-op threads of each rank
+
+
+class HelperResources(ActorResources):
+    cpus: float = Field(0.25, ge=0)  # draft replicas and the coordinator: a quarter CPU each
+
+
 class DraftTls(_Strict):
     """Mutual TLS on the internal draft channel: replicas serve with cert_file and admit only
     clients whose certificate ca_file signed; engines present the same kind of certificate."""
@@ -148,10 +164,10 @@ class ClusterConfig(_Strict):
     enabled: bool = False  # run on Ray (same as --distributed); false: one process
     address: str | None = None  # Ray cluster to join ("auto" or "ray://host:port"); None: start a local one
     tp_size: int = Field(1, ge=1)  # tensor-parallel ranks of the target (one actor each, one node)
-    target_rank: ActorResources = ActorResources()  # per tensor-parallel rank
+    target_rank: TargetRankResources = TargetRankResources()  # per tensor-parallel rank
     draft_replicas: int = Field(0, ge=0)  # 0: the drafter runs inside the coordinator (n-gram: always best)
-    draft_replica: ActorResources = ActorResources(cpus=0.25)
-    coordinator: ActorResources = ActorResources(cpus=0.25)
+    draft_replica: HelperResources = HelperResources()
+    coordinator: HelperResources = HelperResources()
     draft_timeout_s: float = Field(10.0, gt=0)  # a replica slower than this counts as failed
     draft_idle_s: float = Field(300.0, gt=0)  # a draft replica frees a sequence not drafted for this long (resent whole)
     collective_timeout_s: float = Field(600.0, gt=0)  # a tensor-parallel collective waiting longer fails the group
@@ -185,6 +201,11 @@ class Autoscaling(_Strict):
         return self
 
 
+class DraftAutoscaling(Autoscaling):
+    max_replicas: int = Field(2, ge=1)
+    target: float = Field(8, gt=0)  # sequences per draft replica
+
+
 class Limits(_Strict):
     """Caps on what one request may ask; beyond one: INVALID_ARGUMENT / HTTP 400 naming the cap."""
 
@@ -211,8 +232,8 @@ class ServeConfig(_Strict):
     max_new_tokens: int = Field(128, ge=1)  # when a request asks for 0
     max_ongoing_requests: int = Field(32, ge=1)  # sequences one engine replica batches at once
     max_queued_requests: int = Field(64, ge=0)  # waiting for an engine; beyond: RESOURCE_EXHAUSTED / HTTP 503
-    engines: Autoscaling = Autoscaling(target=16)  # coordinator + tensor-parallel target groups
-    drafts: Autoscaling = Autoscaling(max_replicas=2, target=8)  # draft replicas (cluster.draft_replicas 0: none)
+    engines: Autoscaling = Autoscaling()  # coordinator + tensor-parallel target groups
+    drafts: DraftAutoscaling = DraftAutoscaling()  # draft replicas (cluster.draft_replicas 0: none)
     draft_refresh_s: float = Field(2.0, gt=0)  # how often an engine looks for new or gone draft replicas
     limits: Limits = Limits()  # per request (also in process: the engine applies max_prompt_tokens)
     tls: ServeTls | None = None  # HTTPS on http_port; None: plaintext HTTP
@@ -232,16 +253,33 @@ class SpecserveConfig(_Strict):
     cluster: ClusterConfig = ClusterConfig()
     serve: ServeConfig = ServeConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_drafter(cls, data):
+        """draft.drafter unset: ngram_head where it can run (a head for the target, no draft replicas), else ngram."""
+        draft = data.get("draft", {}) if isinstance(data, dict) else None
+        if not isinstance(draft, dict) or "drafter" in draft:
+            return data
+        return {**data, "draft": {**draft, "drafter": _drafter_when_unset(data, draft)}}
+
     @model_validator(mode="after")
-    def _check(self):
-        if self.draft.drafter in ("head", "ngram_head") and self.draft.head.path is None \
-                and builtin_head(self.target.model) is None:
-            raise ValueError(f"drafter {self.draft.drafter!r} needs draft.head.path: no head ships for target {self.target.model!r} "
-                             "(make one with specserve train-draft head)")
-        if DRAFTERS[self.draft.drafter].reads_target and self.cluster.draft_replicas:
-            raise ValueError(f"drafter {self.draft.drafter!r} reads the target's hidden states and runs beside it: "
-                             f"set cluster.draft_replicas to 0 (it is {self.cluster.draft_replicas})")
+    def _check(self):  # with the target and the replicas known (the registry's answer)
+        reason = unusable(self.draft.drafter, self.draft, self.target.model, draft_replicas=self.cluster.draft_replicas)
+        if reason is not None:
+            raise ValueError(reason)
         return self
+
+
+def _section(data, key: str) -> dict:
+    part = data.get(key)
+    return part.model_dump() if isinstance(part, BaseModel) else part if isinstance(part, dict) else {}
+
+
+def _drafter_when_unset(data: dict, draft: dict) -> str:
+    """The schema's default drafter, ngram_head, where it can run; else ngram, which runs for any target."""
+    model = _section(data, "target").get("model", TargetConfig.model_fields["model"].default)
+    head = _section(draft, "head").get("path") or (isinstance(model, str) and builtin_head(model))
+    return "ngram_head" if head and not _section(data, "cluster").get("draft_replicas") else "ngram"
 
 
 class ConfigError(ValueError):
@@ -260,51 +298,14 @@ def parse_config(data: dict, source: str = "config") -> SpecserveConfig:
         raise ConfigError("\n".join(lines)) from None
 
 
-# The embedded default: the same values as configs/local.yaml (tests/test_config.py checks).
-DEFAULT_CONFIG = {
-    "target": {"model": "smollm2-135m-instruct", "dtype": "auto", "device": "auto", "chat_template": True,
-               "prefill_chunk": 256},
-    "draft": {
-        "drafter": "ngram_head",
-        "model": {"layers": [*range(16), *range(18, 30)]},
-        "ngram": {"max_n": 3, "min_n": 1},
-    },
-    "speculation": {"num_draft_tokens": "adaptive", "max_draft_tokens": 8, "tree": {"max_nodes": 0, "max_branch": 2}},
-    "cluster": {
-        "enabled": False,
-        "address": None,
-        "tp_size": 1,
-        "target_rank": {"cpus": 1.0, "gpus": 0.0, "threads": 2},
-        "draft_replicas": 0,
-        "draft_replica": {"cpus": 0.25, "gpus": 0.0, "threads": 1},
-        "coordinator": {"cpus": 0.25, "gpus": 0.0, "threads": 1},
-        "draft_timeout_s": 10.0,
-        "draft_idle_s": 300.0,
-        "collective_timeout_s": 600.0,
-        "draft_tls": None,
-    },
-    "serve": {
-        "app_name": "specserve",
-        "grpc_port": 9000,
-        "http_port": 8000,
-        "host": "0.0.0.0",
-        "max_new_tokens": 128,
-        "max_ongoing_requests": 32,
-        "max_queued_requests": 64,
-        "engines": {"min_replicas": 1, "max_replicas": 1, "target": 16, "upscale_delay_s": 5.0, "downscale_delay_s": 60.0},
-        "drafts": {"min_replicas": 1, "max_replicas": 2, "target": 8, "upscale_delay_s": 5.0, "downscale_delay_s": 60.0},
-        "draft_refresh_s": 2.0,
-        "limits": {"max_prompt_tokens": None, "max_new_tokens": 4096, "max_stop_strings": 16, "max_stop_chars": 256,
-                   "max_request_bytes": 1048576},
-        "tls": None,
-    },
-}
+# The embedded default is the schema's defaults; configs/local.yaml spells them out (tests/test_defaults.py).
+DEFAULT_CONFIG = SpecserveConfig().model_dump()
 
 
 def load_config(path: str | Path | None) -> SpecserveConfig:
-    """A YAML file, or the embedded default (configs/local.yaml) when path is None."""
+    """A YAML file, or the embedded default (the schema's defaults, as in configs/local.yaml) when path is None."""
     if path is None:
-        return parse_config(DEFAULT_CONFIG, "embedded default")
+        return parse_config({}, "embedded default")
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")

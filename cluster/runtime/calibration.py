@@ -18,8 +18,7 @@ from typing import Callable
 import torch
 
 from ..speculation import CostModel, DraftRequest, SamplingParams
-from .drafters import Drafter
-from .model_drafter import ModelDrafter
+from ..speculation.round import Drafter, capabilities_of
 from .models import cache_dir
 
 CALIBRATION_TEXT = (
@@ -96,11 +95,12 @@ def measure_costs(target, drafter: Drafter | None, vocab: int, max_k: int, clock
         target.release(c)
     verify_s = tables.pop(1)
     draft_s: dict[int, float] = {}
+    caps = capabilities_of(drafter)
     if drafter is not None:  # one draft step for one sequence; for each batch size too where drafts batch
-        draft_sizes = sizes if getattr(drafter, "batches_drafts", False) else [1]
+        draft_sizes = sizes if caps.batches_drafts else [1]
         draft_s = {b: _draft_step_s(drafter, b, ctx, vocab, reps, clock) for b in draft_sizes}
     draft_batch_s = {b: max(t, max(draft_s[c] for c in draft_s if c < b)) for b, t in draft_s.items() if b > 1}
-    return CostModel(draft_s.get(1, 0.0), verify_s, tables, draft_parallelism=getattr(drafter, "parallelism", 1),
+    return CostModel(draft_s.get(1, 0.0), verify_s, tables, draft_parallelism=caps.parallelism,
                      draft_batch_s=draft_batch_s)
 
 
@@ -108,8 +108,9 @@ def _draft_step_s(drafter: Drafter, b: int, ctx: list[int], vocab: int, reps: in
     """Median seconds of one draft token for each of b probe sequences drafting together."""
     greedy, k = SamplingParams(temperature=0.0), 4
     probe_ids = [2**63 - 1 - i for i in range(b)]  # no request gets these ids
-    if getattr(drafter, "needs_features", False):
-        propose = _feature_probe(drafter, probe_ids, vocab, len(ctx), k, greedy)
+    feature_size = capabilities_of(drafter).feature_size
+    if feature_size:
+        propose = _feature_probe(drafter, feature_size, probe_ids, vocab, len(ctx), k, greedy)
     else:
         propose = lambda: drafter.propose_many([DraftRequest(i, ctx, k, greedy, 0) for i in probe_ids])  # noqa: E731
     propose()  # prefill the probes' draft caches
@@ -124,7 +125,8 @@ def _draft_step_s(drafter: Drafter, b: int, ctx: list[int], vocab: int, reps: in
     return statistics.median(times) / k
 
 
-def _feature_probe(drafter, probe_ids: list[int], vocab: int, start: int, k: int, params: SamplingParams) -> Callable[[], None]:
+def _feature_probe(drafter, feature_size: int, probe_ids: list[int], vocab: int, start: int, k: int,
+                   params: SamplingParams) -> Callable[[], None]:
     """Proposals for probe sequences of a drafter that reads the target: one more committed token
     (and a zero feature) a call, as in decoding. The context never repeats itself, so a drafter
     that looks up repeats first (ngram_head) is timed drafting with its model."""
@@ -133,7 +135,7 @@ def _feature_probe(drafter, probe_ids: list[int], vocab: int, start: int, k: int
     def propose() -> None:
         length[0] += 1
         context = [(7 * i + 3) % vocab for i in range(length[0])]
-        features = torch.zeros(length[0] - 1 - sent[0], drafter.feature_size)
+        features = torch.zeros(length[0] - 1 - sent[0], feature_size)
         drafter.propose_many([DraftRequest(i, context, k, params, 0, features, sent[0]) for i in probe_ids])
         sent[0] = length[0] - 1
 
@@ -142,10 +144,12 @@ def _feature_probe(drafter, probe_ids: list[int], vocab: int, start: int, k: int
 
 def measure_agreement(target, drafter: Drafter | None, tokenizer) -> float:
     """Greedy agreement of a draft model with the target on a fixed text, teacher-forced: two
-    forward passes, deterministic for given weights. Model-free drafters get 0.5."""
-    if getattr(drafter, "prior_alpha", None) is not None:  # measured where it was trained (PaSS)
-        return float(drafter.prior_alpha)
-    if not isinstance(drafter, ModelDrafter):
+    forward passes, deterministic for given weights. A drafter that declares its prior (PaSS:
+    measured where it was trained) gets it; drafters without a model of their own get 0.5."""
+    caps = capabilities_of(drafter)
+    if caps.prior_alpha is not None:
+        return float(caps.prior_alpha)
+    if not caps.own_model:
         return 0.5
     ids = tokenizer.encode(CALIBRATION_TEXT)[: target.max_context - 1]
     cache, draft = target.new_cache(), drafter.lm

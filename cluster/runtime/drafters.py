@@ -1,46 +1,17 @@
-"""The drafter interface, and prompt lookup (`ngram`). A drafter proposes up to k tokens (a chain,
-or a tree) and the q they were sampled from. Model drafters: runtime/model_drafter.py."""
+"""Prompt lookup (`ngram`), and what drafters build blocks with. A drafter (the contract:
+speculation.round.Drafter, with its DrafterCapabilities) proposes up to k tokens (a chain, or a
+tree) and the q they were sampled from. Model drafters: runtime/model_drafter.py."""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
-from ..speculation import SamplingParams
-from ..speculation.round import Acceptance, DraftBlock, DraftRequest
+from ..speculation.round import DraftBlock, DraftRequest, Drafter, DrafterCapabilities
 
-
-class Drafter(ABC):
-    name: str
-    free_sources: frozenset[str] = frozenset()  # sources whose drafts cost nothing next to a target step
-
-    def source(self, seq_id: int, context: list[int]) -> str:
-        """Which of its parts would draft for this context (adaptive K tracks alpha and cost per part)."""
-        return self.name
-
-    @abstractmethod
-    def propose(self, seq_id: int, context: list[int], k: int, params: SamplingParams, seed: int) -> DraftBlock:
-        """Up to k tokens continuing `context` (the sequence's committed tokens); `seed` seeds the
-        block's sampling, so a block is reproducible wherever it is drafted."""
-
-    def propose_many(self, requests: list[DraftRequest]) -> list[DraftBlock]:
-        """One block per request, in order; remote drafters run them in parallel."""
-        return [self.propose(r.seq_id, r.context, r.k, r.params, r.seed) for r in requests]
-
-    def observe(self, seq_id: int, block: DraftBlock, result: Acceptance) -> None:
-        """Sees the round's outcome for a sequence it drafted for (the lazy-rollback drafters here
-        learn it from the next context instead)."""
-
-    def release(self, seq_id: int) -> None:
-        """Forgets a finished sequence."""
-
-    def look_ahead(self, seq_id: int, rows: torch.Tensor, context_length: int) -> None:
-        """PaSS drafters (blocks with lookahead > 0): the look-ahead rows at the point where the
-        round's acceptance stopped ([L] argmax ids, or [L, V] logits), which draft the tokens after
-        the first context_length of the sequence."""
+__all__ = ["Drafter", "DrafterCapabilities", "NgramDrafter", "NgramIndex", "TreeBuilder"]
 
 
 class NgramIndex:
@@ -118,6 +89,7 @@ class NgramDrafter(Drafter):
     used last are kept. `scan_match` and `scan_tree` are the slow references."""
 
     name = "ngram"
+    capabilities = DrafterCapabilities(drafts_trees=True)  # several earlier matches that continue differently make a tree
 
     def __init__(self, max_n: int = 3, min_n: int = 1, window: int = 64, max_contexts: int = 64):
         if not 1 <= min_n <= max_n:
@@ -126,11 +98,6 @@ class NgramDrafter(Drafter):
         self.window, self.max_contexts = window, max_contexts
         self._marks: dict[tuple[int, int], list[NgramIndex]] = {}
         self._used: OrderedDict[int, NgramIndex] = OrderedDict()  # id -> index, least recently used first
-
-    def propose(self, seq_id, context, k, params, seed) -> DraftBlock:
-        return DraftBlock(self.lookup(context, k), None)
-
-    drafts_trees = True  # several earlier matches that continue differently make a tree
 
     def propose_many(self, requests: list[DraftRequest]) -> list[DraftBlock]:
         return [self.tree(r.context, r.k, r.max_nodes, r.max_branch) if r.max_nodes > 0

@@ -24,12 +24,10 @@ from ..speculation import (
     rejection_sample,
     warp_probs,
 )
-from ..speculation.round import Acceptance, DraftBlock, DraftRequest, TargetOutput
+from ..speculation.round import Acceptance, DraftBlock, Drafter, DraftRequest, RoundResult, TargetOutput, capabilities_of
 from ..speculation.adaptive import verify_cost
 from ..speculation.shape import Shape, ShapeStats, cut_shape, default_shape, is_chain, max_fanout, shape_depth
 from .calibration import Calibration, load_or_measure, measure_agreement, measure_costs, recheck_draft_cost
-from .drafters import Drafter
-from .model_drafter import ModelDrafter
 from .kv import CausalLM
 from .tokenizer import Tokenizer
 
@@ -303,18 +301,19 @@ class SpeculativeEngine:
         self.target = CausalLM(target) if isinstance(target, torch.nn.Module) else target
         self.tokenizer = tokenizer
         self.drafter = drafter
-        self.reads_features = bool(getattr(drafter, "needs_features", False))  # the target's hidden states go to it
+        caps = self.capabilities = capabilities_of(drafter)  # what the drafter declares it reads and does
+        self.reads_features = caps.reads_features  # the target's hidden states go to it
         self.num_draft_tokens = num_draft_tokens
         self.max_draft_tokens = max_draft_tokens
         self.chat_template = chat_template and getattr(tokenizer, "has_chat_template", False)
         self.prefill_chunk = prefill_chunk
         self.clock = clock
-        self.tree_nodes = tree_nodes if getattr(drafter, "drafts_trees", False) else 0
+        self.tree_nodes = tree_nodes if caps.drafts_trees else 0
         self.tree_branch = tree_branch
         self.max_prompt_tokens = max_prompt_tokens
         self._shape_stats: dict[str, ShapeStats] = {}  # acceptance by depth and rank, per drafter source
-        self.lookahead = int(getattr(drafter, "lookahead", 0) or 0)  # PaSS: L look-ahead tokens per accept point
-        self._lookahead_source = getattr(drafter, "lookahead_source", None)  # the drafter's part that drafts by PaSS
+        self.lookahead = caps.lookahead  # PaSS: L look-ahead tokens per accept point
+        self._lookahead_source = caps.lookahead_source  # the drafter's part that drafts by PaSS
         self._cost_model = cost_model
         self._learn_costs = cost_model is None  # a given cost model stays as given (deterministic K)
         self._prior_alpha = prior_alpha
@@ -324,9 +323,9 @@ class SpeculativeEngine:
         self.last_round = RoundTiming()
         self._policy: AdaptiveK | None = None  # the round's K for adaptive sequences
         self._next_id = 0
-        if isinstance(drafter, ModelDrafter) and drafter.vocab_size != self.target.vocab_size:
+        if caps.own_model and drafter.lm.vocab_size != self.target.vocab_size:
             raise ValueError(
-                f"draft vocabulary ({drafter.vocab_size} ids) does not match the target's "
+                f"draft vocabulary ({drafter.lm.vocab_size} ids) does not match the target's "
                 f"({self.target.vocab_size} ids): a drafter must share the target's tokenizer"
             )
 
@@ -443,7 +442,7 @@ class SpeculativeEngine:
         # real chain rounds refine the draft cost (when every drafting sequence was priced by adaptive K)
         if (requests and self._learn_costs and not self.lookahead and all(not r.max_nodes for r in requests)
                 and all(s.seq_id in adaptive for s, shape in zip(seqs, shapes) if shape)):
-            free = self.drafter.free_sources
+            free = self.capabilities.free_sources
             priced = sum(len(shape) for s, shape in zip(seqs, shapes) if shape and s.source not in free) * draft_token_s
             self._policy.cost = self._policy.cost.observed_draft(priced, timing.draft_s)
         for s, shape in zip(seqs, shapes):
@@ -537,12 +536,11 @@ class SpeculativeEngine:
     def _commit(self, s: _Sequence, block: DraftBlock, result: Acceptance, out: TargetOutput,
                 timing: RoundTiming) -> StepOutput:
         """The target's cache keeps the accepted drafts (look-ahead tokens go with the rejected
-        ones); stats, alpha and the drafter learn the outcome; the tokens are emitted."""
+        ones); stats, alpha and the drafter learn the outcome (after_round, where it asks); the
+        tokens are emitted."""
         k, n, hidden = len(block), result.num_accepted, out.hidden
         if result.path is None:
             self.target.rollback(s.cache, k - n + (k + 1) * block.lookahead)
-            if out.lookahead is not None:  # the block after the last accepted token: the drafts after this round's tokens
-                self.drafter.look_ahead(s.seq_id, out.lookahead[n], len(s.tokens) + len(result.tokens))
             if hidden is not None:  # [len(uncached) + k, d]: the committed positions' rows
                 s.features.append(hidden[: len(hidden) - (k - n)])
         else:  # a tree: keep the accepted path's positions, gathered behind the committed ones
@@ -563,8 +561,10 @@ class SpeculativeEngine:
             self._tracker(s, s.source).update(n + rejected, n)
             if self.tree_nodes or self.lookahead:
                 self._shapes_of(s.source).observe(block.parents, k, result.path or range(n))
-        if k:
-            self.drafter.observe(s.seq_id, block, result)
+        if self.capabilities.observes_rounds:
+            # PaSS: the block after the last accepted token holds the drafts after this round's tokens
+            rows = out.lookahead[n] if out.lookahead is not None and result.path is None else None
+            self.drafter.after_round(RoundResult(s.seq_id, block, result, len(s.tokens) + len(result.tokens), out, rows))
         timing.draft_tokens += k
         timing.accepted_tokens += n
         return self._append(s, result.tokens)
@@ -597,7 +597,7 @@ class SpeculativeEngine:
             return {}, 0.0
         if self._policy is None:
             self._policy = AdaptiveK(self.cost_model, self.max_draft_tokens)
-        free = self.drafter.free_sources
+        free = self.capabilities.free_sources
         for s in adaptive:
             if s.probes is None:
                 s.probes = self._policy.new_schedule()
@@ -622,7 +622,7 @@ class SpeculativeEngine:
 
     def _shapes_of(self, source: str) -> ShapeStats:
         if source not in self._shape_stats:
-            prior = getattr(self.drafter, "prior_by_depth", None) if source == self._lookahead_source else None
+            prior = self.capabilities.prior_by_depth if source == self._lookahead_source else None
             self._shape_stats[source] = ShapeStats(self.max_draft_tokens, max(1, self.tree_branch), self.prior_alpha,
                                                    prior_depth=prior)
         return self._shape_stats[source]

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import DraftConfig, SpecserveConfig
-from ..registry import DRAFTERS
+from ..registry import find, unusable
 from ..speculation import CostModel, InvalidRequest
 from .calibration import calibration_key
-from .drafters import Drafter, NgramDrafter
+from ..speculation.round import Drafter
+from .drafters import NgramDrafter
 from .model_drafter import ModelDrafter
 from .engine import SpeculativeEngine
 from .formats import resolve
@@ -36,15 +37,10 @@ class DraftSources:
     target_signature: Callable[[], dict] | None = None
 
 
-def check_drafter_name(name: str, draft: DraftConfig) -> None:
-    if name not in DRAFTERS:
-        raise InvalidRequest("drafter", f"unknown drafter {name!r}; choose one of {', '.join(DRAFTERS)}")
-    if name == "model" and not draft.model.usable:
-        raise InvalidRequest("drafter", "drafter 'model' needs draft.model.name or draft.model.layers in the config")
-    if name == "trained" and draft.trained.path is None:
-        raise InvalidRequest("drafter", "drafter 'trained' needs draft.trained.path in the config")
-    if draft.second_stage != "none" and not DRAFTERS[name].staged:
-        raise InvalidRequest("drafter", f"drafter {name!r} takes no second stage (draft.second_stage is {draft.second_stage!r})")
+def check_drafter_name(name: str, draft: DraftConfig, device: str | None = None) -> None:
+    """Whether the draft config can build drafter `name` (on this device type): the registry's answer."""
+    if (reason := unusable(name, draft, device=device)) is not None:
+        raise InvalidRequest("drafter", reason)
 
 
 def draft_sources(config: SpecserveConfig, target: LoadedModel | None = None) -> DraftSources:
@@ -56,11 +52,8 @@ def draft_sources(config: SpecserveConfig, target: LoadedModel | None = None) ->
 
 
 def build_drafter(name: str, draft: DraftConfig, sources: DraftSources) -> Drafter:
-    check_drafter_name(name, draft)
-    kind = DRAFTERS[name]
-    if kind.cpu_only and select_device(sources.device).type != "cpu":
-        raise ValueError(f"drafter {name!r} runs on the CPU only")
-    return kind.build(draft, sources)
+    check_drafter_name(name, draft, select_device(sources.device).type)
+    return find(name).build(draft, sources)
 
 
 def build_ngram(draft: DraftConfig, sources: DraftSources) -> Drafter:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..speculation import make_generator, sample_token, warp_probs
-from ..speculation.round import DraftBlock, DraftRequest
+from ..speculation.round import DraftBlock, DraftRequest, DrafterCapabilities
 from ..speculation.shape import children_of, default_shape
 from .drafters import Drafter, TreeBuilder
 from .head import DraftHead
@@ -39,9 +39,6 @@ class _Branch:
 
 class HeadDrafter(Drafter):
     name = "head"
-    needs_features = True  # the engine sends the target's last hidden states with each request
-    drafts_trees = True  # the head's top-b (greedy) or b samples (T > 0) at depth 1, then a chain each
-    batches_drafts = True  # one forward per depth for all sequences: calibration times a batch too
 
     def __init__(self, head: DraftHead):
         self.head = head.eval()
@@ -49,10 +46,10 @@ class HeadDrafter(Drafter):
         self.vocab = head.vocab.cpu()  # [V'] the ids the head can propose
         self.vocab_size = int(head.signature["vocab_size"])
         self.feature_size = head.hidden_size  # d of the features it reads
+        # the engine sends the target's last hidden states with each request; trees follow the
+        # template node for node; one forward per depth for all sequences (calibration times a batch too)
+        self.capabilities = DrafterCapabilities(feature_size=self.feature_size, drafts_trees=True, batches_drafts=True)
         self._states: dict[int, _HeadState] = {}
-
-    def propose(self, seq_id, context, k, params, seed) -> DraftBlock:
-        return self.propose_many([DraftRequest(seq_id, context, k, params, seed)])[0]
 
     @torch.inference_mode()
     def propose_many(self, requests: list[DraftRequest]) -> list[DraftBlock]:

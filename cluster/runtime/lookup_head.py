@@ -17,19 +17,15 @@ from .head_drafter import HeadDrafter
 
 class LookupThenHead(Drafter):
     name = "ngram_head"
-    needs_features = True
-    batches_drafts = True  # the head drafts all its sequences a depth at a time
-    free_sources = frozenset({"lookup"})
-    drafts_trees = True  # lookup's blocks may be trees (several earlier matches); the head's are chains
 
     def __init__(self, lookup: NgramDrafter, head: HeadDrafter):
         self.lookup, self.head = lookup, head
         self._matches: dict[int, tuple[int, int | None]] = {}  # seq_id -> (context length, lookup.match)
         self.feature_size = head.feature_size
         self.vocab_size = head.vocab_size
-
-    def propose(self, seq_id, context, k, params, seed) -> DraftBlock:
-        return self.propose_many([DraftRequest(seq_id, context, k, params, seed)])[0]
+        # the head's (it reads the features, drafts all its sequences a depth at a time, trees too);
+        # lookup drafts cost nothing and may be trees (several earlier matches)
+        self.capabilities = replace(head.capabilities, free_sources=frozenset({"lookup"}))
 
     def source(self, seq_id: int, context: list[int]) -> str:
         return "lookup" if self._match(seq_id, context) is not None else "head"

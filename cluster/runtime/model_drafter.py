@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from ..speculation import make_generator, rejection_sample, sample_token, warp_probs
-from ..speculation.round import DraftBlock, DraftRequest
+from ..speculation.round import DraftBlock, DraftRequest, DrafterCapabilities
 from .drafters import Drafter, NgramDrafter, TreeBuilder
 from .kv import CausalLM
 
@@ -56,8 +56,9 @@ class _Branch:
 
 
 class ModelDrafter(Drafter):
-    drafts_trees = True  # top-b (greedy) or b samples at the root, a chain below each
-    batches_drafts = True  # one forward per draft step for all sequences: calibration times a batch too
+    # top-b (greedy) or b samples at the root, a chain below each; one forward per draft step for all
+    # sequences (calibration times a batch too); a model of its own (vocabulary checked, agreement measured)
+    capabilities = DrafterCapabilities(drafts_trees=True, batches_drafts=True, own_model=True)
 
     def __init__(self, model: torch.nn.Module, name: str = "model", second_stage: NgramDrafter | None = None):
         self.lm = CausalLM(model)
@@ -67,9 +68,6 @@ class ModelDrafter(Drafter):
         self._seqs: dict[int, _SeqCache] = {}
         self.forwards = 0  # draft forwards run (the second stage saves them)
         self.guessed = 0  # draft tokens that were the second stage's guesses, kept
-
-    def propose(self, seq_id, context, k, params, seed) -> DraftBlock:
-        return self.propose_many([DraftRequest(seq_id, context, k, params, seed)])[0]
 
     @torch.inference_mode()
     def propose_many(self, requests: list[DraftRequest]) -> list[DraftBlock]:

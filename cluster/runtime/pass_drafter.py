@@ -4,7 +4,7 @@ Each block it returns asks the verifier to append look-ahead tokens [LA]_1..[LA]
 at most L; runtime/lookahead.py) after every point where acceptance may stop: after the uncached token and after each draft, each
 look-ahead block seeing the committed prefix, the drafts up to its point and its own earlier
 look-ahead tokens (the round's per-sequence tree mask). The round's acceptance stops at one point;
-that block's rows are the next round's drafts (look_ahead): for greedy requests their argmax ids,
+that block's rows are the next round's drafts (after_round): for greedy requests their argmax ids,
 for sampled ones tokens drawn from the warped look-ahead distribution, which is the q sent to
 rejection sampling. Look-ahead positions are dropped from the KV store with the rejected drafts.
 The first round of a sequence has nothing to draft yet: it only appends a block.
@@ -15,13 +15,12 @@ from __future__ import annotations
 import torch
 
 from ..speculation import make_generator, sample_token, warp_probs
-from ..speculation.round import DraftBlock, DraftRequest
+from ..speculation.round import DraftBlock, DraftRequest, DrafterCapabilities, RoundResult
 from .drafters import Drafter
 
 
 class PassDrafter(Drafter):
     name = "pass"
-    lookahead_source = "pass"  # the source whose blocks carry look-ahead tokens
 
     def __init__(self, lookahead_ids: list[int], prior_alpha: float | None = None,
                  prior_by_depth: list[float] | None = None):
@@ -30,17 +29,13 @@ class PassDrafter(Drafter):
         self.lookahead_ids = list(lookahead_ids)  # the input ids of [LA]_1..[LA]_L
         self.prior_alpha = prior_alpha  # training's held-out agreement at [LA]_1 (calibration's prior alpha)
         self.prior_by_depth = prior_by_depth  # training's held-out agreement per look-ahead position
+        self.capabilities = DrafterCapabilities(
+            lookahead=len(self.lookahead_ids), lookahead_source="pass", prior_alpha=prior_alpha,
+            prior_by_depth=None if prior_by_depth is None else tuple(prior_by_depth), observes_rounds=True)
         self._rows: dict[int, tuple[int, torch.Tensor]] = {}  # seq_id -> (context length, [L] ids or [L, V] logits)
-
-    @property
-    def lookahead(self) -> int:
-        return len(self.lookahead_ids)
 
     def source(self, seq_id: int, context: list[int]) -> str:
         return "pass"
-
-    def propose(self, seq_id, context, k, params, seed) -> DraftBlock:
-        return self.propose_many([DraftRequest(seq_id, context, k, params, seed)])[0]
 
     def propose_many(self, requests: list[DraftRequest]) -> list[DraftBlock]:
         return [self._block(r) for r in requests]
@@ -50,7 +45,7 @@ class PassDrafter(Drafter):
             return DraftBlock([], None)
         # blocks as long as the next round may draft: one more than this round's K (so K can grow),
         # at most L ([LA]_1..[LA]_n of a shorter block are exactly those of a longer one: causal)
-        count = min(self.lookahead, r.k + 1)
+        count = min(len(self.lookahead_ids), r.k + 1)
         at, rows = self._rows.pop(r.seq_id, (None, None))
         if at != len(r.context):  # none yet, or drafted for another point (another drafter drafted since)
             return DraftBlock([], None, lookahead=count)
@@ -61,10 +56,11 @@ class PassDrafter(Drafter):
         gen = make_generator(r.seed)
         return DraftBlock([sample_token(row, gen) for row in q], q, lookahead=count)
 
-    def look_ahead(self, seq_id: int, rows: torch.Tensor, context_length: int) -> None:
-        """The look-ahead rows at the point where this round's acceptance stopped: [L] argmax ids
-        or [L, V] logits, drafting what follows the sequence's first context_length tokens."""
-        self._rows[seq_id] = (context_length, rows)
+    def after_round(self, result: RoundResult) -> None:
+        """Keeps the look-ahead rows at the point where this round's acceptance stopped ([L] argmax
+        ids or [L, V] logits): they draft what follows the sequence's first context_length tokens."""
+        if result.lookahead is not None:
+            self._rows[result.seq_id] = (result.context_length, result.lookahead)
 
     def release(self, seq_id: int) -> None:
         self._rows.pop(seq_id, None)

@@ -3,12 +3,13 @@
 A round: every active sequence asks the drafter for a block (DraftRequest -> DraftBlock); the
 target verifies every block in one forward (Target.forward_batch); acceptance turns each
 sequence's scores into the tokens it emits (Acceptance); the target's cache keeps the accepted
-positions, and the drafter sees the result (Drafter.observe).
+positions, and a drafter that asks for it sees the result (Drafter.after_round, a RoundResult).
+What a drafter is able to do is declared once, in its DrafterCapabilities.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, Sequence, runtime_checkable
 
 import torch
@@ -23,7 +24,7 @@ class DraftRequest:
     k: int  # draft at most this many tokens
     params: SamplingParams
     seed: int  # seeds the block's sampling, so a block is the same wherever it is drafted
-    # for drafters that read the target (needs_features): the target's last hidden states of the
+    # for drafters that read the target (capabilities.feature_size > 0): the target's last hidden states of the
     # committed positions features_start .. features_start + n - 1 not sent before; [n, d]
     features: torch.Tensor | None = None
     features_start: int = 0
@@ -91,21 +92,104 @@ class Target(Protocol):
     def release(self, cache) -> None: ...
 
 
+@dataclass(frozen=True)
+class RoundResult:
+    """One sequence's round as its drafter sees it (Drafter.after_round), after the target's cache
+    kept the accepted positions and before the tokens are emitted."""
+
+    seq_id: int
+    block: DraftBlock  # what it proposed this round (empty: nothing)
+    acceptance: Acceptance
+    context_length: int  # the sequence's tokens once this round's acceptance.tokens are added
+    output: TargetOutput  # the target's output for the sequence this round
+    # PaSS: the look-ahead rows at the point where acceptance stopped ([L] argmax ids, or [L, V]
+    # logits): they draft what follows the first context_length tokens; None: no look-ahead block
+    lookahead: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class DrafterCapabilities:
+    """What a drafter reads and does, declared once (Drafter.capabilities); the engine, adaptive K
+    and calibration read this record and nothing else."""
+
+    feature_size: int = 0  # d of the target's last hidden states it reads (DraftRequest.features); 0: none
+    drafts_trees: bool = False  # may answer a tree request (max_nodes > 0) with a tree; else it is asked for chains
+    batches_drafts: bool = False  # drafts a round's sequences together: calibration times each batch size
+    parallelism: int = 1  # sequences it drafts at once (one per live draft replica)
+    lookahead: int = 0  # PaSS: L, the look-ahead tokens its blocks may ask the verifier to append per accept point
+    lookahead_source: str | None = None  # the source (Drafter.source) whose blocks carry them
+    free_sources: frozenset[str] = frozenset()  # sources whose drafts cost nothing next to a target step (lookup)
+    prior_alpha: float | None = None  # the acceptance new sequences start from, where known (PaSS: training's); None: measured
+    prior_by_depth: tuple[float, ...] | None = None  # rank 0's acceptance per depth, where known (PaSS: per look-ahead position)
+    # drafts from a causal LM of its own (drafter.lm, a runtime.kv.CausalLM): the engine checks its
+    # vocabulary against the target's, calibration measures its greedy agreement as the prior alpha
+    own_model: bool = False
+    observes_rounds: bool = False  # after_round is called for each of its sequences every round (else never)
+
+    @property
+    def reads_features(self) -> bool:
+        return self.feature_size > 0
+
+
 @runtime_checkable
 class Drafter(Protocol):
-    """A proposer of draft blocks (runtime.drafters, actors.draft_pool, actors.remote_drafter)."""
+    """The one drafter contract (runtime.drafters and the model drafters, actors.draft_pool,
+    actors.remote_drafter). A drafter may subclass it for the defaults below."""
 
     name: str
-    free_sources: frozenset[str]  # sources whose drafts cost nothing next to a target step (lookup)
+    capabilities: DrafterCapabilities = DrafterCapabilities()
 
     def source(self, seq_id: int, context: list[int]) -> str:
         """Which of its parts would draft for this context: adaptive K keeps alpha and cost per part."""
+        return self.name
 
     def propose_many(self, requests: list[DraftRequest]) -> list[DraftBlock]:
-        """One block per request, in order; remote drafters run them in parallel."""
+        """One block per request, in order; remote drafters run them in parallel. The engine's one
+        call a round."""
 
-    def observe(self, seq_id: int, block: DraftBlock, result: Acceptance) -> None:
-        """The round's outcome for a sequence this drafter proposed for."""
+    def after_round(self, result: RoundResult) -> None:
+        """The round's result and the target's output for a sequence (capabilities.observes_rounds)."""
 
     def release(self, seq_id: int) -> None:
         """Forgets a finished sequence."""
+
+    def propose(self, seq_id: int, context: list[int], k: int, params: SamplingParams, seed: int) -> DraftBlock:
+        """One chain request through propose_many (a convenience for tools and tests)."""
+        return self.propose_many([DraftRequest(seq_id, context, k, params, seed)])[0]
+
+    # read-only views of the record under their old names, for readers outside the engine (bench rows)
+    @property
+    def drafts_trees(self) -> bool:
+        return self.capabilities.drafts_trees
+
+    @property
+    def needs_features(self) -> bool:
+        return self.capabilities.reads_features
+
+    @property
+    def free_sources(self) -> frozenset[str]:
+        return self.capabilities.free_sources
+
+
+# capabilities once declared as loose attributes: the record's field each one sets
+_LOOSE = {"drafts_trees": "drafts_trees", "batches_drafts": "batches_drafts", "parallelism": "parallelism",
+          "lookahead": "lookahead", "lookahead_source": "lookahead_source", "free_sources": "free_sources",
+          "prior_alpha": "prior_alpha", "prior_by_depth": "prior_by_depth"}
+
+
+def capabilities_of(drafter) -> DrafterCapabilities:
+    """The drafter's capabilities: its record, with what a drafter written before the record still
+    declares as loose attributes (a subclass's `drafts_trees = False`, a pool's live `parallelism`,
+    a duck-typed drafter's `batches_drafts`) laid over it. None: no drafter, nothing."""
+    record = getattr(drafter, "capabilities", None) or DrafterCapabilities()
+    if drafter is None:
+        return record
+    loose = {}
+    for attribute, name in _LOOSE.items():
+        value = getattr(drafter, attribute, None)
+        if value is not None and value != getattr(record, name):
+            loose[name] = tuple(value) if name == "prior_by_depth" else value
+    if getattr(drafter, "needs_features", False) and not record.reads_features:
+        loose["feature_size"] = int(drafter.feature_size)
+    return replace(record, **loose) if loose else record
+
