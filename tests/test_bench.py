@@ -33,7 +33,8 @@ def test_bench_quick_rows(tmp_path, capsys):
             assert r["speedup"] == 1.0 and r["tokens_per_target_call"] <= 1.0  # < 1 only when EOS ends a prompt
     report = json.loads(out.read_text())
     assert report["target_format"].startswith("float32 (mkl)")
-    assert report["plain_batch"]["sequences"] == 16 and report["plain_batch"]["tokens_per_s"] > 0
+    assert [d["sequences"] for d in report["plain_decode"]] == [1, 16]
+    assert all(d["tokens_per_s"] > 0 and d["seconds"] > d["prefill_seconds"] > 0 for d in report["plain_decode"])
     forward = report["forward"]  # the target's format first; float32 through MKL as the reference
     assert [f["format"] for f in forward] == ["float32/mkl"]
     shapes = {"1x1", "1x5", "1x9", "16x1"}
