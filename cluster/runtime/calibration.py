@@ -27,7 +27,7 @@ CALIBRATION_TEXT = (
     "def mean(values):\n    return sum(values) / len(values)\n"
     "Spring arrived early that year, and the river rose quickly as the snow melted in the hills."
 )
-FORMAT = 5  # bump when what is measured (or how fast the code runs it) changes: older files are ignored
+FORMAT = 7  # bump when what is measured (or how fast the code runs it) changes: older files are ignored
 
 
 @dataclass(frozen=True)
@@ -142,22 +142,52 @@ def _feature_probe(drafter, feature_size: int, probe_ids: list[int], vocab: int,
     return propose
 
 
+AGREEMENT_INSTRUCTION = "Explain what this text says:\n"  # chat models: the prior is measured on an answer
+AGREEMENT_TOKENS = 24
+
+
 def measure_agreement(target, drafter: Drafter | None, tokenizer) -> float:
-    """Greedy agreement of a draft model with the target on a fixed text, teacher-forced: two
-    forward passes, deterministic for given weights. A drafter that declares its prior (PaSS:
-    measured where it was trained) gets it; drafters without a model of their own get 0.5."""
+    """Greedy agreement of a draft model with the target, teacher-forced, deterministic for given
+    weights. With a chat template (served requests are chat turns) it is measured where a draft
+    works: on the target's own greedy answer (AGREEMENT_TOKENS) to an instruction about the
+    calibration text; the fixed text's own tokens, which no one asked the target to write, agree
+    far less (a 0.5B draft of a 1.5B target: 0.56 there, 0.72 on the answer, about 0.9 measured
+    serving). Without one, on the fixed text. A drafter that declares its prior (PaSS: measured
+    where it was trained) gets it; drafters without a model of their own get 0.5."""
     caps = capabilities_of(drafter)
     if caps.prior_alpha is not None:
         return float(caps.prior_alpha)
     if not caps.own_model:
         return 0.5
-    ids = tokenizer.encode(CALIBRATION_TEXT)[: target.max_context - 1]
-    cache, draft = target.new_cache(), drafter.lm
+    draft = drafter.lm
+    if getattr(tokenizer, "has_chat_template", False):
+        prompt = tokenizer.encode_chat(AGREEMENT_INSTRUCTION + CALIBRATION_TEXT)[: target.max_context - 1 - AGREEMENT_TOKENS]
+        answer = _greedy(target, prompt, AGREEMENT_TOKENS)
+        ids, want = prompt + answer[:-1], torch.tensor(answer)
+        scored = slice(len(prompt) - 1, None)
+    else:
+        ids = tokenizer.encode(CALIBRATION_TEXT)[: target.max_context - 1]
+        cache = target.new_cache()
+        with torch.inference_mode():
+            want = target.forward(cache, ids).argmax(dim=-1)
+        target.release(cache)
+        scored = slice(None)
+    cache = draft.new_cache()
     with torch.inference_mode():
-        want = target.forward(cache, ids).argmax(dim=-1)
-        got = draft.forward(draft.new_cache(), ids).argmax(dim=-1)
+        got = draft.forward(cache, ids).argmax(dim=-1)[scored]
+    draft.release(cache)
+    return float((got == want.to(got.device)).float().mean())
+
+
+def _greedy(target, prompt: list[int], n: int) -> list[int]:
+    cache, out = target.new_cache(), []
+    with torch.inference_mode():
+        logits = target.forward(cache, prompt, last_only=True)
+        for _ in range(n):
+            out.append(int(logits[-1].argmax()))
+            logits = target.forward(cache, out[-1:], last_only=True)
     target.release(cache)
-    return float((want == got).float().mean())
+    return out
 
 
 def calibration_key(**parts) -> dict:
