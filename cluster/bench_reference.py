@@ -10,7 +10,6 @@ each call. Ratios are to the one-token step of the same format.
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 from typing import Callable
@@ -25,6 +24,8 @@ def raw_step_s(model: torch.nn.Module, shapes=RAW_SHAPES, context: int = RAW_CON
                clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median seconds of one HF forward per shape "BxN", the model's own KV cache, after `context`."""
     from transformers import DynamicCache
+
+    from .runtime.formats import median_times
 
     vocab, device = int(model.config.vocab_size), next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)
@@ -41,15 +42,7 @@ def raw_step_s(model: torch.nn.Module, shapes=RAW_SHAPES, context: int = RAW_CON
             model(input_ids=ids, past_key_values=caches[b], use_cache=True)
             caches[b].crop(-n)  # drop the n new positions
 
-        samples: dict[tuple[int, int], list[float]] = {s: [] for s in shapes}
-        for s in shapes:
-            call(*s)  # oneDNN builds its kernels per shape on first use
-        for _ in range(reps):
-            for s in shapes:
-                t = clock()
-                call(*s)
-                samples[s].append(clock() - t)
-    return {f"{b}x{n}": statistics.median(v) for (b, n), v in samples.items()}
+        return median_times(call, shapes, reps, clock)
 
 
 def forward_rows(model_name: str, formats: list[tuple[str, str]], device: str = "cpu", log=print) -> list[dict]:

@@ -103,8 +103,7 @@ def candidates(flags: frozenset[str] | None = None) -> list[tuple[str, str]]:
 
 def time_model(model: torch.nn.Module, shapes=SHAPES, reps: int = 3,
                clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
-    """Median seconds of one target call per shape "BxN" after CONTEXT tokens (each shape run once
-    untimed first: oneDNN builds its kernels per shape)."""
+    """Median seconds of one target call through the KV store per shape "BxN" after CONTEXT tokens."""
     from .kv import CausalLM
 
     lm = CausalLM(model)
@@ -118,16 +117,24 @@ def time_model(model: torch.nn.Module, shapes=SHAPES, reps: int = 3,
             for c in caches[:b]:
                 lm.rollback(c, n)
 
-        samples: dict[tuple[int, int], list[float]] = {s: [] for s in shapes}
-        for s in shapes:
-            call(*s)
-        for _ in range(reps):
-            for s in shapes:
-                t = clock()
-                call(*s)
-                samples[s].append(clock() - t)
+        times = median_times(call, shapes, reps, clock)
     for c in caches:
         lm.release(c)
+    return times
+
+
+def median_times(call: Callable[[int, int], None], shapes, reps: int,
+                 clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median seconds of call(b, n) per shape "BxN": each shape once untimed (oneDNN builds its
+    kernels per shape on first use), then `reps` interleaved passes, so a stall spoils one sample."""
+    samples: dict[tuple[int, int], list[float]] = {s: [] for s in shapes}
+    for s in shapes:
+        call(*s)
+    for _ in range(reps):
+        for s in shapes:
+            t = clock()
+            call(*s)
+            samples[s].append(clock() - t)
     return {f"{b}x{n}": statistics.median(v) for (b, n), v in samples.items()}
 
 
