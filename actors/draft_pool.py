@@ -14,8 +14,8 @@ import uuid
 
 import grpc
 
-from cluster.runtime.drafters import Drafter
-from cluster.speculation.round import DraftBlock, DraftRequest
+from specserve.cluster.runtime.drafters import Drafter
+from specserve.cluster.speculation.round import DraftBlock, DraftRequest
 
 from .remote_drafter import RemoteDrafter
 

@@ -16,8 +16,8 @@ import torch
 class DraftHost:
     def __init__(self, config_data: dict, drafter: str | None = None, threads: int = 1, host: str | None = "127.0.0.1"):
         """host None: the node's cluster address (ray.util.get_node_ip_address())."""
-        from cluster.config import parse_config
-        from cluster.runtime.factory import build_drafter, draft_sources
+        from specserve.cluster.config import parse_config
+        from specserve.cluster.runtime.factory import build_drafter, draft_sources
 
         from .draft_service import DraftServicer, create_server
         from .wire import draft_message_limit

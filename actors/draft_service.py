@@ -19,9 +19,9 @@ import grpc
 from specserve.internal.v1 import draft_pb2 as pb
 from specserve.internal.v1 import draft_pb2_grpc as pb_grpc
 
-from cluster.runtime.drafters import Drafter
-from cluster.speculation import InvalidRequest, SamplingParams
-from cluster.speculation.round import DraftRequest
+from specserve.cluster.runtime.drafters import Drafter
+from specserve.cluster.speculation import InvalidRequest, SamplingParams
+from specserve.cluster.speculation.round import DraftRequest
 
 from .wire import GRPC_DEFAULT_MESSAGE_BYTES, encode_probs, message_options
 

@@ -24,11 +24,11 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from specserve.v1 import generation_pb2 as pb
 
-from cluster.api import (chat_chunk_json, chat_completion_json, chat_request_from_json, chat_usage_chunk_json,
+from specserve.cluster.api import (chat_chunk_json, chat_completion_json, chat_request_from_json, chat_usage_chunk_json,
                          check_limits, completion_json, fill_proto, request_from_json, request_from_proto)
-from cluster.client import API_TOKEN_ENV
-from cluster.runtime.engine import check_request_fields
-from cluster.speculation import InvalidRequest, Unavailable
+from specserve.cluster.client import API_TOKEN_ENV
+from specserve.cluster.runtime.requests import check_request_fields
+from specserve.cluster.speculation import InvalidRequest, Unavailable
 
 from .metrics import RequestMetrics
 
@@ -81,7 +81,7 @@ class _Unauthenticated(Exception):
 @serve.ingress(http)
 class Gateway:
     def __init__(self, engine, config_data: dict):
-        from cluster.config import parse_config
+        from specserve.cluster.config import parse_config
 
         self.engine = engine
         self.engine_stream = engine.options(stream=True)  # unary and streaming calls queue apart

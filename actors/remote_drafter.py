@@ -6,7 +6,7 @@ import grpc
 from specserve.internal.v1 import draft_pb2 as pb
 from specserve.internal.v1 import draft_pb2_grpc as pb_grpc
 
-from cluster.speculation.round import DraftBlock, DraftRequest, Drafter, DrafterCapabilities
+from specserve.cluster.speculation.round import DraftBlock, DraftRequest, Drafter, DrafterCapabilities
 
 from .wire import DraftTooLarge, decode_probs
 

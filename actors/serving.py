@@ -25,7 +25,7 @@ log = logging.getLogger("ray.serve")
 @serve.deployment
 class DraftServer:
     def __init__(self, config_data: dict):
-        from cluster.config import parse_config
+        from specserve.cluster.config import parse_config
 
         threads = parse_config(config_data, "draft replica config").cluster.draft_replica.threads
         self.host = DraftHost(config_data, None, threads, host=None)  # the node's cluster address
@@ -46,7 +46,7 @@ class DraftServer:
 @serve.deployment
 class Engine:
     async def __init__(self, config_data: dict, drafts=None):
-        from cluster.config import parse_config
+        from specserve.cluster.config import parse_config
 
         self.config = parse_config(config_data, "engine config")
         self.drafts = drafts
@@ -79,7 +79,7 @@ class Engine:
     async def stream(self, request):
         """Dicts {token_ids, text, result}: the tokens accepted in a round and their text (a
         delta; the deltas concatenate to the final text), result on the last one."""
-        from cluster.api import TextStream
+        from specserve.cluster.api import TextStream
 
         text = TextStream(self.core.engine.tokenizer.decode, request.stop)
         async for out in self.core.stream(request):

@@ -22,9 +22,9 @@ from ray.util.placement_group import placement_group as new_placement_group
 from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.config import ActorResources
-from cluster.speculation import Unavailable
-from cluster.speculation.round import TargetOutput
+from specserve.cluster.config import ActorResources
+from specserve.cluster.speculation import Unavailable
+from specserve.cluster.speculation.round import TargetOutput, VerifyBatch
 
 _FOLLOW_TIMEOUT = timedelta(days=365)  # ranks 1.. may wait this long for rank 0's next call (an idle service)
 
@@ -78,8 +78,8 @@ class RankHost:
         from deepspeed.accelerator import get_accelerator
         from deepspeed.inference.engine import InferenceEngine
 
-        from cluster.runtime.kv import CausalLM
-        from cluster.runtime.models import choose_dtype, load_model, loading_dtype
+        from specserve.cluster.runtime.kv import CausalLM
+        from specserve.cluster.runtime.models import choose_dtype, load_model, loading_dtype
 
         gpu = torch.cuda.is_available()
         if gpu and dtype == "int8":
@@ -158,13 +158,13 @@ class RankHost:
         dense = [o.scores for o, a in zip(out, argmax_only) if not a]
         greedy = [o.scores for o, a in zip(out, argmax_only) if a]
         rows = torch.cat(dense).cpu() if dense else torch.zeros(0, self.lm.vocab_size)
-        ids = torch.cat(greedy).numpy() if greedy else None  # argmax ids, first index on ties
+        ids = torch.cat(greedy).cpu().numpy() if greedy else None  # argmax ids, first index on ties
         states = _wire(torch.cat([o.hidden for o in out]).cpu()) if hidden is not None else None
         return *_wire(rows), ids, states, time.perf_counter() - start
 
     def install_lookahead(self, vectors: torch.Tensor) -> None:
         """PaSS: this rank's model reads look-ahead ids (runtime/lookahead.py) from now on."""
-        from cluster.runtime.lookahead import install
+        from specserve.cluster.runtime.lookahead import install
 
         install(self.lm.model, vectors)
 
@@ -224,13 +224,14 @@ class TargetGroup:
     def __init__(self, model: str, dtype: str = "float32", tp_size: int = 2, rank: ActorResources | None = None,
                  placement_group=None, first_bundle: int = 0, driver_rank: bool = False,
                  collective_timeout_s: float = 600.0):
-        from cluster.runtime.models import load_model_config
+        from specserve.cluster.runtime.models import load_model_config
 
         rank = rank or ActorResources()
         self.model_name, self.tp_size = model, tp_size
         config = load_model_config(model)
         check_tp_size(config, tp_size)
         self.max_context = int(getattr(config, "max_position_embeddings", 2048))
+        self.device = torch.device("cpu")  # where its outputs arrive (from rank 0, over Ray): acceptance runs here
         self._driver = RankHost(0, tp_size, rank.threads) if driver_rank else None
         actors = tp_size - 1 if driver_rank else tp_size
         self._own_pg = placement_group is None and actors > 0
@@ -311,6 +312,12 @@ class TargetGroup:
         sequence marked argmax_only (only those travel back from rank 0)."""
         return [o.scores for o in self.forward_outputs(caches, inputs, raw, argmax_only, last, parents)]
 
+    def verify(self, batch: VerifyBatch) -> list[TargetOutput]:
+        """A round's one forward (speculation.round.VerifyBatch); the outputs arrive on the host."""
+        return self.forward_outputs(list(batch.caches), list(batch.inputs), argmax_only=list(batch.argmax_only),
+                                    last=list(batch.last), parents=None if batch.parents is None else list(batch.parents),
+                                    hidden=None if batch.hidden is None else list(batch.hidden))
+
     def forward_outputs(self, caches: list[int], inputs: list[list[int]], raw: bool = False,
                         argmax_only: list[bool] | None = None, last: list[int] | None = None,
                         parents: list | None = None, hidden: list[int] | None = None) -> list[TargetOutput]:
@@ -342,7 +349,7 @@ class TargetGroup:
 
     def install_lookahead(self, la) -> list[int]:
         """PaSS look-ahead embeddings (a runtime.lookahead.LookaheadEmbeddings) on every rank; their ids."""
-        from cluster.runtime.lookahead import lookahead_ids
+        from specserve.cluster.runtime.lookahead import lookahead_ids
 
         self._all("install_lookahead", la.vectors.detach().float().cpu())
         return lookahead_ids(self.vocab_size, len(la))

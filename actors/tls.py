@@ -6,7 +6,7 @@ from pathlib import Path
 
 import grpc
 
-from cluster.config import ConfigError, DraftTls
+from specserve.cluster.config import ConfigError, DraftTls
 
 from .wire import message_options
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 
-from .runtime.engine import CHAT_ROLES, ChatMessage, Detokenizer, GenerationRequest, GenerationResult
+from .runtime.detokenizer import Detokenizer
+from .runtime.requests import CHAT_ROLES, ChatMessage, GenerationRequest, GenerationResult
 from .speculation import InvalidRequest, SamplingParams
 
 MAX_SEED = 2**63 - 1
@@ -34,7 +35,7 @@ def request_from_proto(msg, default_max_new_tokens: int) -> GenerationRequest:
 
 
 def check_limits(request: GenerationRequest, limits, max_tokens_field: str = "max_new_tokens") -> GenerationRequest:
-    """serve.limits (cluster.config.Limits) on a converted request, naming the field the client sent."""
+    """serve.limits (specserve.cluster.config.Limits) on a converted request, naming the field the client sent."""
     if request.max_new_tokens > limits.max_new_tokens:
         raise InvalidRequest(max_tokens_field, f"must be at most {limits.max_new_tokens} (serve.limits.max_new_tokens), "
                                                f"got {request.max_new_tokens}")

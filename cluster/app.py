@@ -1,5 +1,5 @@
 """The Ray Serve application: build_app(config) for `specserve serve`, `serve run
-cluster.app:build_app`, tests and a RayService's serveConfigV2 (its `args` are the config itself).
+specserve.cluster.app:build_app`, tests and a RayService's serveConfigV2 (its `args` are the config itself).
 
   clients --gRPC :9000 / HTTP :8000--> Gateway --handle--> Engine (coordinator + TP target group)
                                                               --gRPC--> DraftServer replicas
@@ -41,8 +41,8 @@ def _autoscaling(a, policy: dict | None = None, target_ongoing: float | None = N
 def build_app(args=None):
     from ray import serve  # noqa: F401 - the deployments below need Serve
 
-    from actors.gateway import Gateway
-    from actors.serving import DraftServer, Engine
+    from specserve.actors.gateway import Gateway
+    from specserve.actors.serving import DraftServer, Engine
 
     config = config_from_args(args)
     data = config.model_dump()
@@ -53,7 +53,8 @@ def build_app(args=None):
             name="drafts",
             ray_actor_options=c.draft_replica.options(),
             autoscaling_config=_autoscaling(s.drafts, policy={
-                "policy_function": "cluster.autoscaling:DraftReplicaPolicy",
+                # loaded by Serve's controller by name (nothing imports cluster/autoscaling.py directly)
+                "policy_function": "specserve.cluster.autoscaling:DraftReplicaPolicy",
                 "policy_kwargs": {"target_sequences": s.drafts.target},
             }),
         ).bind(data)

@@ -4,7 +4,8 @@ Drafts travel over the internal gRPC service, not through Serve, so Serve's requ
 see them. Each replica reports the sequences whose context it holds (record_autoscaling_stats);
 this policy asks for ceil(total / target) replicas. Serve applies min/max replicas and the
 up/down-scale delays. Serve ships this module to its controller by value: it imports nothing of
-specserve.
+specserve. Nothing imports it: cluster/app.py names it (`policy_function`,
+"specserve.cluster.autoscaling:DraftReplicaPolicy") and Serve loads it by that name.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from .config import SpecserveConfig
 from .bench_reference import (format_forward_rows, format_peer_rows, forward_rows, log_stderr, peer_rows, peer_runs,
                               text_table)
 from .registry import DRAFTERS, unusable
-from .runtime.engine import GenerationRequest
+from .runtime.requests import GenerationRequest
 from .runtime.factory import load_target, make_engine, second_stage
 from .runtime.formats import candidates
 from .runtime.models import select_device
@@ -209,6 +209,9 @@ def aggregate(runs: list[dict]) -> list[dict]:
             draft_s=round(draft_s, 3),
             draft_ms_per_token=round(1000 * draft_s / drafted, 3) if drafted else None,
             verify_s=round(sum(r["stats"].verify_s for r in rs), 3),
+            # acceptance's reads from the target's device: a constant a round; ids and counts only
+            host_syncs_per_round=round(sum(r["stats"].host_syncs for r in rs) / calls, 2),
+            host_bytes_per_round=round(sum(r["stats"].host_bytes for r in rs) / calls, 1),
         )
         if temperature == 0:
             row["matches_plain"] = all(r["token_ids"] == plain[(0.0, r["prompt"])] for r in rs)
@@ -229,7 +232,8 @@ def format_table(rows: list[dict]) -> str:
             ("stages", "stages"), ("K", "k"),
             ("tok/s", "tokens_per_s"), ("speedup", "speedup"), ("alpha", "acceptance_rate"),
             ("tok/call", "tokens_per_target_call"), ("expected", "expected_tokens_per_target_call"),
-            ("mean K", "mean_k"), ("draft ms/tok", "draft_ms_per_token"), ("= plain", "matches_plain")]
+            ("mean K", "mean_k"), ("draft ms/tok", "draft_ms_per_token"), ("syncs/round", "host_syncs_per_round"),
+            ("bytes/round", "host_bytes_per_round"), ("= plain", "matches_plain")]
     show = lambda v: "-" if v is None else str(v)  # noqa: E731
     return text_table([[h for h, _ in cols]] + [[show(r.get(key, "")) for _, key in cols] for r in rows])
 

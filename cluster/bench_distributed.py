@@ -19,7 +19,7 @@ import time
 from .bench import load_prompts, machine
 from .config import SpecserveConfig
 from .launcher import DistributedEngine
-from .runtime.engine import GenerationRequest
+from .runtime.requests import GenerationRequest
 from .runtime.factory import load_target, make_engine
 
 

@@ -27,7 +27,7 @@ from importlib import resources
 import torch
 
 from .config import SpecserveConfig
-from .runtime.engine import GenerationRequest
+from .runtime.requests import GenerationRequest
 from .runtime.factory import load_target, make_engine
 from .speculation import SamplingParams
 

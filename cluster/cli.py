@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 def _generate(args) -> int:
     import time
 
-    from .runtime.engine import GenerationRequest, check_request_fields
+    from .runtime.requests import GenerationRequest, check_request_fields
     from .runtime.factory import check_drafter_name, load_target, make_engine
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)

@@ -3,8 +3,8 @@
 The defaults come from `SpecserveConfig()`; only the meanings are written here. tests/test_defaults.py
 checks the doc holds exactly this table and that ROWS covers every key once.
 
-    .venv/bin/python -m cluster.config_docs          # print the table
-    .venv/bin/python -m cluster.config_docs --write  # rewrite it in docs/configuration.md
+    .venv/bin/python -m specserve.cluster.config_docs          # print the table
+    .venv/bin/python -m specserve.cluster.config_docs --write  # rewrite it in docs/configuration.md
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .config import SpecserveConfig
 from .registry import DRAFTER_NAMES, DRAFTERS, SECOND_STAGES
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
-BEGIN = "<!-- begin generated table: .venv/bin/python -m cluster.config_docs --write (meanings: cluster/config_docs.py) -->"
+BEGIN = "<!-- begin generated table: .venv/bin/python -m specserve.cluster.config_docs --write (meanings: cluster/config_docs.py) -->"
 END = "<!-- end generated table -->"
 
 

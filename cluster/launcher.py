@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Iterable, Iterator
 
 from .config import ConfigError, SpecserveConfig
-from .runtime.engine import GenerationRequest, GenerationResult, StepOutput, check_request_fields
+from .runtime.requests import GenerationRequest, GenerationResult, StepOutput, check_request_fields
 from .speculation import InvalidRequest, Unavailable
 
 
@@ -29,7 +29,7 @@ class DistributedEngine:
     def __init__(self, config: SpecserveConfig):
         import ray
 
-        from actors.coordinator import CoordinatorActor
+        from specserve.actors.coordinator import CoordinatorActor
 
         self.config = config
         c = config.cluster

@@ -127,28 +127,28 @@ DRAFTERS: dict[str, DrafterKind] = {
     kind.name: kind
     for kind in (
         DrafterKind("ngram", "prompt lookup: what followed the latest earlier occurrence of the context's last n tokens",
-                    "cluster.runtime.factory:build_ngram"),
+                    "specserve.cluster.runtime.factory:build_ngram"),
         DrafterKind("int8", "an int8 dynamically quantised copy of the target (torch quantize_dynamic)",
-                    "cluster.runtime.factory:build_int8", cpu_only=True, staged=True),
+                    "specserve.cluster.runtime.factory:build_int8", cpu_only=True, staged=True),
         DrafterKind("model", "a Hugging Face causal LM with the target's tokenizer (draft.model.name), or a subset of "
                     "the target's own layers (draft.model.layers)",
-                    "cluster.runtime.factory:build_model", staged=True, needs=_model),
+                    "specserve.cluster.runtime.factory:build_model", staged=True, needs=_model),
         DrafterKind("head", "a feature-conditioned draft head (draft.head.path, from specserve train-draft head) "
                     "that reads the target's hidden states; runs beside the target",
-                    "cluster.runtime.factory:build_head", reads_target=True, needs=_head),
+                    "specserve.cluster.runtime.factory:build_head", reads_target=True, needs=_head),
         DrafterKind("trained", "a draft model distilled for the target (draft.trained.path, from specserve train-draft "
                     "model); needs nothing of the target, so it runs on draft replicas too",
-                    "cluster.runtime.factory:build_trained", staged=True, needs=_trained),
+                    "specserve.cluster.runtime.factory:build_trained", staged=True, needs=_trained),
         DrafterKind("ngram_head", "prompt lookup where the context's last draft.ngram_head.min_n or more tokens occurred "
                     "before, the draft head (drafter 'head') for the other sequences",
-                    "cluster.runtime.factory:build_ngram_head", reads_target=True,
+                    "specserve.cluster.runtime.factory:build_ngram_head", reads_target=True,
                     needs=lambda d, t: _lookup_sizes(d) or _head(d, t)),
         DrafterKind("pass", "PaSS: the target drafts for itself with learned look-ahead embeddings (draft.pass, from "
                     "specserve train-lookahead), in the round's one forward",
-                    "cluster.runtime.factory:build_pass", reads_target=True, needs=_pass),
+                    "specserve.cluster.runtime.factory:build_pass", reads_target=True, needs=_pass),
         DrafterKind("ngram_pass", "prompt lookup where the context's last draft.ngram_head.min_n or more tokens occurred "
                     "before, PaSS (drafter 'pass') for the other sequences",
-                    "cluster.runtime.factory:build_ngram_pass", reads_target=True,
+                    "specserve.cluster.runtime.factory:build_ngram_pass", reads_target=True,
                     needs=lambda d, t: _lookup_sizes(d) or _pass(d, t)),
     )
 }

@@ -4,10 +4,10 @@ over plain decoding (+tree: draft trees of 8 nodes, speculation.tree). Run from 
 root: .venv/bin/python docs/heldout-check.py"""
 import os, sys, time, statistics
 sys.path.insert(0, os.getcwd())
-from cluster.config import load_config
-from cluster.runtime.factory import load_target, make_engine
-from cluster.runtime.engine import GenerationRequest
-from cluster.speculation import SamplingParams
+from specserve.cluster.config import load_config
+from specserve.cluster.runtime.factory import load_target, make_engine
+from specserve.cluster.runtime.engine import GenerationRequest
+from specserve.cluster.speculation import SamplingParams
 cfg = load_config(None)
 target = load_target(cfg)
 prompts = {

@@ -46,7 +46,7 @@ def _strip(node):
 
 
 def synced(schema: dict) -> dict:
-    from cluster.config import SpecserveConfig
+    from specserve.cluster.config import SpecserveConfig
 
     config = _strip(SpecserveConfig.model_json_schema())
     out = dict(schema)
@@ -58,7 +58,7 @@ def synced(schema: dict) -> dict:
 def differences(values: dict) -> dict[str, tuple]:
     """Config keys of a values mapping that differ from the schema's defaults: {key: (value, default)};
     a key the schema lacks reads (value, "not a schema key")."""
-    from cluster.config_docs import flatten, leaves
+    from specserve.cluster.config_docs import flatten, leaves
 
     defaults = leaves()
     given = flatten({k: values[k] for k in CONFIG_KEYS if k in values})

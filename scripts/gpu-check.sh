@@ -12,4 +12,4 @@ if [ ! -x "$python" ]; then
     exit 2
 fi
 cd "$root"
-exec "$python" -m cluster.gpu_check "$@"
+exec "$python" -m specserve.cluster.gpu_check "$@"

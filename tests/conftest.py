@@ -3,10 +3,10 @@ import contextlib
 import pytest
 import torch
 
-from cluster.config import parse_config
-from cluster.runtime.factory import load_target, make_engine
-from cluster.runtime.models import load_model
-from cluster.speculation.exact import first_children  # noqa: F401  (the tests import it from here)
+from specserve.cluster.config import parse_config
+from specserve.cluster.runtime.factory import load_target, make_engine
+from specserve.cluster.runtime.models import load_model
+from specserve.cluster.speculation.exact import first_children  # noqa: F401  (the tests import it from here)
 
 TINY_PROMPTS = [
     "hello world, this is a test",
@@ -53,7 +53,7 @@ def smollm2_fp32():
 
 def local_records(tokenizer, n_tokens=40_000) -> list[dict]:
     """Corpus records of local text (the standard library's documents), about n_tokens in all."""
-    from cluster.training.corpus import local_documents
+    from specserve.cluster.training.corpus import local_documents
 
     out, total = [], 0
     for _, text in local_documents()[:400]:
@@ -70,7 +70,7 @@ def tiny_distributed(draft: dict, draft_replicas: int, speculation: dict):
     draft replica count and speculation settings; the caller shuts it down."""
     import yaml
 
-    from cluster.launcher import DistributedEngine
+    from specserve.cluster.launcher import DistributedEngine
 
     data = yaml.safe_load(open("configs/tiny.yaml"))
     data["draft"] = draft
@@ -82,8 +82,8 @@ def tiny_distributed(draft: dict, draft_replicas: int, speculation: dict):
 def assert_greedy_equals_plain_on_smollm2(engine, loaded, prompts: list[str], n: int, k) -> list:
     """Greedy requests (chat template, K = k) through `engine` equal plain greedy decoding of the
     loaded SmolLM2, token for token; returns the results for the caller's own checks."""
-    from cluster.runtime.engine import GenerationRequest
-    from cluster.speculation import SamplingParams
+    from specserve.cluster.runtime.engine import GenerationRequest
+    from specserve.cluster.speculation import SamplingParams
 
     results = engine.generate([GenerationRequest(p, n, SamplingParams(temperature=0.0), k) for p in prompts])
     for p, r in zip(prompts, results):
@@ -105,8 +105,8 @@ def hf_greedy(model, prompt_ids, max_new_tokens, eos_token_id):
 
 
 def free_port() -> int:
-    """A port free right now for a server under test (cluster.app.free_port)."""
-    from cluster.app import free_port as find
+    """A port free right now for a server under test (specserve.cluster.app.free_port)."""
+    from specserve.cluster.app import free_port as find
 
     return find()
 
@@ -199,8 +199,8 @@ def served_tiny(app_name: str, **sections):
     from specserve.v1 import generation_pb2 as pb
     from specserve.v1 import generation_pb2_grpc as pb_grpc
 
-    from cluster import app
-    from cluster.config import parse_config
+    from specserve.cluster import app
+    from specserve.cluster.config import parse_config
 
     data = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml").read_text())
     for key, values in sections.items():

@@ -4,10 +4,10 @@ deltas of a stream, whose concatenation must be the final text exactly."""
 import pytest
 from specserve.v1 import generation_pb2 as pb
 
-from cluster.api import TextStream, request_from_json, request_from_proto
-from cluster.app import config_from_args
-from cluster.config import ConfigError, load_config
-from cluster.speculation import InvalidRequest
+from specserve.cluster.api import TextStream, request_from_json, request_from_proto
+from specserve.cluster.app import config_from_args
+from specserve.cluster.config import ConfigError, load_config
+from specserve.cluster.speculation import InvalidRequest
 
 
 def test_proto_defaults_mean_no_truncation_and_the_servers_policy():
@@ -87,8 +87,8 @@ def test_app_args_take_a_config_a_dict_or_a_path(tmp_path):
 
 
 def test_openai_chat_json_to_a_chat_request():
-    from cluster.api import chat_request_from_json
-    from cluster.runtime.engine import ChatMessage
+    from specserve.cluster.api import chat_request_from_json
+    from specserve.cluster.runtime.engine import ChatMessage
 
     body = {"model": "m", "messages": [{"role": "developer", "content": "Be brief."},
                                        {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
@@ -123,7 +123,7 @@ def test_openai_chat_json_to_a_chat_request():
     ({"messages": [{"role": "user", "content": "x"}], "frobnicate": 1}, "frobnicate"),
 ])
 def test_openai_chat_json_bad_fields_name_themselves(body, name):
-    from cluster.api import chat_request_from_json
+    from specserve.cluster.api import chat_request_from_json
 
     with pytest.raises(InvalidRequest) as e:
         chat_request_from_json(body, 8)
@@ -131,7 +131,7 @@ def test_openai_chat_json_bad_fields_name_themselves(body, name):
 
 
 def test_proto_messages_make_a_chat_request():
-    from cluster.runtime.engine import ChatMessage, check_request_fields
+    from specserve.cluster.runtime.engine import ChatMessage, check_request_fields
 
     msg = pb.GenerateRequest(messages=[pb.ChatMessage(role="system", content="s"), pb.ChatMessage(role="user", content="u")])
     r = request_from_proto(msg, 8)

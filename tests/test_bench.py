@@ -2,7 +2,7 @@
 
 import json
 
-from cluster.cli import main
+from specserve.cluster.cli import main
 
 FIELDS = {"drafter", "k", "temperature", "prompts", "tokens_per_s", "speedup", "acceptance_rate",
           "tokens_per_target_call", "expected_tokens_per_target_call", "shape", "stages", "mean_accepted"}
@@ -49,8 +49,8 @@ def test_bench_quick_rows(tmp_path, capsys):
 def test_raw_step_leaves_the_cache_as_it_found_it():
     from transformers import DynamicCache
 
-    from cluster.bench_reference import raw_step_s
-    from cluster.runtime.models import tiny_model
+    from specserve.cluster.bench_reference import raw_step_s
+    from specserve.cluster.runtime.models import tiny_model
 
     model = tiny_model("tiny-llama")
     seen = []
@@ -65,7 +65,7 @@ def test_raw_step_leaves_the_cache_as_it_found_it():
 
 
 def test_peer_rows_are_ratios_to_their_own_plain():
-    from cluster.bench_reference import peer_rows
+    from specserve.cluster.bench_reference import peer_rows
 
     runs = [dict(temperature=0.0, category=c, prompt=i, variant=v, seconds=s, tokens=48)
             for i, (c, v, s) in enumerate([("chat", "plain", 2.0), ("chat", "prompt_lookup", 1.0),
@@ -102,7 +102,7 @@ def test_cpu_seconds_except_counts_other_processes_only():
     import sys
     import time
 
-    from cluster.bench_load import cpu_seconds_except
+    from specserve.cluster.bench_load import cpu_seconds_except
 
     busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n"
     for marker, counted in (("specserve-no-such-marker", True), ("busy-marker-7", False)):

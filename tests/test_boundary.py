@@ -14,7 +14,7 @@ ALLOWED = set(sys.stdlib_module_names) | {"torch", "__future__"}
 
 def test_import_pulls_in_no_serving_stack():
     code = (
-        "import sys, cluster.speculation\n"
+        "import sys, specserve.cluster.speculation\n"
         f"bad = sorted(m for m in {FORBIDDEN!r} if m in sys.modules)\n"
         "print('torch' in sys.modules, bad)\n"
     )

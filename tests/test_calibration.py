@@ -4,11 +4,11 @@ it depends on (here the thread count) measures again."""
 import pytest
 import torch
 
-from cluster.runtime import calibration
-from cluster.runtime import engine as engine_module
-from cluster.runtime.calibration import Calibration, calibration_key, interpolate, load_or_measure, measured_lengths
-from cluster.runtime.factory import make_engine
-from cluster.speculation import CostModel
+from specserve.cluster.runtime import calibration
+from specserve.cluster.runtime import engine as engine_module
+from specserve.cluster.runtime.calibration import Calibration, calibration_key, interpolate, load_or_measure, measured_lengths
+from specserve.cluster.runtime.factory import make_engine
+from specserve.cluster.speculation import CostModel
 from conftest import tiny_config
 
 
@@ -106,7 +106,7 @@ class _BatchingDrafter:
         self.target, self.released = target, []
 
     def propose_many(self, requests):
-        from cluster.speculation.round import DraftBlock
+        from specserve.cluster.speculation.round import DraftBlock
 
         self.target.now += (2.0 + len(requests)) * requests[0].k
         return [DraftBlock([1] * r.k, None) for r in requests]
@@ -169,7 +169,7 @@ class _ClockedDrafter:
         return self.name
 
     def propose_many(self, requests):
-        from cluster.speculation.round import DraftBlock
+        from specserve.cluster.speculation.round import DraftBlock
 
         self.now += sum(r.k for r in requests)
         return [DraftBlock([r.context[-1]] * r.k, None) for r in requests]

@@ -3,9 +3,9 @@ answer as the templated prompt; without a template the error names `messages`.""
 
 import pytest
 
-from cluster.runtime.engine import ChatMessage, GenerationRequest, SpeculativeEngine
-from cluster.runtime.tokenizer import HFTokenizer
-from cluster.speculation import InvalidRequest
+from specserve.cluster.runtime.engine import ChatMessage, GenerationRequest, SpeculativeEngine
+from specserve.cluster.runtime.tokenizer import HFTokenizer
+from specserve.cluster.speculation import InvalidRequest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CHAT = (ChatMessage("system", "You answer briefly."), ChatMessage("user", "Name three fruits."),
@@ -21,7 +21,7 @@ def test_a_chat_is_its_templated_prompt(tiny_llama):
 
 @pytest.mark.smollm2
 def test_smollm2_chats_through_its_own_template(smollm2_fp32):
-    from cluster.runtime.drafters import NgramDrafter
+    from specserve.cluster.runtime.drafters import NgramDrafter
 
     tok = smollm2_fp32.tokenizer
     engine = SpeculativeEngine(smollm2_fp32.model, tok, NgramDrafter(), num_draft_tokens=3, chat_template=True)

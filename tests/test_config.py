@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import ConfigError, load_config, parse_config
+from specserve.cluster.config import ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +45,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_cluster_shape_must_fit_the_ray_cluster():
-    from cluster.launcher import check_resources
+    from specserve.cluster.launcher import check_resources
 
     config = load_config(ROOT / "configs" / "tiny.yaml")  # 2 x 0.5 + 2 x 0.25 + 0.25 CPUs
     assert config.cluster.required() == {"CPU": 1.75, "GPU": 0.0}
@@ -58,7 +58,7 @@ def test_cluster_shape_must_fit_the_ray_cluster():
 
 
 def test_bench_distributed_rejects_plot_before_starting_anything(capsys):
-    from cluster.cli import main
+    from specserve.cluster.cli import main
 
     assert main(["bench", "--distributed", "--plot", "x.png"]) == 2
     assert "invalid plot" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from cluster.speculation import AcceptanceTracker, AdaptiveK, CostModel, best_k, expected_tokens, mean_expected_tokens
+from specserve.cluster.speculation import AcceptanceTracker, AdaptiveK, CostModel, best_k, expected_tokens, mean_expected_tokens
 
 
 def test_expected_tokens_hand_values():
@@ -261,7 +261,7 @@ def test_costs_past_the_measured_batch_sizes_are_learned_from_real_rounds():
 def test_best_ks_gives_drafts_to_the_sequences_that_accept_them():
     """Flattened rounds: one K per sequence. Where verification is nearly free every sequence
     drafts; where each token costs, only the high-alpha ones do; nobody drafts with alpha 0."""
-    from cluster.speculation.adaptive import best_ks, round_cost_s
+    from specserve.cluster.speculation.adaptive import best_ks, round_cost_s
 
     flat = CostModel(0.0, tuple(1.0 + 0.01 * k for k in range(9)), {16: tuple(16 * (1.0 + 0.01 * k) for k in range(9))})
     assert best_ks([0.8] * 4, flat) == [8] * 4
@@ -283,7 +283,7 @@ def test_next_ks_probes_after_rounds_at_zero():
 
 def test_drafting_must_beat_plain_decoding_by_the_margin():
     """Where the model predicts a small gain (smaller than its own error), the policy decodes plainly."""
-    from cluster.speculation.adaptive import best_ks
+    from specserve.cluster.speculation.adaptive import best_ks
 
     cost = CostModel(0.0, tuple(1.0 + 0.45 * k for k in range(9)))  # one draft at alpha 0.5: 1.5 tokens for 1.45
     assert best_k(0.5, cost, 1) == 1 and best_ks([0.5], cost, 1) == [1]
@@ -331,7 +331,7 @@ def test_free_drafts_are_given_where_paid_ones_would_not_pay():
     """best_ks with a draft cost per sequence: at the same alpha, the sequence whose drafts are free
     (lookup) drafts, the one whose drafter costs half a step does not; a negative control with both
     paying drafts nothing."""
-    from cluster.speculation.adaptive import best_ks
+    from specserve.cluster.speculation.adaptive import best_ks
 
     cost = CostModel(0.5, tuple(1.0 + 0.1 * k for k in range(9)))
     assert best_ks([0.6, 0.6], cost, 4, draft_s=[0.0, 0.5])[0] > 0
@@ -346,8 +346,8 @@ def test_best_trees_with_one_child_a_node_and_a_flat_table_is_best_ks():
     """The tree allocation generalises the chain's: a node's reach is alpha^depth on a chain."""
     import random
 
-    from cluster.speculation import best_ks, best_trees
-    from cluster.speculation.shape import is_chain
+    from specserve.cluster.speculation import best_ks, best_trees
+    from specserve.cluster.speculation.shape import is_chain
 
     rng = random.Random(0)
     for _ in range(200):
@@ -360,10 +360,76 @@ def test_best_trees_with_one_child_a_node_and_a_flat_table_is_best_ks():
         assert all(is_chain(s) for s in shapes)
 
 
+def _rising_table(rng: random.Random, k: int, scale: float) -> tuple[float, ...]:
+    """A verify table whose extra tokens never get cheaper (flat, linear or a roofline's bend)."""
+    steps = sorted(rng.choice([0.0, rng.uniform(0.0, 0.4)]) * scale for _ in range(k))
+    return tuple(scale + sum(steps[:j]) for j in range(k + 1))
+
+
+def _any_table(rng: random.Random, k: int, scale: float) -> tuple[float, ...]:
+    """A verify table whose extra tokens cost anything in any order (concave: the first costs most,
+    as int8 on CPUs; irregular: measured noise)."""
+    steps = [rng.choice([0.0, rng.uniform(0.0, 0.4)]) * scale for _ in range(k)]
+    return tuple(scale + sum(steps[:j]) for j in range(k + 1))
+
+
+def _round_rate(ks, alphas, cost: CostModel, draft_s) -> float:
+    """A flattened round's expected tokens per second: b + sum_i sum_{j <= K_i} alpha_i^j over
+    the verify cost of b + sum K tokens plus each sequence's drafts."""
+    from specserve.cluster.speculation.adaptive import verify_cost
+
+    b = len(alphas)
+    expected = b + sum(a ** j for a, k in zip(alphas, ks) for j in range(1, k + 1))
+    return expected / (verify_cost(cost.at_batch(b).verify_s, b, b + sum(ks)) + sum(k * d for k, d in zip(ks, draft_s)))
+
+
+def test_best_ks_is_the_chain_case_of_best_trees_and_the_best_k_vector():
+    """best_ks is best_trees with one child a node (c(d, 0) = alpha) read out as chain lengths, for
+    any costs; on small rounds (K <= 3, up to 3 sequences) its Ks are the best of all K vectors
+    by brute force, for any verify table (rising, concave or irregular)."""
+    import itertools
+
+    from specserve.cluster.speculation import best_ks, best_trees
+    from specserve.cluster.speculation.shape import is_chain
+
+    rng = random.Random(5)
+    for _ in range(300):  # chain read-out, any table
+        k, b, scale = rng.randint(0, 8), rng.randint(0, 8), rng.uniform(0.01, 0.1)
+        cost = CostModel(rng.uniform(0.0, 0.3) * scale, tuple(scale * rng.uniform(1, 1.5) ** j for j in range(k + 1)),
+                         {4: tuple(3 * scale + rng.uniform(0, 0.5) * scale * j for j in range(k + 1))})
+        alphas = [rng.choice([0.0, 0.5, rng.uniform(0.0, 0.99)]) for _ in range(b)]
+        max_k, min_gain = rng.choice([None, 0, 2, 5, 20]), rng.choice([0.0, 0.1])
+        draft_s = None if rng.random() < 0.5 else [rng.uniform(0.0, 0.3) * scale for _ in range(b)]
+        top = max(0, cost.max_k if max_k is None else min(max_k, cost.max_k))
+        shapes = best_trees([[[a]] * top for a in alphas], cost, max_k, top, 1, min_gain, draft_s)
+        assert all(is_chain(s) for s in shapes)
+        assert best_ks(alphas, cost, max_k, min_gain, draft_s) == [len(s) for s in shapes]
+    drafting = 0
+    for _ in range(400):  # brute force
+        b, scale = rng.randint(1, 3), rng.uniform(0.01, 0.1)
+        table = rng.choice([_rising_table, _any_table])
+        batched = {4: tuple(3.5 * t for t in table(rng, 3, scale))} if rng.random() < 0.5 else {}
+        cost = CostModel(rng.uniform(0.0, 0.3) * scale, table(rng, 3, scale), batched)
+        alphas = [rng.uniform(0.0, 0.99) for _ in range(b)]
+        min_gain = rng.choice([0.0, 0.1])
+        given = None if rng.random() < 0.5 else [rng.choice([0.0, rng.uniform(0.0, 2.0) * scale]) for _ in range(b)]
+        draft_s = [cost.draft_token_s(b)] * b if given is None else given
+        rate = lambda ks: _round_rate(ks, alphas, cost, draft_s)  # noqa: E731
+        best = max(itertools.product(range(4), repeat=b), key=lambda ks: (rate(ks), -sum(ks)))
+        want = list(best) if rate(best) > rate([0] * b) * (1 + min_gain) else [0] * b
+        assert best_ks(alphas, cost, 3, min_gain, given) == want, (alphas, cost, given, min_gain)
+        drafting += any(want)
+    assert 100 < drafting < 350  # both outcomes are exercised
+    # a concave table (the first extra token costs most): a stop at the first drop drafted nothing
+    concave, alphas = CostModel(0.0, (0.0204, 0.0267, 0.0280, 0.0291)), [0.61, 0.76, 0.33]
+    best = max(itertools.product(range(4), repeat=3), key=lambda ks: _round_rate(ks, alphas, concave, [0.0] * 3))
+    assert best_ks(alphas, concave, 3, 0.0, [0.0] * 3) == list(best) == [3, 3, 2]
+
+
 def test_shape_stats_count_each_tested_child_by_depth_and_rank():
     """At each reached node its children were tested in rank order up to the accepted one; where
     the path ends, all of them were tested and refused; a chain is rank 0 all the way down."""
-    from cluster.speculation import ShapeStats
+    from specserve.cluster.speculation import ShapeStats
 
     st = ShapeStats(max_depth=3, max_rank=2, decay=1.0)
     # root -> nodes 0, 1; node 1 -> nodes 2, 3; node 0 -> node 4; path: 1 (rank 1), then nothing below
@@ -381,8 +447,8 @@ def test_tree_shapes_follow_acceptance_by_depth_and_rank_and_cost():
     """Where a second choice is often right and verification is flat, the tree branches there (at
     the depth where it is); where each verified token costs, the tree shrinks, and a weak second
     choice leaves a chain; where nothing pays, nothing is drafted."""
-    from cluster.speculation import best_trees
-    from cluster.speculation.shape import depths_and_ranks, is_chain
+    from specserve.cluster.speculation import best_trees
+    from specserve.cluster.speculation.shape import depths_and_ranks, is_chain
 
     flat = CostModel(0.0, tuple(1.0 + 0.002 * k for k in range(9)))
     linear = CostModel(0.0, tuple(1.0 + 0.25 * k for k in range(9)))
@@ -404,7 +470,7 @@ def test_tree_shapes_follow_acceptance_by_depth_and_rank_and_cost():
 
 
 def test_default_and_cut_shapes():
-    from cluster.speculation.shape import cut_shape, default_shape, max_fanout
+    from specserve.cluster.speculation.shape import cut_shape, default_shape, max_fanout
 
     assert default_shape(3) == (-1, 0, 1) and default_shape(0, 8, 2) == ()
     assert default_shape(3, 8, 2) == (-1, -1, 0, 1, 2, 3)  # top-2 at the root, then a chain under each

@@ -15,7 +15,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from cluster.speculation import SamplingParams, acceptance_probs, recovered_probs, warp_probs
+from specserve.cluster.speculation import SamplingParams, acceptance_probs, recovered_probs, warp_probs
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
@@ -242,7 +242,7 @@ def test_broken_variants_fail_one_hot_drafter(k, variant):
 def test_greedy_accept_equals_rejection_sampling_on_one_hot_p():
     """The argmax-only greedy path gives rejection_sample's tokens on the same logits (ragged K,
     K = 0, all accepted, first rejected), and a wrong variant (no bonus row offset) does not."""
-    from cluster.speculation import greedy_accept, rejection_sample
+    from specserve.cluster.speculation import greedy_accept, rejection_sample
 
     gen = torch.Generator().manual_seed(0)
     for trial in range(50):

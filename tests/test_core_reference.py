@@ -1,6 +1,7 @@
 """The fast batched rejection_sample against the slow reference, token for token.
 
-Each sequence draws from its own generator: K_i uniforms, then one token (none if greedy).
+Each sequence draws from its own generator: K_i + 1 uniforms in one call, the last for the final
+token by inverse CDF (none if greedy).
 So with equally seeded generators the fast path, the reference, and the sequence run alone
 must agree exactly, and the generators must end in the same state.
 """
@@ -10,11 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.speculation import (
+from specserve.cluster.speculation import (
     SamplingParams,
     make_generator,
     reference_rejection_sample,
     rejection_sample,
+    sample_token,
     warp_probs,
 )
 
@@ -102,14 +104,17 @@ def test_fast_equals_reference(seed, dense):
 
 @pytest.mark.parametrize("dense", [True, False], ids=["dense_q", "one_hot_q"])
 def test_generator_consumption(dense):
-    # Sampled: torch.rand(K_i) then one multinomial over V. Greedy: nothing.
+    # Sampled: one torch.rand(K_i + 1). Greedy: nothing. Negative control: the old order (K_i
+    # uniforms, then a multinomial) leaves the generator elsewhere.
     batch = Batch(11, dense=dense)
     gens = batch.generators()
     batch.fast(gens)
-    for i, (g, replay) in enumerate(zip(gens, batch.generators())):
+    for i, (g, replay, old) in enumerate(zip(gens, batch.generators(), batch.generators())):
         if not batch.greedy[i]:
-            torch.rand(batch.k[i], generator=replay)
-            torch.multinomial(torch.ones(V), 1, generator=replay)
+            torch.rand(batch.k[i] + 1, generator=replay)
+            torch.rand(batch.k[i], generator=old)
+            torch.multinomial(torch.ones(V), 1, generator=old)
+            assert not torch.equal(g.get_state(), old.get_state()), i
         assert torch.equal(g.get_state(), replay.get_state()), i
 
 
@@ -182,5 +187,5 @@ def test_no_drafts_is_plain_sampling(dense):
         if greedy[i]:
             want = int(p[i].argmax())
         else:
-            want = int(torch.multinomial(p[i], 1, generator=make_generator(i)))
+            want = sample_token(p[i], make_generator(i))  # one uniform, inverse CDF
         assert out.tokens(i) == [want]

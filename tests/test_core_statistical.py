@@ -18,8 +18,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-import cluster.speculation.rejection as rejection_module
-from cluster.speculation import SamplingParams, make_generator, rejection_sample, warp_probs
+import specserve.cluster.speculation.rejection as rejection_module
+from specserve.cluster.speculation import SamplingParams, make_generator, rejection_sample, warp_probs
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.speculation import SamplingParams, make_generator, sample_token, warp_probs
-from cluster.speculation.tree import (DraftTree, accept_tree, accept_tree_greedy, accept_trees, child_outcomes,
+from specserve.cluster.speculation import SamplingParams, make_generator, sample_token, warp_probs
+from specserve.cluster.speculation.tree import (DraftTree, accept_tree, accept_tree_greedy, accept_trees, child_outcomes,
                                       reference_accept_tree)
 from test_core_statistical import p_value
 
@@ -234,8 +234,8 @@ def test_greedy_takes_the_longest_path_of_argmax_tokens():
 def test_a_chain_tree_is_the_chain_rule():
     """One child per node: the step law is the chain's (accept min(1, p/q), else the residual of
     rejection.py), and greedy acceptance of a chain tree is greedy_accept's."""
-    from cluster.speculation import greedy_accept
-    from cluster.speculation.rejection import acceptance_probs, recovered_probs
+    from specserve.cluster.speculation import greedy_accept
+    from specserve.cluster.speculation.rejection import acceptance_probs, recovered_probs
 
     P, Q = chains(PARAMS["t1"], seed=5)
     for prev in range(V):
@@ -256,18 +256,22 @@ def test_a_chain_tree_is_the_chain_rule():
 @pytest.mark.parametrize("rule", ["sampled", "chosen"])
 def test_the_batched_path_equals_the_slow_reference(rule):
     """accept_trees over a batch of mixed shapes, greedy and sampled, equals reference_accept_tree
-    sequence by sequence with equally seeded generators."""
+    sequence by sequence with equally seeded generators (both read one uniform table per tree in
+    the same places), and leaves the generators in the same state."""
     P, Q = chains(PARAMS["t0.7_topk2"], seed=9)
     g = make_generator(1)
     shapes = list(SHAPES.values()) * 8
     batch = [_sample_tree(shape, rule, Q, g) for shape in shapes]
     greedy = [i % 3 == 0 for i in range(len(batch))]
     rows = [_target_rows(P, t).argmax(dim=-1) if gr else _target_rows(P, t) for t, gr in zip(batch, greedy)]
-    fast = accept_trees(rows, batch, greedy, [make_generator(100 + i) for i in range(len(batch))])
+    gens = [make_generator(100 + i) for i in range(len(batch))]
+    fast = accept_trees(rows, batch, greedy, gens)
     for i, (tree, gr) in enumerate(zip(batch, greedy)):
-        slow = reference_accept_tree(_target_rows(P, tree), tree, gr, make_generator(100 + i))
+        ref_gen = make_generator(100 + i)
+        slow = reference_accept_tree(_target_rows(P, tree), tree, gr, ref_gen)
         assert list(fast[i].tokens) == slow, i
         assert [tree.tokens[c] for c in fast[i].path] == slow[:-1]
+        assert torch.equal(gens[i].get_state(), ref_gen.get_state()), i
 
 
 def test_a_tree_that_is_not_a_tree_is_refused():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cluster.speculation import InvalidRequest, SamplingParams, warp_probs
+from specserve.cluster.speculation import InvalidRequest, SamplingParams, warp_probs
 
 
 def rows(n: int, v: int, seed: int, scale: float = 2.0) -> torch.Tensor:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster import config_docs
-from cluster.config import DEFAULT_CONFIG, SpecserveConfig, load_config, parse_config
-from cluster.registry import DRAFTER_NAMES
+from specserve.cluster import config_docs
+from specserve.cluster.config import DEFAULT_CONFIG, SpecserveConfig, load_config, parse_config
+from specserve.cluster.registry import DRAFTER_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 # loaded from its file, as tests/test_helm.py does (helm/ on sys.path would shadow `specserve`)
@@ -63,7 +63,7 @@ def test_the_docs_table_covers_every_key_once():
 def test_the_docs_table_is_rendered_from_the_schema():
     doc = config_docs.DOC.read_text()
     assert config_docs.with_table(doc, config_docs.render()) == doc, \
-        "docs/configuration.md is stale: run .venv/bin/python -m cluster.config_docs --write"
+        "docs/configuration.md is stale: run .venv/bin/python -m specserve.cluster.config_docs --write"
 
 
 def test_row_problems_name_missing_twice_and_unknown_keys():
@@ -116,7 +116,7 @@ def test_lists_of_drafters_name_every_drafter(path):
 
 # -- CLI help ----------------------------------------------------------------------------------------
 def _actions():
-    from cluster.cli import build_parser
+    from specserve.cluster.cli import build_parser
 
     parser = build_parser()
     (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from scipy.stats import chi2_contingency
 
-from cluster.config import load_config
-from cluster.runtime.engine import GenerationRequest, SpeculativeEngine
-from cluster.runtime.factory import make_engine
-from cluster.runtime.models import layer_subset
-from cluster.speculation import InvalidRequest, SamplingParams
+from specserve.cluster.config import load_config
+from specserve.cluster.runtime.engine import GenerationRequest, SpeculativeEngine
+from specserve.cluster.runtime.factory import make_engine
+from specserve.cluster.runtime.models import layer_subset
+from specserve.cluster.speculation import InvalidRequest, SamplingParams
 from conftest import TINY_PROMPTS, hf_greedy
 
 pytestmark = pytest.mark.ray
@@ -28,7 +28,7 @@ def config():
 
 @pytest.fixture(scope="module")
 def distributed(ray_cluster, config):
-    from cluster.launcher import DistributedEngine
+    from specserve.cluster.launcher import DistributedEngine
 
     from ray._private.state import actors  # the GCS's actor table (the state API needs the dashboard)
 

@@ -8,16 +8,16 @@ import grpc
 import pytest
 import torch
 
-from actors.draft_pool import DraftPool
-from actors.draft_service import DraftServicer, create_server
-from actors.remote_drafter import RemoteDrafter
-from actors.wire import GRPC_DEFAULT_MESSAGE_BYTES, DraftTooLarge, draft_message_limit
-from cluster.config import parse_config
-from cluster.runtime.engine import GenerationRequest, SpeculativeEngine
-from cluster.runtime.model_drafter import ModelDrafter
-from cluster.runtime.tokenizer import ByteTokenizer
-from cluster.speculation import DraftTree, SamplingParams, accept_trees, make_generator
-from cluster.speculation.round import DraftRequest
+from specserve.actors.draft_pool import DraftPool
+from specserve.actors.draft_service import DraftServicer, create_server
+from specserve.actors.remote_drafter import RemoteDrafter
+from specserve.actors.wire import GRPC_DEFAULT_MESSAGE_BYTES, DraftTooLarge, draft_message_limit
+from specserve.cluster.config import parse_config
+from specserve.cluster.runtime.engine import GenerationRequest, SpeculativeEngine
+from specserve.cluster.runtime.model_drafter import ModelDrafter
+from specserve.cluster.runtime.tokenizer import ByteTokenizer
+from specserve.cluster.speculation import DraftTree, SamplingParams, accept_trees, make_generator
+from specserve.cluster.speculation.round import DraftRequest
 
 VOCAB = 152_000
 NODES = 64  # two sampled root children, each continued as a chain of 32

@@ -2,9 +2,9 @@
 
 import pytest
 
-from actors.draft_pool import DraftPool
-from cluster.runtime.engine import GenerationRequest, SpeculativeEngine
-from cluster.speculation import SamplingParams
+from specserve.actors.draft_pool import DraftPool
+from specserve.cluster.runtime.engine import GenerationRequest, SpeculativeEngine
+from specserve.cluster.speculation import SamplingParams
 from conftest import TINY_PROMPTS, wait_until
 
 pytestmark = pytest.mark.ray
@@ -19,7 +19,7 @@ PROMPTS = [p + f" #{i}" for i in range(2) for p in TINY_PROMPTS]  # 12 concurren
 @pytest.fixture
 def replicas(ray_cluster):
     """Two draft replica actors and their addresses; a test may kill some."""
-    from actors.draft_replica import DraftReplica
+    from specserve.actors.draft_replica import DraftReplica
 
     actors = [DraftReplica.options(num_cpus=0.1).remote(TINY) for _ in range(2)]
     yield actors, ray_cluster.get([a.address.remote() for a in actors])

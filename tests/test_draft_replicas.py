@@ -2,10 +2,10 @@
 
 import pytest
 
-from actors.remote_drafter import RemoteDrafter
-from cluster.config import ActorResources
-from cluster.runtime.engine import GenerationRequest, SpeculativeEngine
-from cluster.speculation import SamplingParams
+from specserve.actors.remote_drafter import RemoteDrafter
+from specserve.cluster.config import ActorResources
+from specserve.cluster.runtime.engine import GenerationRequest, SpeculativeEngine
+from specserve.cluster.speculation import SamplingParams
 from conftest import TINY_PROMPTS
 
 pytestmark = pytest.mark.ray
@@ -18,7 +18,7 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def replicas(ray_cluster):
-    from actors.draft_replica import DraftReplica
+    from specserve.actors.draft_replica import DraftReplica
 
     actors = [DraftReplica.options(num_cpus=0.25).remote(TINY, name) for name in ("model", "ngram")]
     addresses = ray_cluster.get([a.address.remote() for a in actors])
@@ -28,8 +28,8 @@ def replicas(ray_cluster):
 
 
 def test_replica_serves_the_engine_exactly(replicas, tiny_llama):
-    from cluster.runtime.model_drafter import ModelDrafter
-    from cluster.runtime.models import layer_subset
+    from specserve.cluster.runtime.model_drafter import ModelDrafter
+    from specserve.cluster.runtime.models import layer_subset
 
     _, (model_address, _) = replicas
     remote = RemoteDrafter(model_address)
@@ -47,7 +47,7 @@ def test_replica_serves_the_engine_exactly(replicas, tiny_llama):
 
 
 def test_tp2_target_with_a_remote_ngram_replica(replicas, tiny_llama, ray_cluster):
-    from actors.target import TargetGroup
+    from specserve.actors.target import TargetGroup
 
     _, (_, ngram_address) = replicas
     group = TargetGroup("tiny-llama", "float32", tp_size=2, rank=ActorResources(cpus=0.5))

@@ -5,14 +5,14 @@ import pytest
 import torch
 from specserve.internal.v1 import draft_pb2 as pb
 
-from actors.draft_service import create_server
-from actors.remote_drafter import RemoteDrafter
-from actors.wire import decode_probs, encode_probs, tensor_from_proto, tensor_to_proto
-from cluster.runtime.drafters import NgramDrafter
-from cluster.runtime.model_drafter import ModelDrafter
-from cluster.runtime.engine import GenerationRequest, SpeculativeEngine
-from cluster.runtime.models import layer_subset
-from cluster.speculation import SamplingParams, warp_probs
+from specserve.actors.draft_service import create_server
+from specserve.actors.remote_drafter import RemoteDrafter
+from specserve.actors.wire import decode_probs, encode_probs, tensor_from_proto, tensor_to_proto
+from specserve.cluster.runtime.drafters import NgramDrafter
+from specserve.cluster.runtime.model_drafter import ModelDrafter
+from specserve.cluster.runtime.engine import GenerationRequest, SpeculativeEngine
+from specserve.cluster.runtime.models import layer_subset
+from specserve.cluster.speculation import SamplingParams, warp_probs
 from conftest import TINY_PROMPTS
 
 
@@ -150,7 +150,7 @@ def test_ngram_service_sends_no_probabilities():
 
 def test_ngram_trees_travel_over_the_service(tiny_llama):
     """A tree's parents cross the wire as drafted; the engine verifies remote trees exactly."""
-    from cluster.speculation.round import DraftRequest
+    from specserve.cluster.speculation.round import DraftRequest
 
     server, port = create_server(NgramDrafter())
     server.start()

@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster import registry
-from cluster.speculation import make_generator, sample_token
-from cluster.speculation.exact import DISTRIBUTION_TEST_PARAMS as PARAMS
-from cluster.speculation.round import DraftBlock, Drafter, DrafterCapabilities, RoundResult, capabilities_of
+from specserve.cluster import registry
+from specserve.cluster.speculation import make_generator, sample_token
+from specserve.cluster.speculation.exact import DISTRIBUTION_TEST_PARAMS as PARAMS
+from specserve.cluster.speculation.round import DraftBlock, Drafter, DrafterCapabilities, RoundResult, capabilities_of
 
 REFERENCE = "tests.test_drafter_contract:BIGRAM"  # how another process finds it: "module:attribute"
 
@@ -81,9 +81,9 @@ def _config(name: str, k="adaptive"):
 
 
 def test_a_registered_drafter_is_known_to_config_factory_and_bench(bigram):
-    from cluster.bench import runnable_drafters
-    from cluster.config import ConfigError, parse_config
-    from cluster.runtime.factory import check_drafter_name
+    from specserve.cluster.bench import runnable_drafters
+    from specserve.cluster.config import ConfigError, parse_config
+    from specserve.cluster.runtime.factory import check_drafter_name
 
     config = _config(bigram)
     assert config.draft.drafter == bigram and bigram in runnable_drafters(config)
@@ -101,7 +101,7 @@ def test_a_registered_drafter_is_known_to_config_factory_and_bench(bigram):
 
 
 def test_capabilities_are_one_record():
-    from cluster.runtime.drafters import NgramDrafter
+    from specserve.cluster.runtime.drafters import NgramDrafter
 
     class ChainsOnly(NgramDrafter):  # a drafter that still declares a capability as a loose attribute
         drafts_trees = False
@@ -115,8 +115,8 @@ def test_capabilities_are_one_record():
 def test_greedy_equals_plain_in_process(bigram, tiny_llama, tmp_path, monkeypatch):
     from conftest import TINY_PROMPTS, hf_greedy
 
-    from cluster.runtime.engine import GenerationRequest
-    from cluster.runtime.factory import make_engine
+    from specserve.cluster.runtime.engine import GenerationRequest
+    from specserve.cluster.runtime.factory import make_engine
 
     monkeypatch.setenv("SPECSERVE_CACHE", str(tmp_path))  # adaptive K calibrates this drafter: not into the user's cache
     eos = tiny_llama.tokenizer.eos_token_id
@@ -133,8 +133,8 @@ def test_greedy_equals_plain_in_process(bigram, tiny_llama, tmp_path, monkeypatc
 
 
 def _samples(engine, prompt, n, k=2):
-    from cluster.runtime.engine import GenerationRequest
-    from cluster.speculation import SamplingParams
+    from specserve.cluster.runtime.engine import GenerationRequest
+    from specserve.cluster.speculation import SamplingParams
 
     requests = [GenerationRequest(prompt, 2, SamplingParams(PARAMS.temperature, PARAMS.top_k, PARAMS.top_p, seed=s), k)
                 for s in range(n)]
@@ -144,9 +144,9 @@ def _samples(engine, prompt, n, k=2):
 def test_sampled_output_follows_the_targets_distribution(bigram, tiny_llama, monkeypatch):
     """Chi-square against the exact two-token joint; accepting every draft (the negative control:
     the output is then the bigram's q) must fail the same test."""
-    import cluster.speculation.rejection as rejection
-    from cluster.runtime.factory import make_engine
-    from cluster.speculation.exact import chi2_pvalue, exact_joint
+    import specserve.cluster.speculation.rejection as rejection
+    from specserve.cluster.runtime.factory import make_engine
+    from specserve.cluster.speculation.exact import chi2_pvalue, exact_joint
 
     prompt = "abab"
     joint = exact_joint(tiny_llama, tiny_llama.tokenizer.encode(prompt), PARAMS, 2)
@@ -162,7 +162,7 @@ def test_greedy_equals_plain_in_the_distributed_shape(ray_cluster, tiny_llama):
     drafter by its "module:attribute" name through the registry."""
     from conftest import TINY_PROMPTS, hf_greedy, tiny_distributed
 
-    from cluster.runtime.engine import GenerationRequest
+    from specserve.cluster.runtime.engine import GenerationRequest
 
     engine = tiny_distributed({"drafter": REFERENCE}, 0, {"num_draft_tokens": 3})
     try:

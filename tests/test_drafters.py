@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from cluster.runtime.drafters import NgramDrafter
-from cluster.runtime.model_drafter import ModelDrafter
-from cluster.runtime.engine import SpeculativeEngine
-from cluster.runtime.factory import check_same_vocabulary
-from cluster.runtime.models import LoadedModel, layer_subset, tiny_config
-from cluster.runtime.tokenizer import ByteTokenizer
-from cluster.speculation import SamplingParams
+from specserve.cluster.runtime.drafters import NgramDrafter
+from specserve.cluster.runtime.model_drafter import ModelDrafter
+from specserve.cluster.runtime.engine import SpeculativeEngine
+from specserve.cluster.runtime.factory import check_same_vocabulary
+from specserve.cluster.runtime.models import LoadedModel, layer_subset, tiny_config
+from specserve.cluster.runtime.tokenizer import ByteTokenizer
+from specserve.cluster.speculation import SamplingParams
 
 
 def test_ngram_proposes_what_followed_the_latest_match():
@@ -62,7 +62,7 @@ def test_tokenizer_mismatch_is_an_error(tiny_llama):
 
 def _record_loads(monkeypatch, *modules) -> list[str]:
     """The names of the models load_model loads from now on, through any of `modules`."""
-    from cluster.runtime import models
+    from specserve.cluster.runtime import models
 
     loaded, real = [], models.load_model
 
@@ -79,8 +79,8 @@ def test_a_draft_replica_with_a_separate_draft_model_never_loads_the_target(monk
     """The draft is its own model (tiny-qwen2 shares tiny-llama's byte vocabulary): the replica loads
     the target's tokenizer to check the vocabulary, never the target's weights. A layer-subset
     draft, made from the target, does load them."""
-    from actors.draft_replica import DraftHost
-    from cluster.runtime import factory
+    from specserve.actors.draft_replica import DraftHost
+    from specserve.cluster.runtime import factory
 
     loaded = _record_loads(monkeypatch, factory)
     separate = {"target": {"model": "tiny-llama", "dtype": "float32"},
@@ -98,11 +98,11 @@ def test_a_draft_replica_with_a_separate_draft_model_never_loads_the_target(monk
 
 def test_the_roles_of_a_round_are_typed_protocols(tiny_llama):
     """The in-process target and every drafter kind fill the core's Target and Drafter protocols."""
-    from actors.draft_pool import DraftPool
-    from actors.remote_drafter import RemoteDrafter
-    from cluster.runtime.kv import CausalLM
-    from cluster.speculation import Drafter as DrafterRole
-    from cluster.speculation import DraftRequest, Target
+    from specserve.actors.draft_pool import DraftPool
+    from specserve.actors.remote_drafter import RemoteDrafter
+    from specserve.cluster.runtime.kv import CausalLM
+    from specserve.cluster.speculation import Drafter as DrafterRole
+    from specserve.cluster.speculation import DraftRequest, Target
 
     assert isinstance(CausalLM(tiny_llama.model), Target)
     for drafter in (NgramDrafter(), ModelDrafter(tiny_llama.model)):
@@ -120,10 +120,10 @@ def test_a_coordinator_shares_the_target_with_a_drafter_made_from_it(ray_cluster
     already holds; the target's weights load once."""
     import asyncio
 
-    from actors.coordinator import Coordinator
-    from cluster.runtime import factory, models
-    from cluster.runtime.engine import GenerationRequest as Request
-    from cluster.speculation import SamplingParams
+    from specserve.actors.coordinator import Coordinator
+    from specserve.cluster.runtime import factory, models
+    from specserve.cluster.runtime.engine import GenerationRequest as Request
+    from specserve.cluster.speculation import SamplingParams
 
     loaded = _record_loads(monkeypatch, models, factory)
     coordinator = Coordinator({"target": {"model": "tiny-llama", "dtype": "float32", "chat_template": False},

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from cluster.runtime import formats
-from cluster.runtime.formats import Format, cached_choice, pick, resolve
-from cluster.runtime.models import choose_dtype, load_model
-from cluster.runtime.onednn import OneDnnLinear, is_onednn, to_onednn
+from specserve.cluster.runtime import formats
+from specserve.cluster.runtime.formats import Format, cached_choice, pick, resolve
+from specserve.cluster.runtime.models import choose_dtype, load_model
+from specserve.cluster.runtime.onednn import OneDnnLinear, is_onednn, to_onednn
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
 AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
@@ -113,8 +113,8 @@ def test_onednn_linear_computes_the_float32_linear():
 
 
 def test_onednn_float32_greedy_speculation_equals_plain():
-    from cluster.runtime.engine import GenerationRequest
-    from cluster.runtime.factory import make_engine
+    from specserve.cluster.runtime.engine import GenerationRequest
+    from specserve.cluster.runtime.factory import make_engine
     from conftest import TINY_PROMPTS, tiny_config
 
     loaded = load_model("tiny-llama", "float32", "cpu")

@@ -2,8 +2,8 @@
 
 import pytest
 
-from cluster.runtime.engine import GenerationRequest
-from cluster.runtime.factory import make_engine
+from specserve.cluster.runtime.engine import GenerationRequest
+from specserve.cluster.runtime.factory import make_engine
 from conftest import TINY_PROMPTS, hf_greedy, tiny_config
 
 DRAFTERS = [("model", (0, 1, 3)), ("model", (0,)), ("ngram", (0,)), ("int8", (0,))]

@@ -1,9 +1,9 @@
 """Load-adaptive K in the engine: the batch a round verifies sets the per-sequence cost of K."""
 
-from cluster.runtime.calibration import measure_costs
-from cluster.runtime.engine import GenerationRequest
-from cluster.runtime.factory import make_engine
-from cluster.speculation import CostModel
+from specserve.cluster.runtime.calibration import measure_costs
+from specserve.cluster.runtime.engine import GenerationRequest
+from specserve.cluster.runtime.factory import make_engine
+from specserve.cluster.speculation import CostModel
 from conftest import TINY_PROMPTS, tiny_config
 
 

@@ -5,11 +5,11 @@ import itertools
 import pytest
 import torch
 
-from cluster.runtime.engine import GenerationRequest
-from cluster.runtime.factory import make_engine
-from cluster.speculation import CostModel, SamplingParams, warp_probs
-from cluster.speculation.exact import DISTRIBUTION_TEST_PARAMS as PARAMS
-from cluster.speculation.exact import chi2_pvalue as _chi2_pvalue  # the names other test files import
+from specserve.cluster.runtime.engine import GenerationRequest
+from specserve.cluster.runtime.factory import make_engine
+from specserve.cluster.speculation import CostModel, SamplingParams, warp_probs
+from specserve.cluster.speculation.exact import DISTRIBUTION_TEST_PARAMS as PARAMS
+from specserve.cluster.speculation.exact import chi2_pvalue as _chi2_pvalue  # the names other test files import
 from conftest import TINY_PROMPTS, tiny_config
 
 # A fixed cost model makes adaptive K a deterministic function of the acceptance history. Its
@@ -98,7 +98,7 @@ def test_engine_samples_match_target_distribution(tiny_llama):
 
 def test_engine_negative_control_accepting_every_draft_fails(tiny_llama, monkeypatch):
     """Accepting every draft outputs q, not p: the same test must reject it."""
-    import cluster.speculation.rejection as rejection
+    import specserve.cluster.speculation.rejection as rejection
 
     engine = make_engine(tiny_config(layers=(0,)), tiny_llama)
     prompt = "ab"

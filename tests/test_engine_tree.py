@@ -4,11 +4,11 @@ pass with tree masks, accepted losslessly, and the accepted path gathered in the
 import pytest
 import torch
 
-from cluster.config import parse_config
-from cluster.runtime.drafters import NgramDrafter
-from cluster.runtime.engine import GenerationRequest, SpeculativeEngine
-from cluster.runtime.kv import CausalLM
-from cluster.speculation import SamplingParams
+from specserve.cluster.config import parse_config
+from specserve.cluster.runtime.drafters import NgramDrafter
+from specserve.cluster.runtime.engine import GenerationRequest, SpeculativeEngine
+from specserve.cluster.runtime.kv import CausalLM
+from specserve.cluster.speculation import SamplingParams
 from conftest import TINY_PROMPTS, assert_greedy_equals_plain_on_smollm2, first_children, hf_greedy, tiny_distributed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -90,7 +90,7 @@ def test_trees_sample_the_target_distribution(tiny_llama, monkeypatch):
     """A prompt whose suffix occurred twice with different continuations drafts a tree each round:
     three sampled tokens follow the target's exact joint distribution; a rule that accepts the
     first child always (the negative control) does not."""
-    import cluster.speculation.tree as tree_module
+    import specserve.cluster.speculation.tree as tree_module
     from test_engine_sampling import PARAMS, _chi2_pvalue
     from test_head import _exact_joint
 
@@ -111,7 +111,7 @@ def test_trees_sample_the_target_distribution(tiny_llama, monkeypatch):
 
 
 def test_speculation_tree_config_reaches_the_engine(tiny_llama):
-    from cluster.runtime.factory import make_engine
+    from specserve.cluster.runtime.factory import make_engine
 
     config = parse_config({"target": {"model": "tiny-llama", "dtype": "float32", "chat_template": False},
                            "draft": {"drafter": "ngram"}, "speculation": {"tree": {"max_nodes": 6, "max_branch": 3}}})
@@ -149,7 +149,7 @@ def test_distributed_greedy_with_trees_equals_plain(ray_cluster, tiny_llama):
 def test_generate_takes_tree_nodes(capsys):
     import json
 
-    from cluster.cli import main
+    from specserve.cluster.cli import main
 
     argv = ["generate", "--config", "configs/tiny.yaml", "--drafter", "ngram", "--prompt", "abcabcabcabcabc",
             "--max-new-tokens", "24", "--num-draft-tokens", "4", "--json"]
@@ -166,7 +166,7 @@ def test_generate_takes_tree_nodes(capsys):
 def test_greedy_with_trees_equals_plain_on_smollm2(smollm2_fp32):
     """SmolLM2 in float32 with ngram_head trees (the lookup trie and the head's top-2 branches):
     greedy output equals plain greedy, and trees were drafted."""
-    from cluster.runtime.factory import make_engine
+    from specserve.cluster.runtime.factory import make_engine
 
     config = parse_config({"target": {"model": "smollm2-135m-instruct", "dtype": "float32"},
                            "draft": {"drafter": "ngram_head"}, "speculation": {"tree": {"max_nodes": 8}}})
@@ -180,7 +180,7 @@ def test_adaptive_trees_grow_where_verification_is_flat_and_shrink_where_it_cost
     """Adaptive shapes (speculation.shape): where verified tokens are nearly free the rounds draft
     trees of several nodes; where each costs 6% of a step they draft fewer nodes a round and fewer
     trees; the acceptance by depth and rank is learned from the rounds; output stays exact."""
-    from cluster.speculation import CostModel
+    from specserve.cluster.speculation import CostModel
 
     prompts = [tiny_llama.tokenizer.encode(p * 3) for p in TINY_PROMPTS]
     eos = tiny_llama.tokenizer.eos_token_id

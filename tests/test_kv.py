@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from cluster.runtime.model_drafter import ModelDrafter
-from cluster.runtime.engine import GenerationRequest
-from cluster.runtime.factory import make_engine
-from cluster.runtime import kv
-from cluster.runtime.kv import CausalLM
-from cluster.speculation import SamplingParams
+from specserve.cluster.runtime.model_drafter import ModelDrafter
+from specserve.cluster.runtime.engine import GenerationRequest
+from specserve.cluster.runtime.factory import make_engine
+from specserve.cluster.runtime import kv
+from specserve.cluster.runtime.kv import CausalLM
+from specserve.cluster.speculation import SamplingParams
 from conftest import TINY_PROMPTS, tiny_config
 
 
@@ -194,7 +194,7 @@ def test_a_layer_subset_draft_attends_through_its_store(tiny_llama):
     """A copy of some of the target's layers runs the flattened path too: its logits after a prefix
     equal a fresh forward of the same copy. (An int8 copy cannot be checked so: dynamic
     quantisation scales activations per call, so its logits depend on what else is in the call.)"""
-    from cluster.runtime.models import layer_subset
+    from specserve.cluster.runtime.models import layer_subset
 
     model = layer_subset(tiny_llama.model, [0, 1, 3])
     lm = CausalLM(model)

@@ -9,17 +9,17 @@ from types import SimpleNamespace
 
 import pytest
 
-from cluster.api import TextStream
-from cluster.runtime.drafters import NgramDrafter
-from cluster.runtime.engine import GenerationRequest, SpeculativeEngine, _Sequence
-from cluster.runtime.tokenizer import ByteTokenizer
+from specserve.cluster.api import TextStream
+from specserve.cluster.runtime.drafters import NgramDrafter
+from specserve.cluster.runtime.engine import GenerationRequest, SpeculativeEngine, _Sequence
+from specserve.cluster.runtime.tokenizer import ByteTokenizer
 
 PIECES = ["a", "b", " ", "ab", "STOP", "\n", ".", "é", "ü", "€", "😀", "中文", "क्ष", "🤖🧠", " the", "ST", "OP", "'s", "  "]
 
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer():
-    from cluster.runtime.models import load_tokenizer
+    from specserve.cluster.runtime.models import load_tokenizer
 
     return load_tokenizer("smollm2-135m-instruct")
 
@@ -151,7 +151,7 @@ class _Host:
 
 
 def _sequence(stop, max_new=10**9):
-    return _Sequence(0, GenerationRequest("x", max_new, stop=stop), [1], None, None, None)
+    return _Sequence(0, GenerationRequest("x", max_new, stop=stop), [1], None, None, None, None)
 
 
 def test_stop_strings_cut_where_the_full_decode_cuts(smollm2_tokenizer):
@@ -282,7 +282,7 @@ def test_ngram_rounds_index_only_their_new_tokens():
 def test_ngram_drafts_are_priced_by_measurement():
     """No source of the n-gram drafter is free: adaptive K charges it the draft step calibration
     measures, as for every drafter (a few microseconds)."""
-    from cluster.runtime import calibration
+    from specserve.cluster.runtime import calibration
 
     d = NgramDrafter()
     assert d.free_sources == frozenset()

@@ -4,14 +4,14 @@ and the second stage (prompt lookup whose guesses the draft verifies in its own 
 import pytest
 import torch
 
-import cluster.runtime.model_drafter as model_drafter
-from cluster.config import parse_config
-from cluster.runtime.drafters import NgramDrafter
-from cluster.runtime.engine import GenerationRequest, SpeculativeEngine
-from cluster.runtime.model_drafter import ModelDrafter
-from cluster.runtime.models import layer_subset
-from cluster.speculation import SamplingParams
-from cluster.speculation.round import DraftRequest
+import specserve.cluster.runtime.model_drafter as model_drafter
+from specserve.cluster.config import parse_config
+from specserve.cluster.runtime.drafters import NgramDrafter
+from specserve.cluster.runtime.engine import GenerationRequest, SpeculativeEngine
+from specserve.cluster.runtime.model_drafter import ModelDrafter
+from specserve.cluster.runtime.models import layer_subset
+from specserve.cluster.speculation import SamplingParams
+from specserve.cluster.speculation.round import DraftRequest
 from conftest import (TINY_PROMPTS, assert_greedy_equals_plain_on_smollm2, first_children, hf_greedy,
                       tiny_distributed)
 
@@ -25,7 +25,7 @@ def _drafter(loaded, stage: bool, layers=(0, 1)) -> ModelDrafter:
 
 def _accept_every_guess(target_probs, draft_token_ids, draft_probs, num_draft_tokens, greedy, generators):
     """A wrong second stage (the negative control): keeps every guess, then samples one token."""
-    from cluster.speculation import RejectionOutput, sample_token
+    from specserve.cluster.speculation import RejectionOutput, sample_token
 
     k = list(num_draft_tokens)
     out = torch.full((len(k), max(k, default=0) + 1), -1, dtype=torch.long)
@@ -114,7 +114,7 @@ def test_greedy_with_model_trees_and_second_stage_equals_plain(model, tree, stag
 def test_model_trees_with_the_second_stage_sample_the_target_distribution(tiny_llama, monkeypatch):
     """Two children sampled from q at the root, sampled chains with lookup guesses below: three
     tokens follow the target's exact joint; accepting first children (the negative control) does not."""
-    import cluster.speculation.tree as tree_module
+    import specserve.cluster.speculation.tree as tree_module
     from test_engine_sampling import PARAMS, _chi2_pvalue
     from test_head import _exact_joint
 
@@ -134,7 +134,7 @@ def test_model_trees_with_the_second_stage_sample_the_target_distribution(tiny_l
 
 
 def test_second_stage_config_and_flags_name_the_field(capsys):
-    from cluster.cli import main
+    from specserve.cluster.cli import main
 
     assert parse_config({"draft": {"drafter": "int8", "second_stage": "ngram"}}).draft.second_stage == "ngram"
     with pytest.raises(ValueError, match="draft.second_stage 'ngram' speeds up a draft model's own decoding"):
@@ -152,7 +152,7 @@ def test_second_stage_config_and_flags_name_the_field(capsys):
 def test_generate_runs_a_model_draft_with_the_second_stage(capsys):
     import json
 
-    from cluster.cli import main
+    from specserve.cluster.cli import main
 
     argv = ["generate", "--prompt", "abcabcabcabc", "--config", "configs/tiny.yaml", "--max-new-tokens", "12",
             "--drafter", "model", "--second-stage", "ngram", "--tree-nodes", "6", "--num-draft-tokens", "3", "--json"]
@@ -180,7 +180,7 @@ def test_distributed_greedy_with_model_trees_and_second_stage_equals_plain(ray_c
 
 @pytest.mark.smollm2
 def test_greedy_with_model_trees_and_second_stage_equals_plain_on_smollm2(smollm2_fp32):
-    from cluster.runtime.factory import make_engine
+    from specserve.cluster.runtime.factory import make_engine
 
     config = parse_config({"target": {"model": "smollm2-135m-instruct", "dtype": "float32"},
                            "draft": {"drafter": "model", "model": {"layers": [0, 1, 2, 3, 26, 27, 28, 29]},
@@ -193,7 +193,7 @@ def test_greedy_with_model_trees_and_second_stage_equals_plain_on_smollm2(smollm
 
 
 def test_the_guess_length_follows_each_sequences_kept_rate():
-    from cluster.runtime.model_drafter import _SeqCache
+    from specserve.cluster.runtime.model_drafter import _SeqCache
 
     s = _SeqCache(None)
     assert s.guess_limit() == 2  # the prior: half the guesses kept

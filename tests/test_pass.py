@@ -6,16 +6,16 @@ import json
 import pytest
 import torch
 
-from cluster.config import parse_config
-from cluster.runtime.engine import GenerationRequest, SpeculativeEngine
-from cluster.runtime.head import target_signature
-from cluster.runtime.kv import CausalLM
-from cluster.runtime.lookahead import LookaheadEmbeddings, install, uninstall
-from cluster.runtime.models import load_model
-from cluster.runtime.pass_drafter import PassDrafter
-from cluster.speculation import CostModel, SamplingParams
-from cluster.training.features import cut_windows
-from cluster.training.train_lookahead import LookaheadTraining, lookahead_forward, train_lookahead
+from specserve.cluster.config import parse_config
+from specserve.cluster.runtime.engine import GenerationRequest, SpeculativeEngine
+from specserve.cluster.runtime.head import target_signature
+from specserve.cluster.runtime.kv import CausalLM
+from specserve.cluster.runtime.lookahead import LookaheadEmbeddings, install, uninstall
+from specserve.cluster.runtime.models import load_model
+from specserve.cluster.runtime.pass_drafter import PassDrafter
+from specserve.cluster.speculation import CostModel, SamplingParams
+from specserve.cluster.training.features import cut_windows
+from specserve.cluster.training.train_lookahead import LookaheadTraining, lookahead_forward, train_lookahead
 from conftest import TINY_PROMPTS, assert_greedy_equals_plain_on_smollm2, hf_greedy, local_records, tiny_distributed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -119,7 +119,7 @@ def test_pass_samples_the_target_distribution(tiny, trained, monkeypatch):
     """Sampled requests draw drafts from the warped look-ahead rows (the q sent to rejection
     sampling): four tokens of "ab" follow the target's exact joint; accepting every draft (the
     negative control) does not."""
-    import cluster.speculation.rejection as rejection
+    import specserve.cluster.speculation.rejection as rejection
     from test_engine_sampling import PARAMS, _chi2_pvalue
     from test_head import _exact_joint
 
@@ -147,7 +147,7 @@ def test_a_seeded_sampled_request_reproduces_alone_and_in_a_batch(tiny, trained)
 
 
 def test_pass_config_and_errors(tiny, trained, tmp_path):
-    from cluster.runtime.factory import make_engine
+    from specserve.cluster.runtime.factory import make_engine
 
     base = {"target": {"model": "tiny-llama", "dtype": "float32", "chat_template": False}}
     config = parse_config(base | {"draft": {"drafter": "pass", "pass": {"embeddings": trained[0], "lookahead": 2}}})
@@ -167,8 +167,8 @@ def test_pass_config_and_errors(tiny, trained, tmp_path):
 
 
 def test_lookup_then_pass_greedy_equals_plain_and_uses_both(tiny, trained):
-    from cluster.runtime.drafters import NgramDrafter
-    from cluster.runtime.lookup_pass import LookupThenPass
+    from specserve.cluster.runtime.drafters import NgramDrafter
+    from specserve.cluster.runtime.lookup_pass import LookupThenPass
 
     la = LookaheadEmbeddings.load(trained[0], target_signature(tiny.model))
     drafter = LookupThenPass(NgramDrafter(max_n=3, min_n=2), PassDrafter(install(tiny.model, la)))
@@ -184,8 +184,8 @@ def test_lookup_then_pass_greedy_equals_plain_and_uses_both(tiny, trained):
 
 
 def test_train_lookahead_command(tmp_path, capsys):
-    from cluster.cli import main
-    from cluster.runtime.models import load_tokenizer
+    from specserve.cluster.cli import main
+    from specserve.cluster.runtime.models import load_tokenizer
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join(json.dumps(r) for r in local_records(load_tokenizer("tiny-llama"), 6_000)))
@@ -206,8 +206,8 @@ def test_train_lookahead_command(tmp_path, capsys):
 @pytest.mark.smollm2
 def test_greedy_with_pass_equals_plain_on_smollm2(smollm2_fp32, trained):
     """With the shipped look-ahead embeddings (float32, K = 3): token for token."""
-    from cluster.heads import builtin_lookahead
-    from cluster.runtime.factory import make_engine
+    from specserve.cluster.heads import builtin_lookahead
+    from specserve.cluster.runtime.factory import make_engine
 
     config = parse_config({"target": {"model": "smollm2-135m-instruct", "dtype": "float32"}, "draft": {"drafter": "pass"}})
     try:
@@ -253,15 +253,18 @@ def test_served_greedy_with_pass_equals_plain(ray_cluster, trained):
 
 
 @pytest.mark.parametrize("slope, fused", [(0.002, True), (0.3, False)])
-def test_pass_fuses_or_alternates_by_measured_cost(tiny, trained, slope, fused):
+def test_pass_fuses_or_alternates_by_measured_cost(tiny, trained, slope, fused, monkeypatch):
     """Where verified tokens are nearly free, a round verifies its drafts and appends look-ahead
     blocks at every accept point (fused); where each costs 30% of a step, rounds alternate as in the
     paper (a call that drafts, then a call that verifies); greedy output is plain's either way."""
     cost = CostModel(0.0, tuple(1.0 + slope * j for j in range(7)))
     engine = _engine(tiny, trained[0], 2, cost)
     seen = []
-    ids_of = engine._lookahead_ids
-    engine._lookahead_ids = lambda block: seen.append((len(block), block.lookahead)) or ids_of(block)
+    import specserve.cluster.runtime.engine as engine_module
+
+    ids_of = engine_module.lookahead_ids  # the look-ahead tokens each verified block asks for
+    monkeypatch.setattr(engine_module, "lookahead_ids",
+                        lambda block, vocab: seen.append((len(block), block.lookahead)) or ids_of(block, vocab))
     prompts = [tiny.tokenizer.encode(p) for p in TINY_PROMPTS[:3]]
     results = engine.generate([GenerationRequest("", 24, SamplingParams(temperature=0.0), prompt_ids=p) for p in prompts])
     eos = tiny.tokenizer.eos_token_id

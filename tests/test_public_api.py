@@ -8,10 +8,10 @@ import pytest
 
 def test_the_public_names_are_the_engine_types_the_client_and_build_app():
     import specserve
-    from cluster.app import build_app
-    from cluster.client import Client
-    from cluster.runtime.engine import GenerationRequest, SpeculativeEngine
-    from cluster.speculation import SamplingParams
+    from specserve.cluster.app import build_app
+    from specserve.cluster.client import Client
+    from specserve.cluster.runtime.engine import GenerationRequest, SpeculativeEngine
+    from specserve.cluster.speculation import SamplingParams
 
     assert specserve.SpeculativeEngine is SpeculativeEngine and specserve.GenerationRequest is GenerationRequest
     assert specserve.SamplingParams is SamplingParams and specserve.Client is Client and specserve.build_app is build_app

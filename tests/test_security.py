@@ -12,11 +12,11 @@ import pytest
 from specserve.internal.v1 import draft_pb2 as pb
 from specserve.internal.v1 import draft_pb2_grpc as pb_grpc
 
-from actors.draft_service import DraftServicer, create_server
-from actors.remote_drafter import RemoteDrafter
-from cluster.config import ConfigError, DraftTls
-from cluster.runtime.drafters import NgramDrafter
-from cluster.speculation import SamplingParams
+from specserve.actors.draft_service import DraftServicer, create_server
+from specserve.actors.remote_drafter import RemoteDrafter
+from specserve.cluster.config import ConfigError, DraftTls
+from specserve.cluster.runtime.drafters import NgramDrafter
+from specserve.cluster.speculation import SamplingParams
 from conftest import make_certs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,7 +61,7 @@ def test_mutual_tls_refuses_plaintext_and_a_certificate_from_another_ca(tls_serv
 
 
 def test_a_missing_certificate_file_is_named(tmp_path):
-    from actors.tls import server_credentials
+    from specserve.actors.tls import server_credentials
 
     tls = DraftTls(ca_file=str(tmp_path / "none.pem"), cert_file="x", key_file="y")
     with pytest.raises(ConfigError, match="cluster.draft_tls.key_file"):
@@ -92,7 +92,7 @@ def test_sequences_are_per_owner_and_idle_ones_are_freed():
 def test_a_draft_replica_listens_on_the_node_address_only(ray_cluster):
     import ray
 
-    from actors.draft_replica import DraftReplica
+    from specserve.actors.draft_replica import DraftReplica
 
     config = {"target": {"model": "tiny-llama", "dtype": "float32"}, "draft": {"drafter": "ngram"}}
     replica = DraftReplica.options(num_cpus=0.1).remote(config, None, 1, None)

@@ -18,7 +18,7 @@ import yaml
 from conftest import free_port, make_certs
 
 ROOT = Path(__file__).resolve().parent.parent
-SPECSERVE = [sys.executable, "-m", "cluster.cli"]
+SPECSERVE = [sys.executable, "-m", "specserve.cluster.cli"]
 TOKEN = "test-token-7c1e"  # the server's SPECSERVE_API_TOKEN (a Secret, in a cluster)
 
 

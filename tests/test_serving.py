@@ -14,7 +14,7 @@ import yaml
 from specserve.v1 import generation_pb2 as pb
 from specserve.v1 import generation_pb2_grpc as pb_grpc
 
-from cluster.config import parse_config
+from specserve.cluster.config import parse_config
 from conftest import TINY_PROMPTS, free_port, wait_until
 
 pytestmark = pytest.mark.ray
@@ -27,7 +27,7 @@ APP = "specserve-test"
 def service(ray_cluster):
     from ray import serve
 
-    from cluster import app
+    from specserve.cluster import app
 
     data = yaml.safe_load(TINY_YAML.read_text())
     data["serve"] = {
@@ -448,10 +448,10 @@ def test_metrics_reach_prometheus(service):
 def test_the_load_bench_measures_the_served_streams(service):
     """bench --load's served rows: concurrent gRPC streams against the in-process engine, the same
     greedy tokens both ways, every figure present."""
-    from cluster.bench_load import run_engine, run_streams
-    from cluster.client import Client, proto_request
-    from cluster.runtime.engine import GenerationRequest
-    from cluster.runtime.factory import build_engine
+    from specserve.cluster.bench_load import run_engine, run_streams
+    from specserve.cluster.client import Client, proto_request
+    from specserve.cluster.runtime.engine import GenerationRequest
+    from specserve.cluster.runtime.factory import build_engine
 
     config, _, _ = service
     client = Client(f"127.0.0.1:{config.serve.grpc_port}", config.serve.app_name)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from cluster.config import ActorResources
-from cluster.runtime.engine import GenerationRequest, SpeculativeEngine
-from cluster.runtime.kv import CausalLM
-from cluster.runtime.models import tiny_config
+from specserve.cluster.config import ActorResources
+from specserve.cluster.runtime.engine import GenerationRequest, SpeculativeEngine
+from specserve.cluster.runtime.kv import CausalLM
+from specserve.cluster.runtime.models import tiny_config
 from conftest import TINY_PROMPTS
 from test_kv import _flattened_rounds, _reference, _tree_then_keep
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-qwen2"])
 def groups(request, ray_cluster):
-    from actors.target import TargetGroup
+    from specserve.actors.target import TargetGroup
 
     group = TargetGroup(request.param, "float32", tp_size=2, rank=ActorResources(cpus=0.5))
     yield request.param, group
@@ -96,7 +96,7 @@ def test_tp2_flattened_rounds_and_keep_match_fresh_forwards(groups, request):
 def test_engine_on_tp2_equals_plain_greedy(groups, request):
     name, group = groups
     loaded = request.getfixturevalue(name.replace("-", "_"))
-    from cluster.runtime.drafters import NgramDrafter
+    from specserve.cluster.runtime.drafters import NgramDrafter
 
     distributed = SpeculativeEngine(group, loaded.tokenizer, NgramDrafter(), num_draft_tokens=4)
     local = SpeculativeEngine(loaded.model, loaded.tokenizer, None)
@@ -118,7 +118,7 @@ def test_engine_on_tp2_equals_plain_greedy(groups, request):
 
 
 def test_tp_size_must_divide_the_heads(ray_cluster):
-    from actors.target import TargetGroup, check_tp_size
+    from specserve.actors.target import TargetGroup, check_tp_size
 
     with pytest.raises(ValueError, match="tp_size 3 must divide"):
         TargetGroup("tiny-llama", tp_size=3)
@@ -145,8 +145,8 @@ def test_tp2_int8_shards_are_quantized_batch_invariant_and_speculation_equals_pl
     """Each rank quantizes its own shard of the int8 target: logits stay close to the unsharded
     float32 model, a token's logits are the same alone and in a block, and greedy speculation on the
     int8 group equals its own plain decoding."""
-    from actors.target import TargetGroup
-    from cluster.runtime.drafters import NgramDrafter
+    from specserve.actors.target import TargetGroup
+    from specserve.cluster.runtime.drafters import NgramDrafter
 
     group = TargetGroup("tiny-qwen2", "int8", tp_size=2, rank=ActorResources(cpus=0.5))
     try:
@@ -158,7 +158,7 @@ def test_tp2_int8_shards_are_quantized_batch_invariant_and_speculation_equals_pl
         block = group.forward(c, prompt[-1:] + [3, 4, 5])
         group.release(c)
         assert torch.equal(alone[-1], block[0])
-        from cluster.runtime.models import load_model
+        from specserve.cluster.runtime.models import load_model
 
         ref = _reference(load_model("tiny-qwen2").model, prompt)
         assert (alone - ref).norm() / ref.norm() < 0.05

@@ -6,10 +6,10 @@ import threading
 
 import pytest
 
-from cluster.runtime import models
-from cluster.runtime.engine import GenerationRequest
-from cluster.runtime.kv import CausalLM
-from cluster.speculation import SamplingParams
+from specserve.cluster.runtime import models
+from specserve.cluster.runtime.engine import GenerationRequest
+from specserve.cluster.runtime.kv import CausalLM
+from specserve.cluster.speculation import SamplingParams
 
 
 def _recording(monkeypatch, owner, name, threads: set):
@@ -24,7 +24,7 @@ def _recording(monkeypatch, owner, name, threads: set):
 
 @pytest.mark.ray
 def test_the_coordinator_loads_calibrates_and_runs_rounds_on_one_thread(ray_cluster, monkeypatch, tmp_path):
-    from actors.coordinator import Coordinator
+    from specserve.actors.coordinator import Coordinator
 
     monkeypatch.setenv("SPECSERVE_CACHE", str(tmp_path))  # a fresh calibration: it runs forwards
     loads, forwards = set(), set()
@@ -43,9 +43,9 @@ def test_the_coordinator_loads_calibrates_and_runs_rounds_on_one_thread(ray_clus
 
 
 def test_a_draft_replica_builds_its_drafter_on_the_thread_that_serves_it(monkeypatch):
-    from actors.draft_replica import DraftHost
-    from cluster.runtime import factory
-    from cluster.runtime.model_drafter import ModelDrafter
+    from specserve.actors.draft_replica import DraftHost
+    from specserve.cluster.runtime import factory
+    from specserve.cluster.runtime.model_drafter import ModelDrafter
 
     builds, proposals = set(), set()
     _recording(monkeypatch, factory, "build_drafter", builds)

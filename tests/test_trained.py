@@ -6,15 +6,15 @@ import json
 import pytest
 import torch
 
-from cluster.cli import main
-from cluster.config import parse_config
-from cluster.runtime.model_drafter import ModelDrafter
-from cluster.runtime.engine import GenerationRequest
-from cluster.runtime.factory import make_engine
-from cluster.runtime.models import DRAFT_META, load_trained_draft
-from cluster.speculation import SamplingParams
-from cluster.training.features import cut_windows, extract_features
-from cluster.training.train_model import ModelTraining, draft_from_target, save_draft, train_model
+from specserve.cluster.cli import main
+from specserve.cluster.config import parse_config
+from specserve.cluster.runtime.model_drafter import ModelDrafter
+from specserve.cluster.runtime.engine import GenerationRequest
+from specserve.cluster.runtime.factory import make_engine
+from specserve.cluster.runtime.models import DRAFT_META, load_trained_draft
+from specserve.cluster.speculation import SamplingParams
+from specserve.cluster.training.features import cut_windows, extract_features
+from specserve.cluster.training.train_model import ModelTraining, draft_from_target, save_draft, train_model
 from conftest import TINY_PROMPTS, assert_greedy_equals_plain_on_smollm2, hf_greedy, local_records, tiny_distributed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,7 +80,7 @@ def test_train_draft_model_command(tiny_draft, tmp_path, capsys):
     """train-draft model end to end from a corpus file; a head's setting is refused, naming it."""
     corpus = tmp_path / "c.jsonl"
     from conftest import local_records as records
-    from cluster.runtime.models import load_tokenizer
+    from specserve.cluster.runtime.models import load_tokenizer
 
     with open(corpus, "w") as f:
         for r in records(load_tokenizer("tiny-llama"), 8000):

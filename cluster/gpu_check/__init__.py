@@ -1,6 +1,6 @@
 """`scripts/gpu-check.sh`: one command that checks a CUDA machine and writes a report.
 
-Each part runs as its own subprocess (`python -m cluster.gpu_check --part NAME`) under its own
+Each part runs as its own subprocess (`python -m specserve.cluster.gpu_check --part NAME`) under its own
 time limit, so a failure, a hang or a crash in one part never stops the others:
 
 - environment: the GPU, its memory, CUDA, driver, torch and NCCL versions (resolves the device);

@@ -1,4 +1,4 @@
-"""python -m cluster.gpu_check --out DIR [--cpu] [--device auto] [--parts a,b] [--limit NAME=S] [--time-scale F]
+"""python -m specserve.cluster.gpu_check --out DIR [--cpu] [--device auto] [--parts a,b] [--limit NAME=S] [--time-scale F]
 (what scripts/gpu-check.sh runs). Exit 0: every part that ran passed; 1: a part failed or timed out;
 2: bad arguments."""
 

@@ -1,6 +1,6 @@
 """The distribution part: sampled speculation on the device against the target's exact distribution,
 as tests/test_engine_sampling.py (a chain) and tests/test_engine_tree.py (a tree) check it on the
-CPU, with the same helpers (cluster.speculation.exact). The tiny model samples on the device in
+CPU, with the same helpers (specserve.cluster.speculation.exact). The tiny model samples on the device in
 float32; the exact joint is enumerated from the same seeded weights on the CPU. Each path has a
 negative control (accept every draft; always take a tree's first children) that the same test
 must reject."""
@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 
-from ..runtime.engine import GenerationRequest
+from ..runtime.requests import GenerationRequest
 from ..runtime.factory import load_target, make_engine
 from ..runtime.models import load_model
 from ..speculation import SamplingParams
@@ -76,8 +76,8 @@ def negative_control(path: str, first_children):
     children of every tree node (biased). Restored afterwards."""
     import torch
 
-    import cluster.speculation.rejection as rejection
-    import cluster.speculation.tree as tree
+    import specserve.cluster.speculation.rejection as rejection
+    import specserve.cluster.speculation.tree as tree
 
     module, name, wrong = ((rejection, "acceptance_probs", lambda p_x, q_x: torch.ones_like(p_x)) if path == "chain"
                            else (tree, "accept_tree", first_children))

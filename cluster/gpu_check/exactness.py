@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from ..bench import load_prompts
-from ..runtime.engine import GenerationRequest
+from ..runtime.requests import GenerationRequest
 from ..runtime.factory import load_target, make_engine
 from ..speculation import SamplingParams
 from .common import Context, Recorder, free_device_memory, log

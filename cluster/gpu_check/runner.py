@@ -128,13 +128,13 @@ def skipped(reason: str) -> PartResult:
 
 
 def run_part(spec: PartSpec, plan: Plan, device: str, limit: float) -> PartResult:
-    """`python -m cluster.gpu_check --part NAME` under `limit` seconds; past it the part's process
+    """`python -m specserve.cluster.gpu_check --part NAME` under `limit` seconds; past it the part's process
     group is killed, and so is anything else carrying its mark (a server and its Ray)."""
     mark = uuid.uuid4().hex
     env = dict(os.environ) | {PART_MARK: mark}
     if plan.mode == "cpu":  # tiny tensors: one thread; calibrations of the untrained tiny drafters stay in DIR
         env |= {"OMP_NUM_THREADS": "1", "SPECSERVE_CACHE": str(plan.out / "cache")}
-    command = [sys.executable, "-m", "cluster.gpu_check", "--part", spec.name, "--out", str(plan.out),
+    command = [sys.executable, "-m", "specserve.cluster.gpu_check", "--part", spec.name, "--out", str(plan.out),
                "--device", device, "--deadline", f"{time.time() + limit:.3f}"] + (["--cpu"] if plan.mode == "cpu" else [])
     path = plan.out / "parts" / f"{spec.name}.json"
     path.unlink(missing_ok=True)

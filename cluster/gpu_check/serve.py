@@ -18,7 +18,7 @@ import yaml
 
 from ..app import free_port
 from ..bench import load_prompts
-from ..runtime.engine import ChatMessage, GenerationRequest
+from ..runtime.requests import ChatMessage, GenerationRequest
 from ..runtime.factory import build_engine
 from .common import ROOT, Context, Recorder, configured, log
 from .plans import SIZES, TINY
@@ -99,7 +99,7 @@ def in_process(config, prompt: str, n: int) -> dict[str, Timed]:
 
 def start(path: Path, config, mark: str, log_path: Path) -> tuple[subprocess.Popen, Path]:
     script = shutil.which("specserve", path=str(Path(sys.executable).parent))  # the venv's entry point
-    command = [script] if script else [sys.executable, "-m", "cluster.cli"]
+    command = [script] if script else [sys.executable, "-m", "specserve.cluster.cli"]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SPECSERVE_API_TOKEN")} | {SERVER_MARK: mark}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     s = config.serve

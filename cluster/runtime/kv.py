@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..speculation.round import TargetOutput
+from ..speculation.round import TargetOutput, VerifyBatch
 
 ATTENTION = "specserve_flat"
 INVARIANT_SPAN = 512  # CPU sdpa reads keys in blocks of 512: whole blocks keep a row's sums in one order
@@ -375,6 +375,13 @@ class CausalLM:
         are then the prefix length plus each token's depth."""
         return [o.scores for o in self.forward_outputs(caches, inputs, raw, argmax_only, last, parents)]
 
+    def verify(self, batch: VerifyBatch) -> list[TargetOutput]:
+        """A round's one forward (speculation.round.VerifyBatch): scores stay on the model's device
+        (logits in its dtype, argmax ids), for acceptance there."""
+        return self.forward_outputs(list(batch.caches), list(batch.inputs), raw=True, argmax_only=list(batch.argmax_only),
+                                    last=list(batch.last), parents=None if batch.parents is None else list(batch.parents),
+                                    hidden=None if batch.hidden is None else list(batch.hidden))
+
     @torch.inference_mode()
     def forward_outputs(self, caches: list[SequenceKV], inputs: list[list[int]], raw: bool = False,
                         argmax_only: list[bool] | None = None, last: list[int] | None = None,
@@ -430,7 +437,8 @@ class CausalLM:
             c.length += len(x)
         logits = out.logits[0]  # [rows, V], the model's dtype and device
         argmax_only = argmax_only or [False] * len(inputs)
-        ids_of = logits.argmax(dim=-1).cpu().split(keep) if any(argmax_only) else keep  # one host copy
+        ids = logits.argmax(dim=-1) if any(argmax_only) else None
+        ids_of = (ids if raw else ids.cpu()).split(keep) if ids is not None else keep  # raw: none to the host
         scores = [i if a else x if raw else x.float().cpu() for x, i, a in zip(logits.split(keep), ids_of, argmax_only)]
         if hidden is None:
             return [TargetOutput(x) for x in scores]

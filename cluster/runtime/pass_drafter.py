@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..speculation import make_generator, sample_token, warp_probs
-from ..speculation.round import DraftBlock, DraftRequest, DrafterCapabilities, RoundResult
+from ..speculation.round import DraftBlock, DraftRequest, DrafterCapabilities, RoundResult, TargetOutput
 from .drafters import Drafter
 
 
@@ -64,3 +64,45 @@ class PassDrafter(Drafter):
 
     def release(self, seq_id: int) -> None:
         self._rows.pop(seq_id, None)
+
+
+# -- the round's layout and policy for PaSS blocks (the engine asks these) ------------------------
+def lookahead_ids(block: DraftBlock, vocab_size: int) -> list[int]:
+    """The look-ahead tokens a block asks for: [LA]_1..[LA]_n (ids V..V+n-1) after each of its
+    K + 1 accept points."""
+    if not block.lookahead:
+        return []
+    return list(range(vocab_size, vocab_size + block.lookahead)) * (len(block) + 1)
+
+
+def lookahead_layout(head: int, k: int, count: int) -> list[int]:
+    """The verify input's parents (kv.attention_mask): the `head` uncached tokens and k drafts as a
+    chain, then `count` look-ahead tokens after each of the k + 1 accept points (the head's last
+    token, each draft), each block a chain of its own."""
+    out = list(range(-1, head + k - 1))
+    for j in range(k + 1):
+        start = len(out)
+        out += [head - 1 + j] + list(range(start, start + count - 1))
+    return out
+
+
+def split_lookahead(out: TargetOutput, k: int, count: int) -> TargetOutput:
+    """The verify rows [k + 1] and the look-ahead rows, [k + 1, count] per accept point."""
+    rows = out.scores[k + 1 :]
+    return TargetOutput(out.scores[: k + 1], out.hidden, rows.view(k + 1, count, *rows.shape[1:]))
+
+
+def fused_pays(per_seq: tuple[float, ...], blocks: list[DraftBlock], alphas: list[float]) -> bool:
+    """Fused or alternating: a round that verifies K drafts and appends a look-ahead block of n
+    after each of its K + 1 accept points (one call yields 1 + E tokens, E the expected accepted
+    drafts), or, as in the paper, calls that only draft ([last] + one block: one token) alternating
+    with calls that only verify (1 + E tokens). per_seq: the verify cost at this batch size
+    (CostModel.at_batch(B).verify_s); blocks, alphas: the PaSS blocks with drafts and their alpha."""
+    from ..speculation.adaptive import verify_cost
+
+    k = sum(len(b) for b in blocks) / len(blocks)
+    n = sum(b.lookahead for b in blocks) / len(blocks)
+    gained = sum(sum(a ** i for i in range(1, len(b) + 1)) for a, b in zip(alphas, blocks)) / len(alphas)
+    fused = (1 + gained) / verify_cost(per_seq, 1, 1 + k + (k + 1) * n)
+    alternating = (2 + gained) / (verify_cost(per_seq, 1, 1 + n) + verify_cost(per_seq, 1, 1 + k))
+    return fused >= alternating

@@ -3,17 +3,20 @@
 No module here imports Ray, gRPC, DeepSpeed or transformers (tests/test_boundary.py).
 """
 
-from .adaptive import (AcceptanceTracker, AdaptiveK, CostModel, ProbeSchedule, best_k, expected_tokens,
+from .adaptive import (AcceptanceTracker, AdaptiveK, ProbeSchedule, best_k, expected_tokens,
                        best_ks, mean_expected_tokens)
+from .costs import CostModel
 from .errors import InvalidRequest, Unavailable
 from .greedy import greedy_accept
+from .host import HostTransfers
 from .params import SamplingParams
 from .rejection import RejectionOutput, acceptance_probs, recovered_probs, rejection_sample
 from .reference import reference_rejection_sample
 from .round import Acceptance, DraftBlock, DraftRequest, Drafter, Target, TargetOutput
 from .shape import Shape, ShapeStats, best_trees
-from .sample import draw_seed, make_generator, sample_token
-from .tree import DraftTree, TreeAcceptance, accept_trees, child_outcomes, reference_accept_tree
+from .sample import draw_seed, draw_uniforms, make_generator, sample_rows, sample_token, uniforms
+from .tree import (DraftTree, TreeAcceptance, accept_tree, accept_trees, child_outcomes, reference_accept_tree,
+                   tree_uniforms)
 from .warp import warp_probs
 
 __all__ = [
@@ -27,12 +30,14 @@ __all__ = [
     "AdaptiveK",
     "ProbeSchedule",
     "CostModel",
+    "HostTransfers",
     "InvalidRequest",
     "Unavailable",
     "RejectionOutput",
     "SamplingParams",
     "TreeAcceptance",
     "acceptance_probs",
+    "accept_tree",
     "accept_trees",
     "child_outcomes",
     "best_k",
@@ -41,6 +46,7 @@ __all__ = [
     "Shape",
     "ShapeStats",
     "draw_seed",
+    "draw_uniforms",
     "expected_tokens",
     "greedy_accept",
     "make_generator",
@@ -49,6 +55,9 @@ __all__ = [
     "reference_accept_tree",
     "reference_rejection_sample",
     "rejection_sample",
+    "sample_rows",
     "sample_token",
+    "tree_uniforms",
+    "uniforms",
     "warp_probs",
 ]

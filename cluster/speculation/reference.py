@@ -1,8 +1,9 @@
 """Slow, step-by-step speculative sampling: the test oracle for rejection.py.
 
-Written from the paper's algorithm with Python loops and no vectorisation. It draws from
-each generator in the same order as the fast path (K uniforms, then one token), so with
-equally seeded generators the two must agree token for token.
+Written from the paper's algorithm with Python loops and no vectorisation. It draws from each
+generator what the fast path draws (K + 1 uniforms in one call: u_1..u_K for the tests, u_{K+1}
+for the final token by sample_rows), so with equally seeded generators the two must agree token
+for token.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from .sample import sample_token
+from .sample import sample_rows, uniforms
 
 
 def reference_rejection_sample(
@@ -36,13 +37,13 @@ def reference_rejection_sample(
                 emitted.append(int(torch.argmax(p[k])))
             out.append(emitted)
             continue
-        u = torch.rand(k, generator=g) if k else torch.empty(0)
+        u = uniforms(k + 1, g, p.device)  # [K + 1]
         emitted = []
         for j in range(k):
             x = xs[j]
-            px = float(p[j, x])
-            qx = 1.0 if q is None else float(q[j, x])
-            if float(u[j]) < min(1.0, px / qx):
+            qx = torch.ones((), dtype=p.dtype) if q is None else q[j, x]
+            assert float(qx) > 0, "a draft token had q(x) = 0: the drafter did not sample from q"
+            if float(u[j]) < float((p[j, x] / qx).clamp(max=1.0)):
                 emitted.append(x)
                 continue
             qj = torch.zeros_like(p[j]) if q is None else q[j]
@@ -51,9 +52,11 @@ def reference_rejection_sample(
             residual = torch.clamp(p[j] - qj, min=0.0)
             if float(residual.sum()) <= 0:
                 residual = p[j]
-            emitted.append(sample_token(residual / residual.sum(), g))
+            else:
+                residual = residual / residual.sum()
+            emitted.append(int(sample_rows(residual[None], u[k:])[0]))
             break
         else:
-            emitted.append(sample_token(p[k], g))
+            emitted.append(int(sample_rows(p[k][None], u[k:])[0]))
         out.append(emitted)
     return out

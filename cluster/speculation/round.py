@@ -1,7 +1,7 @@
 """What one round passes along, and the two roles it passes it between.
 
 A round: every active sequence asks the drafter for a block (DraftRequest -> DraftBlock); the
-target verifies every block in one forward (Target.forward_batch); acceptance turns each
+target verifies every block in one forward (Target.verify, a VerifyBatch); acceptance turns each
 sequence's scores into the tokens it emits (Acceptance); the target's cache keeps the accepted
 positions, and a drafter that asks for it sees the result (Drafter.after_round, a RoundResult).
 What a drafter is able to do is declared once, in its DrafterCapabilities.
@@ -56,6 +56,19 @@ class TargetOutput:
 
 
 @dataclass(frozen=True)
+class VerifyBatch:
+    """A round's one target forward: per sequence its uncached tokens and drafts (and PaSS look-ahead
+    tokens) appended to its cache, then the prompt chunks, which return nothing."""
+
+    caches: tuple  # [B + C] the target's caches
+    inputs: tuple[list[int], ...]  # [B + C] the ids each one appends
+    argmax_only: tuple[bool, ...]  # [B + C] greedy: the argmax ids come back, not logits
+    last: tuple[int, ...]  # [B + C] rows scored at the end of each input (0: a chunk)
+    parents: tuple[list[int] | None, ...] | None = None  # [B + C] tree / PaSS layouts (kv.attention_mask); None: chains
+    hidden: tuple[int, ...] | None = None  # [B + C] last hidden states of each one's last n tokens (a reading drafter)
+
+
+@dataclass(frozen=True)
 class Acceptance:
     """One sequence's outcome of a round: accepted drafts, then one recovered or bonus token."""
 
@@ -67,12 +80,16 @@ class Acceptance:
 
 @runtime_checkable
 class Target(Protocol):
-    """The verifier: in process (runtime.kv.CausalLM) or a tensor-parallel group (actors.target)."""
+    """The verifier: in process (runtime.kv.CausalLM) or a tensor-parallel group (specserve.actors.target)."""
 
     vocab_size: int
     max_context: int
+    device: torch.device  # where its outputs are: acceptance runs there
 
     def new_cache(self): ...
+
+    def verify(self, batch: VerifyBatch) -> list[TargetOutput]:
+        """The round's forward: per sequence its scores (on `device`) and hidden states where asked."""
 
     def forward_batch(self, caches: list, inputs: list[list[int]], raw: bool = False,
                       argmax_only: list[bool] | None = None, last: list[int] | None = None,
@@ -133,8 +150,8 @@ class DrafterCapabilities:
 
 @runtime_checkable
 class Drafter(Protocol):
-    """The one drafter contract (runtime.drafters and the model drafters, actors.draft_pool,
-    actors.remote_drafter). A drafter may subclass it for the defaults below."""
+    """The one drafter contract (runtime.drafters and the model drafters, specserve.actors.draft_pool,
+    specserve.actors.remote_drafter). A drafter may subclass it for the defaults below."""
 
     name: str
     capabilities: DrafterCapabilities = DrafterCapabilities()

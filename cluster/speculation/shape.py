@@ -17,7 +17,7 @@ import heapq
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .adaptive import CostModel, verify_cost
+from .costs import CostModel, verify_cost
 
 Shape = tuple[int, ...]  # [n] node j's parent (< j, or -1: the root); siblings in rank order
 
@@ -142,13 +142,13 @@ class _Candidate:
 def best_trees(tables: Sequence[Sequence[Sequence[float]]], cost: CostModel, max_k: int | None = None,
                max_nodes: int = 8, max_branch: int = 2, min_gain: float = 0.0,
                draft_s: Sequence[float] | None = None) -> list[Shape]:
-    """One shape per sequence of a flattened round (best_ks for trees): draft nodes go one at a
-    time to the sequence whose next-best node has the most reach per unit of cost (that node's
-    verify and draft cost), for as long as the round's expected tokens per second rises. Each
+    """One shape per sequence of a flattened round: draft nodes go one at a time to the sequence
+    whose next-best node has the most reach per unit of cost (that node's verify and draft cost),
+    until none is left; the shapes at the best round rate seen win (ties: the first sequence), so a
+    verify cost whose first extra token costs most (a concave table, as int8 on CPUs) still drafts. Each
     sequence's tree is depth <= max_k, <= max_nodes nodes, <= max_branch children a node; tables[i]
     is its c(d, r). All stay empty unless the round beats plain decoding by min_gain. A chain where
-    side branches do not pay, and the chain best_ks would choose when c is flat at alpha and
-    max_branch is 1."""
+    side branches do not pay; adaptive.best_ks is the chain case (max_branch 1, c flat at alpha)."""
     b = len(tables)
     if b == 0:
         return []
@@ -164,7 +164,8 @@ def best_trees(tables: Sequence[Sequence[Sequence[float]]], cost: CostModel, max
     reach: list[list[float]] = [[] for _ in range(b)]
     heaps = [[_Candidate(-c(i, 1, 0), -1, 1, 0, 1.0)] if top >= 1 and max_nodes >= 1 else [] for i in range(b)]
     expected, tokens, drafting_s = float(b), b, 0.0
-    plain = rate = expected / verify_cost(per_seq, b, b)
+    plain = rate = best = expected / verify_cost(per_seq, b, b)
+    best_shapes = [() for _ in range(b)]
     while True:
         verify = verify_cost(per_seq, b, tokens + 1)
         rates = [((expected - heaps[i][0].neg_reach) / (verify + drafting_s + draft_s[i]), -i)
@@ -172,8 +173,6 @@ def best_trees(tables: Sequence[Sequence[Sequence[float]]], cost: CostModel, max
         if not rates:
             break
         new_rate, neg_i = max(rates)
-        if new_rate <= rate:
-            break
         i = -neg_i
         node = heapq.heappop(heaps[i])
         shapes[i].append(node.parent)
@@ -187,7 +186,9 @@ def best_trees(tables: Sequence[Sequence[Sequence[float]]], cost: CostModel, max
             heapq.heappush(heaps[i], _Candidate(-above * missed * c(i, node.depth, node.rank + 1), node.parent,
                                                 node.depth, node.rank + 1, missed))
         expected, tokens, drafting_s, rate = expected - node.neg_reach, tokens + 1, drafting_s + draft_s[i], new_rate
-    return [tuple(s) for s in shapes] if rate > plain * (1 + min_gain) else [()] * b
+        if rate > best:
+            best, best_shapes = rate, [tuple(s) for s in shapes]
+    return best_shapes if best > plain * (1 + min_gain) else [()] * b
 
 
 def shape_depth(shape: Sequence[int]) -> int:

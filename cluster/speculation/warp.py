@@ -22,21 +22,21 @@ def warp_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.
     logits = logits.float()
     n, vocab = logits.shape
     probs = torch.empty_like(logits)
-    greedy = torch.tensor([sp.greedy for sp in params], dtype=torch.bool)
-    if greedy.any():
-        rows = greedy.nonzero().squeeze(1)
+    device = logits.device  # per-row settings go where the rows are; branches read the params, not tensors
+    greedy_rows = [i for i, sp in enumerate(params) if sp.greedy]  # decided on the host, from the params
+    if greedy_rows:
+        rows = torch.tensor(greedy_rows, device=device)
         probs[rows] = torch.nn.functional.one_hot(logits[rows].argmax(dim=-1), vocab).float()
-    if greedy.all():
+    if len(greedy_rows) == n:
         return probs
-    rows = (~greedy).nonzero().squeeze(1)
-    sampled = [params[i] for i in rows.tolist()]
-    x = logits[rows] / torch.tensor([sp.temperature for sp in sampled]).unsqueeze(1)
-    top_k = torch.tensor([sp.top_k if 0 < sp.top_k < vocab else vocab for sp in sampled])
-    if (top_k < vocab).any():
-        x = _apply_top_k(x, top_k)
-    top_p = torch.tensor([sp.top_p for sp in sampled])
-    if (top_p < 1.0).any():
-        x = _apply_top_p(x, top_p)
+    sampled_rows = [i for i, sp in enumerate(params) if not sp.greedy]
+    rows = torch.tensor(sampled_rows, device=device)
+    sampled = [params[i] for i in sampled_rows]
+    x = logits[rows] / torch.tensor([sp.temperature for sp in sampled], device=device).unsqueeze(1)
+    if any(0 < sp.top_k < vocab for sp in sampled):
+        x = _apply_top_k(x, torch.tensor([sp.top_k if 0 < sp.top_k < vocab else vocab for sp in sampled], device=device))
+    if any(sp.top_p < 1.0 for sp in sampled):
+        x = _apply_top_p(x, torch.tensor([sp.top_p for sp in sampled], device=device))
     probs[rows] = torch.softmax(x, dim=-1)
     return probs
 

@@ -143,6 +143,8 @@ def train_draft_command(config, args) -> int:
     for name in ("vocab", "layers", "steps", "batch", "lr", "eval_every", "eval_windows"):
         if name in names:
             _positive(name.replace("_", "-"), getattr(cfg, name))
+    if getattr(cfg, "intermediate", 0) < 0:
+        raise InvalidRequest("intermediate", f"must be >= 0 (0: the target's width), got {cfg.intermediate}")
     target = load_target(config)
     data = _features(target.model, args)
     dtype = target.model.get_output_embeddings().weight.dtype

@@ -122,8 +122,8 @@ def build_corpus(engine, out_path: str, local_tokens: int, responses: int, max_n
 def _answers(engine, prompts: list[tuple[str, str]], batch: int, max_new_tokens: int, temperature: float, seed: int):
     """(kind, prompt ids, answer ids) as answers finish, `batch` generating at once: a finished one
     makes room for the next prompt (continuous batching), so the batch never drains."""
-    from cluster.runtime.engine import GenerationRequest
-    from cluster.speculation import SamplingParams
+    from specserve.cluster.runtime.requests import GenerationRequest
+    from specserve.cluster.speculation import SamplingParams
 
     queue, running = list(enumerate(prompts)), {}
     while queue or running:

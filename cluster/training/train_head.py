@@ -33,6 +33,7 @@ class HeadTraining:
     eval_windows: int = 64
     seed: int = 0
     precision: str = "auto"  # matmuls in bfloat16 (float32 weights and optimizer) where dtype auto picks it
+    intermediate: int = 0  # the head's MLP width; 0: the target's (a narrower head for a large target)
 
 
 def frequent_ids(tokens: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
@@ -72,7 +73,7 @@ def train_head(target: torch.nn.Module, data: dict, cfg: HeadTraining, out_path:
     tokens, features = data["tokens"], data["features"]
     train_idx, eval_idx = split(data["held_out"], cfg.eval_windows)
     vocab = frequent_ids(tokens[train_idx], cfg.vocab, int(target.config.vocab_size))
-    head = DraftHead(target, vocab, intermediate_size).float()
+    head = DraftHead(target, vocab, intermediate_size or cfg.intermediate or None).float()
     output_full = target.get_output_embeddings().weight.detach()
     device = output_full.device
     noise = cfg.noise * features[train_idx[:64]].float().pow(2).mean().sqrt().item()

@@ -17,18 +17,18 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "SpeculativeEngine": "cluster.runtime.engine",
-    "GenerationRequest": "cluster.runtime.engine",
-    "GenerationResult": "cluster.runtime.engine",
-    "StepOutput": "cluster.runtime.engine",
-    "ChatMessage": "cluster.runtime.engine",
-    "SamplingParams": "cluster.speculation",
-    "InvalidRequest": "cluster.speculation",
-    "build_engine": "cluster.runtime.factory",
-    "load_config": "cluster.config",
-    "SpecserveConfig": "cluster.config",
-    "Client": "cluster.client",
-    "build_app": "cluster.app",
+    "SpeculativeEngine": "specserve.cluster.runtime.engine",
+    "GenerationRequest": "specserve.cluster.runtime.requests",
+    "GenerationResult": "specserve.cluster.runtime.requests",
+    "StepOutput": "specserve.cluster.runtime.requests",
+    "ChatMessage": "specserve.cluster.runtime.requests",
+    "SamplingParams": "specserve.cluster.speculation",
+    "InvalidRequest": "specserve.cluster.speculation",
+    "build_engine": "specserve.cluster.runtime.factory",
+    "load_config": "specserve.cluster.config",
+    "SpecserveConfig": "specserve.cluster.config",
+    "Client": "specserve.cluster.client",
+    "build_app": "specserve.cluster.app",
 }
 __all__ = sorted(_EXPORTS)
 
