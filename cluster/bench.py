@@ -11,7 +11,6 @@ import json
 import platform
 import time
 from collections import defaultdict
-from importlib import resources
 
 import torch
 
@@ -24,13 +23,14 @@ from .runtime.factory import load_target, make_engine, second_stage
 from .runtime.formats import candidates
 from .runtime.models import select_device
 from .speculation import InvalidRequest, SamplingParams, mean_expected_tokens
+from .bench_prompts import bench_prompts
 
 CATEGORIES = ("chat", "grounded", "code")
 DEFAULT_TREE_NODES = 8  # tree rows' node budget when the config's speculation.tree.max_nodes is 0
 
 
 def load_prompts(quick: bool) -> list[tuple[str, str]]:
-    data = json.loads(resources.files("cluster").joinpath("prompts/bench.json").read_text())
+    data = bench_prompts()
     per = 1 if quick else 2
     return [(cat, p) for cat in CATEGORIES for p in data[cat][:per]]
 

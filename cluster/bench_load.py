@@ -22,7 +22,6 @@ import json
 import statistics
 import sys
 import time
-from importlib import resources
 
 import torch
 
@@ -30,6 +29,7 @@ from .config import SpecserveConfig
 from .runtime.requests import GenerationRequest
 from .runtime.factory import load_target, make_engine
 from .speculation import SamplingParams
+from .bench_prompts import bench_prompts
 
 
 CORPUS_MODULES = ("argparse", "json", "collections", "functools", "subprocess", "threading", "logging", "unittest",
@@ -42,7 +42,7 @@ def corpus_ids(tokenizer) -> list[int]:
     import importlib
     import inspect
 
-    data = json.loads(resources.files("cluster").joinpath("prompts/bench.json").read_text())
+    data = bench_prompts()
     parts = [p for prompts in data.values() for p in prompts]
     for name in CORPUS_MODULES:
         module = importlib.import_module(name)

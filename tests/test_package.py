@@ -13,6 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BARE_IMPORT = re.compile(r"^\s*(from|import) (cluster|actors)\b", re.M)
+BARE_NAME = re.compile(r"""(files|import_module|find_spec)\(["'](cluster|actors)\b""")  # by name, as a string
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,7 @@ def test_the_installed_wheel_imports_without_the_repository(wheel, tmp_path):
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import specserve.cluster.config as c, specserve.v1.generation_pb2;"
             "import importlib.util as u; assert c.__file__.startswith(sys.argv[1]), c.__file__;"
             "assert u.find_spec('cluster') is None and u.find_spec('actors') is None;"
+            "from specserve.cluster.bench_prompts import bench_prompts; assert bench_prompts()['chat'];"
             "print(c.SpecserveConfig().target.model)")
     done = subprocess.run([sys.executable, "-c", code, str(target)], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120)
@@ -56,6 +58,8 @@ def test_the_installed_wheel_imports_without_the_repository(wheel, tmp_path):
 
 def test_no_source_imports_the_folders_by_their_bare_names():
     assert BARE_IMPORT.search("from cluster.config import X\n") and BARE_IMPORT.search("    import actors.wire\n")
+    assert BARE_NAME.search('resources.files("cluster").joinpath("prompts")') and not BARE_NAME.search('files(__package__)')
     offenders = [str(p.relative_to(REPO)) for folder in ("cluster", "actors", "protos", "tests", "helm", "scripts")
-                 for p in (REPO / folder).rglob("*.py") if BARE_IMPORT.search(p.read_text())]
+                 for p in (REPO / folder).rglob("*.py")
+                 if BARE_IMPORT.search(p.read_text()) or (p.name != "test_package.py" and BARE_NAME.search(p.read_text()))]
     assert offenders == []

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
-from importlib import resources
 
 import torch
+
+from ..bench_prompts import bench_prompts
 
 
 def perplexity(model: torch.nn.Module, sequences: list[list[int]]) -> float:
@@ -26,7 +26,7 @@ def perplexity(model: torch.nn.Module, sequences: list[list[int]]) -> float:
 
 def bench_texts() -> list[str]:
     """The prompts the bench ships (cluster/prompts/bench.json), every category."""
-    data = json.loads(resources.files("cluster").joinpath("prompts/bench.json").read_text())
+    data = bench_prompts()
     return [p if isinstance(p, str) else p.get("prompt", "") for prompts in data.values() for p in prompts]
 
 
