@@ -68,7 +68,7 @@ class Coordinator:
         c, t = config.cluster, config.target
         self.config = config
         self._placement_group = placement_group
-        self._lookahead = None  # PaSS look-ahead embeddings the ranks must hold (reinstalled after a rebuild)
+        self._patches = []  # changes a drafter made to the target (PaSS): applied again to a rebuilt group
         self.group = self._new_group()
         self.replicas = []
         if draft_addresses is None:
@@ -90,8 +90,8 @@ class Coordinator:
             whole = self.group.whole_model
             loaded = None if whole is None else LoadedModel(whole, load_tokenizer(t.model), t.model, self.group.dtype)
             sources = draft_sources(config, loaded)
-            if whole is None:  # sharded: look-ahead embeddings (PaSS) go to every rank, now and after a rebuild
-                sources = replace(sources, install_lookahead=self._install_lookahead,
+            if whole is None:  # sharded: a drafter's change to the target goes to every rank, now and after a rebuild
+                sources = replace(sources, patch_target=self._patch_target,
                                   target_signature=lambda: {"hidden_size": int(load_model_config(t.model).hidden_size),
                                                             "vocab_size": self.group.vocab_size})
             drafter = build_drafter(config.draft.drafter, config.draft, sources)
@@ -110,13 +110,13 @@ class Coordinator:
         # target rank 0 runs here (its threads are set by it): a verify costs no Ray call
         group = TargetGroup(t.model, t.dtype, c.tp_size, c.target_rank, placement_group=self._placement_group,
                             first_bundle=1, driver_rank=True, collective_timeout_s=c.collective_timeout_s)
-        if self._lookahead is not None:
-            group.install_lookahead(self._lookahead)
+        for change in self._patches:
+            group.patch(change)
         return group
 
-    def _install_lookahead(self, la) -> list[int]:
-        self._lookahead = la
-        return self.group.install_lookahead(la)
+    def _patch_target(self, change):
+        self._patches.append(change)
+        return self.group.patch(change)
 
     def _rebuild_target(self) -> None:
         """After a rank failed: every sequence is gone; a new group takes the next rounds."""

@@ -15,7 +15,7 @@ import uuid
 import grpc
 
 from specserve.cluster.runtime.drafters import Drafter
-from specserve.cluster.speculation.round import DraftBlock, DraftRequest
+from specserve.cluster.speculation.round import DraftBlock, DraftRequest, DrafterCapabilities
 
 from .remote_drafter import RemoteDrafter
 
@@ -30,7 +30,6 @@ FAILURES = {
 
 class DraftPool(Drafter):
     name = "pool"
-    drafts_trees = True  # passes the tree budget on; the replicas' drafter decides (chains or trees)
 
     def __init__(self, addresses: list[str], timeout_s: float = 10.0, tls=None, max_message_bytes: int | None = None):
         self.timeout_s = timeout_s
@@ -53,9 +52,10 @@ class DraftPool(Drafter):
         return RemoteDrafter(address, self.timeout_s, owner=self.owner, tls=self.tls, max_message_bytes=self.max_message_bytes)
 
     @property
-    def parallelism(self) -> int:
-        """Sequences drafted at once: one per live replica."""
-        return max(1, sum(self.alive))
+    def capabilities(self) -> DrafterCapabilities:
+        """Passes the tree budget on (the replicas' drafter decides: chains or trees); drafts one
+        sequence per live replica at once."""
+        return DrafterCapabilities(drafts_trees=True, parallelism=max(1, sum(self.alive)))
 
     def load(self) -> list[int]:
         """Outstanding work per replica: the sequences placed on it."""
@@ -128,9 +128,6 @@ class DraftPool(Drafter):
             return  # probed again later
         self.alive[i] = True
         self.rejoined += 1
-
-    def propose(self, seq_id, context, k, params, seed) -> DraftBlock:
-        return self.propose_many([DraftRequest(seq_id, context, k, params, seed)])[0]
 
     def wire_bytes(self) -> tuple[int, int]:
         """(sent, received) gRPC message bytes over all replicas so far."""

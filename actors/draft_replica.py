@@ -31,7 +31,7 @@ class DraftHost:
         self.drafter = worker.submit(build_drafter, name, config.draft, draft_sources(config)).result()
         idle_s = config.cluster.draft_idle_s
         # the message limits fit the config's largest block of q (drafters without a vocabulary send none)
-        limit = draft_message_limit(getattr(self.drafter, "vocab_size", 0), config.speculation.block_nodes)
+        limit = draft_message_limit(self.drafter.capabilities.q_vocab, config.speculation.block_nodes)
         self.servicer = DraftServicer(self.drafter, idle_s, max_message_bytes=limit)
         host = host or ray.util.get_node_ip_address()
         self.host = f"[{host}]" if ":" in host else host  # an IPv6 address in brackets

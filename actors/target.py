@@ -145,11 +145,13 @@ class RankHost:
         return logits if self.rank == 0 else None
 
     def forward_batch(self, handles: list[int], inputs: list[list[int]], argmax_only: list[bool],
-                      last: list[int] | None = None, parents: list | None = None, hidden: list[int] | None = None):
+                      last: list[int] | None = None, parents: list | None = None, hidden: list[int] | None = None,
+                      local: bool = False):
         """One flattened forward for all sequences. Rank 0 returns the logits of the sequences that
         sample, in the model's own dtype (bf16 logits are exactly what the model computed), only
         the argmax of each greedy row (all that greedy verification reads), and with `hidden` the
-        last hidden states asked for (every rank holds them whole after the last all-reduce)."""
+        last hidden states asked for (every rank holds them whole after the last all-reduce).
+        local (rank 0 in the caller's process): the tensors as they are, on the rank's device."""
         start = time.perf_counter()
         out = self.lm.forward_outputs([self._caches[h] for h in handles], inputs, raw=True, argmax_only=argmax_only,
                                       last=last, parents=parents, hidden=hidden)
@@ -157,16 +159,17 @@ class RankHost:
             return None
         dense = [o.scores for o, a in zip(out, argmax_only) if not a]
         greedy = [o.scores for o, a in zip(out, argmax_only) if a]
+        if local:
+            return ([o.scores for o in out], None if hidden is None else [o.hidden for o in out],
+                    time.perf_counter() - start)
         rows = torch.cat(dense).cpu() if dense else torch.zeros(0, self.lm.vocab_size)
         ids = torch.cat(greedy).cpu().numpy() if greedy else None  # argmax ids, first index on ties
         states = _wire(torch.cat([o.hidden for o in out]).cpu()) if hidden is not None else None
         return *_wire(rows), ids, states, time.perf_counter() - start
 
-    def install_lookahead(self, vectors: torch.Tensor) -> None:
-        """PaSS: this rank's model reads look-ahead ids (runtime/lookahead.py) from now on."""
-        from specserve.cluster.runtime.lookahead import install
-
-        install(self.lm.model, vectors)
+    def patch(self, change):
+        """change(model) on this rank's model (a drafter's change to the target, DraftSources.patch)."""
+        return change(self.lm.model)
 
     def cached_length(self, handle: int) -> int:
         return self.lm.cached_length(self._caches[handle])
@@ -231,7 +234,7 @@ class TargetGroup:
         config = load_model_config(model)
         check_tp_size(config, tp_size)
         self.max_context = int(getattr(config, "max_position_embeddings", 2048))
-        self.device = torch.device("cpu")  # where its outputs arrive (from rank 0, over Ray): acceptance runs here
+        self.device = torch.device("cpu")  # where its outputs arrive (from rank 0 over Ray, else rank 0's device)
         self._driver = RankHost(0, tp_size, rank.threads) if driver_rank else None
         actors = tp_size - 1 if driver_rank else tp_size
         self._own_pg = placement_group is None and actors > 0
@@ -257,6 +260,7 @@ class TargetGroup:
                 # meets them in the rendezvous
                 self.vocab_size, self.dtype = self._driver.setup(model, dtype, master, collective_timeout_s)
                 ray.get(joined)
+                self.device = self._driver.lm.device  # rank 0's outputs stay there: acceptance runs there
                 self._following = [r.follow.remote() for r in self.ranks]
             else:
                 master = ray.get(self.ranks[0].address.remote())
@@ -323,6 +327,11 @@ class TargetGroup:
                         parents: list | None = None, hidden: list[int] | None = None) -> list[TargetOutput]:
         """forward_batch, and with `hidden` each sequence's last hidden[i] hidden states (from rank 0)."""
         argmax_only = argmax_only or [False] * len(inputs)
+        if self._driver is not None:  # rank 0 runs here: its outputs stay on its device, nothing is copied
+            scores, states, self.last_compute_s = self._all(
+                "forward_batch", caches, inputs, argmax_only, last, parents, hidden, True)
+            return [TargetOutput(x) if states is None else TargetOutput(x, h)
+                    for x, h in zip(scores, states or [None] * len(scores))]
         dense, dtype, ids, states, self.last_compute_s = self._all(
             "forward_batch", caches, inputs, argmax_only, last, parents, hidden)
         rows = [len(x) for x in inputs] if last is None else [min(k, len(x)) for k, x in zip(last, inputs)]
@@ -347,12 +356,9 @@ class TargetGroup:
         """Commits a subset of cached positions (CausalLM.keep); deferred like rollback."""
         self._edits.append((cache, "keep", list(positions)))
 
-    def install_lookahead(self, la) -> list[int]:
-        """PaSS look-ahead embeddings (a runtime.lookahead.LookaheadEmbeddings) on every rank; their ids."""
-        from specserve.cluster.runtime.lookahead import lookahead_ids
-
-        self._all("install_lookahead", la.vectors.detach().float().cpu())
-        return lookahead_ids(self.vocab_size, len(la))
+    def patch(self, change):
+        """change(model) on every rank (DraftSources.patch); rank 0's result."""
+        return self._all("patch", change)
 
     def cached_length(self, cache: int) -> int:
         return self._all("cached_length", cache)

@@ -6,7 +6,7 @@ import torch
 from specserve.internal.v1 import draft_pb2 as pb
 
 DTYPES = {name: getattr(torch, name) for name in ("float32", "float16", "bfloat16", "int64", "int32", "uint8", "bool")}
-Q_BYTES = 4  # a value of q on the wire: float32 (encode_probs), whatever precision it was sampled in
+Q_BYTES = 4  # a value of q on the wire at most: float32 (encode_probs sends q in the precision it was sampled in)
 GRPC_DEFAULT_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's own receive limit: the floor of the draft channel's
 GRPC_MAX_MESSAGE_BYTES = 2**31 - 1  # what a gRPC channel option (an int32) and a protobuf message can hold
 NODE_BYTES = 32  # a node's id and parent varints (-1 takes 10 bytes), and its row offset in the sparse form
@@ -63,12 +63,13 @@ def tensor_from_proto(msg: pb.Tensor) -> torch.Tensor:
 
 
 def encode_probs(q: torch.Tensor) -> pb.DraftProbs:
-    """q [k, V] float32 -> DraftProbs, sparse (CSR, int32 ids) when that is smaller. Bit-exact."""
+    """q [k, V] -> DraftProbs in the precision q was sampled from (float32, bfloat16, float16), sparse
+    (CSR, int32 ids) when that is smaller. Bit-exact."""
     k, vocab = q.shape
     support = q > 0
     nnz = int(support.sum())
-    if nnz * 8 >= q.numel() * 4:  # ids + values cost 8 bytes an entry, a dense entry 4
-        return pb.DraftProbs(vocab_size=vocab, dense=tensor_to_proto(q.float()))
+    if nnz * (4 + q.element_size()) >= q.numel() * q.element_size():  # an entry: its id and value, or a dense value
+        return pb.DraftProbs(vocab_size=vocab, dense=tensor_to_proto(q))
     rows, ids = support.nonzero(as_tuple=True)
     offsets = torch.zeros(k + 1, dtype=torch.int64)
     offsets[1:] = torch.bincount(rows, minlength=k).cumsum(0)
@@ -77,13 +78,13 @@ def encode_probs(q: torch.Tensor) -> pb.DraftProbs:
         sparse=pb.SparseRows(
             row_offsets=tensor_to_proto(offsets),
             ids=tensor_to_proto(ids.to(torch.int32)),
-            probs=tensor_to_proto(q[rows, ids].float()),
+            probs=tensor_to_proto(q[rows, ids]),
         ),
     )
 
 
 def decode_probs(msg: pb.DraftProbs) -> torch.Tensor:
-    """DraftProbs -> q [k, V] float32, equal bit for bit to what was encoded."""
+    """DraftProbs -> q [k, V] in the dtype it was sent in, equal bit for bit to what was encoded."""
     if msg.WhichOneof("layout") == "dense":
         return tensor_from_proto(msg.dense)
     sparse = msg.sparse
@@ -92,6 +93,6 @@ def decode_probs(msg: pb.DraftProbs) -> torch.Tensor:
     values = tensor_from_proto(sparse.probs)
     k = offsets.numel() - 1
     rows = torch.repeat_interleave(torch.arange(k), offsets.diff())
-    q = torch.zeros(k, msg.vocab_size, dtype=torch.float32)
+    q = torch.zeros(k, msg.vocab_size, dtype=values.dtype)
     q[rows, ids] = values
     return q

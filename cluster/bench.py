@@ -79,7 +79,7 @@ def run_bench(config: SpecserveConfig, json_out: str | None = None, plot: str | 
     stage = second_stage(config.draft.model_copy(update={"second_stage": "ngram"}))
     variants = [("none", "chain", 1, 0)] + [
         (d, shape, stages, k) for d in drafters
-        for shape in (("chain", "tree") if getattr(engines[d].drafter, "drafts_trees", False) else ("chain",))
+        for shape in (("chain", "tree") if capabilities_of(engines[d].drafter).drafts_trees else ("chain",))
         for stages in ((1, 2) if DRAFTERS[d].staged and not quick else (1,))
         for k in [*fixed_ks, "adaptive"]
     ]

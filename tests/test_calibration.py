@@ -9,6 +9,7 @@ from specserve.cluster.runtime import engine as engine_module
 from specserve.cluster.runtime.calibration import Calibration, calibration_key, interpolate, load_or_measure, measured_lengths
 from specserve.cluster.runtime.factory import make_engine
 from specserve.cluster.speculation import CostModel
+from specserve.cluster.speculation.round import DrafterCapabilities
 from conftest import tiny_config
 
 
@@ -100,7 +101,7 @@ class _BatchingDrafter:
     """A drafter whose draft step costs 2 + b units on the target's fake clock for b sequences drafted together."""
 
     name = "batching"
-    batches_drafts = True
+    capabilities = DrafterCapabilities(batches_drafts=True)
 
     def __init__(self, target):
         self.target, self.released = target, []
@@ -157,7 +158,7 @@ class _ClockedDrafter:
     """Draft tokens (the prompt's bytes, cycled) that cost one unit each on a fake clock."""
 
     name = "clocked"
-    free_sources = frozenset()
+    capabilities = DrafterCapabilities()
 
     def __init__(self):
         self.now = 0.0

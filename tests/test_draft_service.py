@@ -41,15 +41,18 @@ def test_a_malformed_tensor_is_named():
         (SamplingParams(temperature=1.2, top_p=0.3), "sparse"),
     ],
 )
-def test_draft_probs_are_exact_and_sparse_when_truncated(params, layout):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_draft_probs_are_exact_and_sparse_when_truncated(params, layout, dtype):
     logits = torch.randn(4, 258, generator=torch.Generator().manual_seed(1)) * 3
-    q = warp_probs(logits, [params] * 4)
+    q = warp_probs(logits, [params] * 4).to(dtype)  # q travels in the precision it was sampled from
     msg = encode_probs(q)
     assert msg.WhichOneof("layout") == layout
     back = decode_probs(pb.DraftProbs.FromString(msg.SerializeToString()))
-    assert torch.equal(back, q)  # bit for bit, zeros where q had none
+    assert back.dtype == dtype and torch.equal(back, q)  # bit for bit, zeros where q had none
     if layout == "sparse":
-        assert msg.ByteSize() < q.numel()  # well under the 4 bytes an entry of the dense form
+        assert msg.ByteSize() < q.numel() * q.element_size()  # under the dense form's bytes
+    else:  # no wider than it was sampled: a bf16 row costs 2 bytes an entry
+        assert msg.ByteSize() < q.numel() * q.element_size() + 64
 
 
 @pytest.fixture(scope="module")

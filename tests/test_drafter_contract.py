@@ -103,10 +103,14 @@ def test_a_registered_drafter_is_known_to_config_factory_and_bench(bigram):
 def test_capabilities_are_one_record():
     from specserve.cluster.runtime.drafters import NgramDrafter
 
-    class ChainsOnly(NgramDrafter):  # a drafter that still declares a capability as a loose attribute
+    class ChainsOnly(NgramDrafter):
+        capabilities = DrafterCapabilities()  # the record alone says what it does
+
+    class Loose(NgramDrafter):  # a capability as a loose attribute is not read
         drafts_trees = False
 
     assert capabilities_of(NgramDrafter()).drafts_trees and not capabilities_of(ChainsOnly()).drafts_trees
+    assert capabilities_of(Loose()).drafts_trees
     assert capabilities_of(BigramDrafter(8)) == DrafterCapabilities(observes_rounds=True)
     assert capabilities_of(None) == DrafterCapabilities()
     assert isinstance(BigramDrafter(8), Drafter)
@@ -157,14 +161,15 @@ def test_sampled_output_follows_the_targets_distribution(bigram, tiny_llama, mon
 
 
 @pytest.mark.ray
-def test_greedy_equals_plain_in_the_distributed_shape(ray_cluster, tiny_llama):
-    """A coordinator actor (tensor parallel 2, the drafter beside it): the actor's process finds the
-    drafter by its "module:attribute" name through the registry."""
+@pytest.mark.parametrize("replicas", [0, 1])
+def test_greedy_equals_plain_in_the_distributed_shape(ray_cluster, tiny_llama, replicas):
+    """A coordinator actor (tensor parallel 2), the drafter beside it or on a draft replica over
+    gRPC: each process finds the drafter by its "module:attribute" name through the registry."""
     from conftest import TINY_PROMPTS, hf_greedy, tiny_distributed
 
     from specserve.cluster.runtime.engine import GenerationRequest
 
-    engine = tiny_distributed({"drafter": REFERENCE}, 0, {"num_draft_tokens": 3})
+    engine = tiny_distributed({"drafter": REFERENCE}, replicas, {"num_draft_tokens": 3})
     try:
         requests = [GenerationRequest(p * 3, 24) for p in TINY_PROMPTS]
         got = engine.generate(requests)

@@ -9,6 +9,7 @@ from specserve.cluster.runtime.drafters import NgramDrafter
 from specserve.cluster.runtime.engine import GenerationRequest, SpeculativeEngine
 from specserve.cluster.runtime.kv import CausalLM
 from specserve.cluster.speculation import SamplingParams
+from specserve.cluster.speculation.round import DrafterCapabilities
 from conftest import TINY_PROMPTS, assert_greedy_equals_plain_on_smollm2, first_children, hf_greedy, tiny_distributed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -125,7 +126,7 @@ def test_speculation_tree_config_reaches_the_engine(tiny_llama):
     assert model.tree_nodes == 6  # model drafters branch at the root
 
     class ChainsOnly(NgramDrafter):
-        drafts_trees = False
+        capabilities = DrafterCapabilities()
 
     chains = SpeculativeEngine(tiny_llama.model, tiny_llama.tokenizer, ChainsOnly(), tree_nodes=6)
     assert chains.tree_nodes == 0  # a drafter that drafts chains only gets chain requests

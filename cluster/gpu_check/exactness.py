@@ -44,7 +44,7 @@ def check(ctx: Context, rec: Recorder, plan: TargetPlan) -> None:
             engine = make_engine(config, target, drafter=drafter)
             if plain is None:
                 plain = engine.generate([GenerationRequest(p, n, GREEDY, num_draft_tokens=0) for p in prompts])
-            shapes = ("chain", "tree") if getattr(engine.drafter, "drafts_trees", False) else ("chain",)
+            shapes = ("chain", "tree") if capabilities_of(engine.drafter).drafts_trees else ("chain",)
             for shape in shapes:
                 engine.tree_nodes = config.speculation.tree.max_nodes if shape == "tree" else 0
                 for k in KS:

@@ -63,7 +63,7 @@ def batched_rows(config, plan: TargetPlan, batch: int, new_tokens: int) -> list[
     first = engines[plan.speed_drafters[0]]
     variants = [("none", "chain", first)] + [
         (name, shape, e) for name, e in engines.items()
-        for shape in (("chain", "tree") if getattr(e.drafter, "drafts_trees", False) else ("chain",))]
+        for shape in (("chain", "tree") if capabilities_of(e.drafter).drafts_trees else ("chain",))]
     rows = []
     for temperature in plan.speed_temperatures:
         requests = [GenerationRequest(prompts[i % len(prompts)], new_tokens, SamplingParams(temperature, seed=2000 + i))

@@ -4,9 +4,9 @@ they fit together. A drafter loads the target's weights only when it is made fro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from ..config import DraftConfig, SpecserveConfig
 from ..registry import find, unusable
@@ -31,10 +31,24 @@ class DraftSources:
     target_weights: Callable[[], LoadedModel]
     dtype: str  # the target's configured dtype ("auto" allowed)
     device: str
-    # where the target runs elsewhere (a tensor-parallel group): installs look-ahead embeddings on
-    # every rank (returns their ids), and the target's description for checking a file against it
-    install_lookahead: Callable[[object], list[int]] | None = None
+    # where the target runs elsewhere (a tensor-parallel group): applies a change to the model on
+    # every rank, now and after a rebuild (rank 0's result back), and the target's description for
+    # checking a trained file against it
+    patch_target: Callable[[Callable[[Any], Any]], Any] | None = None
     target_signature: Callable[[], dict] | None = None
+
+    def patch(self, change: Callable[[Any], Any]) -> Any:
+        """change(model) on the target wherever it runs (a drafter that changes the target: PaSS's
+        look-ahead embeddings); a picklable change, since it may travel to other ranks."""
+        return change(self.target_weights().model) if self.patch_target is None else self.patch_target(change)
+
+    def signature(self) -> dict:
+        """What a trained file must match in the target (runtime.head.target_signature)."""
+        if self.target_signature is not None:
+            return self.target_signature()
+        from .head import target_signature
+
+        return target_signature(self.target_weights().model)
 
 
 def check_drafter_name(name: str, draft: DraftConfig, device: str | None = None) -> None:
@@ -88,20 +102,14 @@ def build_pass(draft: DraftConfig, sources: DraftSources) -> Drafter:
     if path is None or not Path(path).is_file():
         raise ValueError(f"draft.pass.embeddings: no look-ahead embeddings {'at ' + str(path) if path else 'ship'} "
                          f"for target {sources.target_name!r} (specserve train-lookahead makes them)")
-    if sources.install_lookahead is None:  # the target is here
-        from .head import target_signature
-
-        target = sources.target_weights().model
-        signature, installer = target_signature(target), lambda la: install(target, la)
-    else:
-        signature, installer = sources.target_signature(), sources.install_lookahead
-    la = LookaheadEmbeddings.load(path, signature)
+    la = LookaheadEmbeddings.load(path, sources.signature())
     if draft.pass_.lookahead is not None:
         if draft.pass_.lookahead > len(la):
             raise ValueError(f"draft.pass.lookahead: {path} holds {len(la)} look-ahead embeddings, "
                              f"{draft.pass_.lookahead} were asked for")
         la = la.first(draft.pass_.lookahead)
-    return PassDrafter(installer(la), prior_alpha=la.prior_alpha, prior_by_depth=la.agreement)
+    ids = sources.patch(partial(install, la=la.vectors.detach().float().cpu()))
+    return PassDrafter(ids, prior_alpha=la.prior_alpha, prior_by_depth=la.agreement)
 
 
 def build_ngram_pass(draft: DraftConfig, sources: DraftSources) -> Drafter:

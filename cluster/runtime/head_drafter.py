@@ -48,7 +48,8 @@ class HeadDrafter(Drafter):
         self.feature_size = head.hidden_size  # d of the features it reads
         # the engine sends the target's last hidden states with each request; trees follow the
         # template node for node; one forward per depth for all sequences (calibration times a batch too)
-        self.capabilities = DrafterCapabilities(feature_size=self.feature_size, drafts_trees=True, batches_drafts=True)
+        self.capabilities = DrafterCapabilities(feature_size=self.feature_size, drafts_trees=True, batches_drafts=True,
+                                                q_vocab=self.vocab_size)
         self._states: dict[int, _HeadState] = {}
 
     @torch.inference_mode()

@@ -58,7 +58,6 @@ class _Branch:
 class ModelDrafter(Drafter):
     # top-b (greedy) or b samples at the root, a chain below each; one forward per draft step for all
     # sequences (calibration times a batch too); a model of its own (vocabulary checked, agreement measured)
-    capabilities = DrafterCapabilities(drafts_trees=True, batches_drafts=True, own_model=True)
 
     def __init__(self, model: torch.nn.Module, name: str = "model", second_stage: NgramDrafter | None = None):
         # never batch invariant: exactness needs the q a draft was sampled from, not q's independence
@@ -67,6 +66,8 @@ class ModelDrafter(Drafter):
         self.name = name
         self.second_stage = second_stage
         self.vocab_size = self.lm.vocab_size
+        self.capabilities = DrafterCapabilities(drafts_trees=True, batches_drafts=True, own_model=True,
+                                                q_vocab=self.vocab_size)
         self._seqs: dict[int, _SeqCache] = {}
         self.forwards = 0  # draft forwards run (the second stage saves them)
         self.guessed = 0  # draft tokens that were the second stage's guesses, kept

@@ -27,8 +27,6 @@ class PassDrafter(Drafter):
         if not lookahead_ids:
             raise ValueError("draft.pass.lookahead must be at least 1")
         self.lookahead_ids = list(lookahead_ids)  # the input ids of [LA]_1..[LA]_L
-        self.prior_alpha = prior_alpha  # training's held-out agreement at [LA]_1 (calibration's prior alpha)
-        self.prior_by_depth = prior_by_depth  # training's held-out agreement per look-ahead position
         self.capabilities = DrafterCapabilities(
             lookahead=len(self.lookahead_ids), lookahead_source="pass", prior_alpha=prior_alpha,
             prior_by_depth=None if prior_by_depth is None else tuple(prior_by_depth), observes_rounds=True)

@@ -9,7 +9,7 @@ What a drafter is able to do is declared once, in its DrafterCapabilities.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
 import torch
@@ -142,6 +142,7 @@ class DrafterCapabilities:
     # vocabulary against the target's, calibration measures its greedy agreement as the prior alpha
     own_model: bool = False
     observes_rounds: bool = False  # after_round is called for each of its sequences every round (else never)
+    q_vocab: int = 0  # ids in the q rows it samples from (a model or head); 0: one-hot q, sent as ids (lookup)
 
     @property
     def reads_features(self) -> bool:
@@ -188,25 +189,6 @@ class Drafter(Protocol):
         return self.capabilities.free_sources
 
 
-# capabilities once declared as loose attributes: the record's field each one sets
-_LOOSE = {"drafts_trees": "drafts_trees", "batches_drafts": "batches_drafts", "parallelism": "parallelism",
-          "lookahead": "lookahead", "lookahead_source": "lookahead_source", "free_sources": "free_sources",
-          "prior_alpha": "prior_alpha", "prior_by_depth": "prior_by_depth"}
-
-
 def capabilities_of(drafter) -> DrafterCapabilities:
-    """The drafter's capabilities: its record, with what a drafter written before the record still
-    declares as loose attributes (a subclass's `drafts_trees = False`, a pool's live `parallelism`,
-    a duck-typed drafter's `batches_drafts`) laid over it. None: no drafter, nothing."""
-    record = getattr(drafter, "capabilities", None) or DrafterCapabilities()
-    if drafter is None:
-        return record
-    loose = {}
-    for attribute, name in _LOOSE.items():
-        value = getattr(drafter, attribute, None)
-        if value is not None and value != getattr(record, name):
-            loose[name] = tuple(value) if name == "prior_by_depth" else value
-    if getattr(drafter, "needs_features", False) and not record.reads_features:
-        loose["feature_size"] = int(drafter.feature_size)
-    return replace(record, **loose) if loose else record
-
+    """The drafter's capabilities record (Drafter.capabilities); None: no drafter, nothing."""
+    return DrafterCapabilities() if drafter is None else drafter.capabilities
