@@ -152,7 +152,7 @@ def test_pass_config_and_errors(tiny, trained, tmp_path):
     base = {"target": {"model": "tiny-llama", "dtype": "float32", "chat_template": False}}
     config = parse_config(base | {"draft": {"drafter": "pass", "pass": {"embeddings": trained[0], "lookahead": 2}}})
     engine = make_engine(config, tiny)
-    assert engine.lookahead == 2 and engine.drafter.prior_alpha == trained[3]["agreement"][0]
+    assert engine.lookahead == 2 and engine.drafter.capabilities.prior_alpha == trained[3]["agreement"][0]
     both = make_engine(parse_config(base | {"draft": {"drafter": "ngram_pass", "pass": {"embeddings": trained[0]}}}), tiny)
     assert both.lookahead == 3 and both.drafter.free_sources == {"lookup"}
     with pytest.raises(ValueError, match="draft.pass.lookahead"):
@@ -277,3 +277,26 @@ def test_pass_fuses_or_alternates_by_measured_cost(tiny, trained, slope, fused, 
         assert both > 10 and verifying_only == 0
     else:
         assert both == 0 and drafting_only > 10 and verifying_only > 10
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_pass_drafts_read_the_host_once_a_round(tiny, trained, monkeypatch, temperature):
+    """The look-ahead rows stay on the target's device: a round's PaSS drafts (greedy argmax ids, or
+    tokens drawn from the warped rows) reach the host in one read, whatever the batch."""
+    from test_core_device import host_reads
+
+    reads = {}
+    for batch in (1, 6):
+        engine = _engine(tiny, trained[0], 3)
+        original = engine.drafter.propose_many
+
+        def counted(requests, _original=original, _batch=batch):
+            with host_reads() as calls:
+                out = _original(requests)
+            if any(len(b) for b in out):
+                reads.setdefault(_batch, []).append(len(calls))
+            return out
+        monkeypatch.setattr(engine.drafter, "propose_many", counted)
+        engine.generate([GenerationRequest(TINY_PROMPTS[i % len(TINY_PROMPTS)], 10,
+                                           SamplingParams(temperature=temperature, seed=i)) for i in range(batch)])
+    assert reads[1] and reads[6] and max(reads[1]) == max(reads[6]) == 1, reads

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ..speculation import make_generator, sample_token, warp_probs
+from ..speculation import make_generator, warp_probs
+from ..speculation.sample import sample_rows, uniforms
 from ..speculation.round import DraftBlock, DraftRequest, DrafterCapabilities, RoundResult, TargetOutput
 from .drafters import Drafter
 
@@ -36,23 +37,38 @@ class PassDrafter(Drafter):
         return "pass"
 
     def propose_many(self, requests: list[DraftRequest]) -> list[DraftBlock]:
-        return [self._block(r) for r in requests]
+        """The blocks from the rows kept at each sequence's accept point, decided where those rows
+        are (the target's device): greedy rows are argmax ids, sampled ones are warped and drawn by
+        inverse CDF from the request's seed; all token ids reach the host in one read."""
+        kept = [self._rows_for(r) for r in requests]
+        ids, probs = [], []
+        for r, (_, rows) in zip(requests, kept):
+            if rows is None:
+                ids.append(None)
+                probs.append(None)
+            elif rows.dim() == 1:  # greedy: the look-ahead argmax ids
+                ids.append(rows)
+                probs.append(None)
+            else:
+                q = warp_probs(rows, [r.params] * len(rows))  # [k, V]
+                ids.append(sample_rows(q, uniforms(len(q), make_generator(r.seed), q.device)))
+                probs.append(q)
+        drawn = [x for x in ids if x is not None]
+        tokens = iter(torch.cat(drawn).tolist() if drawn else [])
+        return [DraftBlock([next(tokens) for _ in range(len(x))] if x is not None else [], q, lookahead=count)
+                for (count, _), x, q in zip(kept, ids, probs)]
 
-    def _block(self, r: DraftRequest) -> DraftBlock:
+    def _rows_for(self, r: DraftRequest) -> tuple[int, torch.Tensor | None]:
+        """(the look-ahead count its block asks for, the kept rows that draft it: [k] ids or [k, V] logits)."""
         if r.k <= 0:
-            return DraftBlock([], None)
+            return 0, None
         # blocks as long as the next round may draft: one more than this round's K (so K can grow),
         # at most L ([LA]_1..[LA]_n of a shorter block are exactly those of a longer one: causal)
         count = min(len(self.lookahead_ids), r.k + 1)
         at, rows = self._rows.pop(r.seq_id, (None, None))
         if at != len(r.context):  # none yet, or drafted for another point (another drafter drafted since)
-            return DraftBlock([], None, lookahead=count)
-        rows = rows[: r.k]
-        if rows.dim() == 1:  # greedy: the look-ahead argmax ids
-            return DraftBlock(rows.tolist(), None, lookahead=count)
-        q = warp_probs(rows, [r.params] * len(rows))  # [k, V]
-        gen = make_generator(r.seed)
-        return DraftBlock([sample_token(row, gen) for row in q], q, lookahead=count)
+            return count, None
+        return count, rows[: r.k]
 
     def after_round(self, result: RoundResult) -> None:
         """Keeps the look-ahead rows at the point where this round's acceptance stopped ([L] argmax
