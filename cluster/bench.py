@@ -23,6 +23,7 @@ from .runtime.factory import load_target, make_engine, second_stage
 from .runtime.formats import candidates
 from .runtime.models import select_device
 from .speculation import InvalidRequest, SamplingParams, mean_expected_tokens
+from .speculation.round import capabilities_of
 from .bench_prompts import bench_prompts
 
 CATEGORIES = ("chat", "grounded", "code")

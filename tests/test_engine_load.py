@@ -70,7 +70,7 @@ def test_costs_are_learned_at_the_rounds_mean_block(tiny_llama, monkeypatch):
     current, seen = [], []  # the round's blocks; (blocks, b, tokens) per observation
     monkeypatch.setattr(CostModel, "observed", lambda self, b, n, s, weight=0.3: seen.append((current[-1], b, n)) or self)
     propose = engine._propose
-    monkeypatch.setattr(engine, "_propose", lambda seqs, timing: current.append(propose(seqs, timing)) or current[-1])
+    monkeypatch.setattr(engine, "_propose", lambda seqs, plan, timing: current.append(propose(seqs, plan, timing)) or current[-1])
     for i, p in enumerate(TINY_PROMPTS):  # fixed K = 4 beside adaptive sequences: ragged rounds
         engine.add_request(GenerationRequest(p, 24, num_draft_tokens=4 if i % 2 else None))
     while engine.has_unfinished():

@@ -138,9 +138,9 @@ def test_stream_decodes_a_bounded_tail_each_push():
 
 # -- stop strings in the engine ----------------------------------------------------------
 class _Host:
-    """What SpeculativeEngine._append reads of its engine: a tokenizer, the context bound, abort."""
+    """What SpeculativeEngine._emit reads of its engine: a tokenizer, the context bound, abort."""
 
-    _append = SpeculativeEngine._append
+    _emit = SpeculativeEngine._emit
     _stopped = SpeculativeEngine._stopped
 
     def __init__(self, tokenizer):
@@ -167,7 +167,7 @@ def test_stop_strings_cut_where_the_full_decode_cuts(smollm2_tokenizer):
             for chunk in random_chunks(rng, ids):
                 output += chunk
                 text, reason = full_decode_stop(tokenizer, output, stop)
-                got = host._append(s, chunk).result
+                got = host._emit(s, chunk).result
                 if reason is not None:
                     want = (text, reason)
                     break
@@ -185,7 +185,7 @@ def test_stop_strings_decode_a_bounded_tail_each_round():
     fast, full = [], []
     for t in ids:
         before = sum(tok.calls)
-        assert host._append(s, [t]).result is None
+        assert host._emit(s, [t]).result is None
         fast.append(sum(tok.calls) - before)
         before = sum(tok.calls)
         full_decode_stop(tok, s.output, s.request.stop)

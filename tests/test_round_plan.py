@@ -1,6 +1,8 @@
 """The round planned as data (runtime/plan.py): plan_round is pure, reads a snapshot of each
 sequence and gives each its shape, source and price; the engine's step follows the plan."""
 
+from dataclasses import replace
+
 import pytest
 
 from specserve.cluster.runtime.plan import PlanSettings, RoundPlan, SequenceState, plan_round
@@ -80,3 +82,28 @@ def test_plan_round_is_pure():
     """The same snapshot plans the same round, and planning calls nothing but the policy."""
     states = [state(0), state(1, k=2, remaining=2)]
     assert plan_round(states, fixed(4), None, no_stats, 2) == plan_round(states, fixed(4), None, no_stats, 2)
+
+
+def test_adaptive_planning_changes_nothing_it_reads():
+    """The adaptive path too: the same snapshot plans the same round twice, the sequences' probe
+    schedules stay as they were, and the plan carries the advanced ones for the engine to keep."""
+    from copy import deepcopy
+
+    policy = AdaptiveK(COST, 8, probe_after=2)
+    states = [state(0, adaptive=True, source="model", alpha=0.0, probes=policy.new_schedule()),
+              state(1, adaptive=True, source="model", alpha=0.9, probes=policy.new_schedule())]
+    before = deepcopy(states)
+    first = plan_round(states, fixed("adaptive"), policy, no_stats, 2)
+    assert states == before and first == plan_round(states, fixed("adaptive"), policy, no_stats, 2)
+    assert not first.sequences[0].drafts and first.sequences[1].drafts
+    advanced = first.sequences[0].probes
+    assert advanced is not None and advanced != states[0].probes  # one more round at K = 0 counted
+    # kept by the engine, a schedule reaches its probe: alone, the sequence drafts once although
+    # its alpha is 0; planned from the same snapshot each time (the negative control), it never does
+    alone, kept, plans = [states[0]], [states[0]], []
+    for _ in range(3):
+        plan = plan_round(kept, fixed("adaptive"), policy, no_stats, 1)
+        plans.append(plan.sequences[0].drafts)
+        kept = [replace(kept[0], probes=plan.sequences[0].probes)]
+    assert plans == [False, True, False]
+    assert not any(plan_round(alone, fixed("adaptive"), policy, no_stats, 1).sequences[0].drafts for _ in range(3))

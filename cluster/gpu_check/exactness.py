@@ -13,6 +13,7 @@ from ..bench import load_prompts
 from ..runtime.requests import GenerationRequest
 from ..runtime.factory import load_target, make_engine
 from ..speculation import SamplingParams
+from ..speculation.round import capabilities_of
 from .common import Context, Recorder, free_device_memory, log
 from .plans import SIZES, TargetPlan, main_plan, qwen_plan
 

@@ -13,6 +13,7 @@ from ..bench import DEFAULT_TREE_NODES, load_prompts, run_bench
 from ..runtime.requests import GenerationRequest
 from ..runtime.factory import load_target, make_engine
 from ..speculation import SamplingParams
+from ..speculation.round import capabilities_of
 from .common import Context, Recorder, free_device_memory, log
 from .plans import SIZES, TargetPlan, main_plan, qwen_plan
 

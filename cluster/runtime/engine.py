@@ -16,9 +16,7 @@ from ..speculation import (
     AdaptiveK,
     CostModel,
     DraftTree,
-    InvalidRequest,
     ProbeSchedule,
-    SamplingParams,
     accept_trees,
     draw_seed,
     greedy_accept,
@@ -35,8 +33,8 @@ from .detokenizer import Detokenizer, stop_at
 from .kv import CausalLM
 from .pass_drafter import fused_pays, lookahead_ids, lookahead_layout, split_lookahead
 from .plan import PlanSettings, RoundPlan, SequencePlan, SequenceState, plan_round
-from .requests import (CHAT_ROLES, ChatMessage, GenerationRequest, GenerationResult, SpeculationStats, StepOutput,
-                       check_messages, check_request_fields)
+from .requests import (CHAT_ROLES, ChatMessage, GenerationRequest, GenerationResult, PromptLimits, SpeculationStats,
+                       StepOutput, check_messages, check_request_fields, encode_prompt)
 from .tokenizer import Tokenizer
 
 __all__ = ["CHAT_ROLES", "ChatMessage", "GenerationRequest", "GenerationResult", "RoundTiming", "SpeculationStats",
@@ -152,41 +150,22 @@ class SpeculativeEngine:
 
     # -- requests -------------------------------------------------------------------------
     def validate(self, request: GenerationRequest) -> list[int]:
-        """Checks every field; returns the prompt's token ids."""
-        check_request_fields(request, self.max_draft_tokens)
-        if request.prompt_ids is not None:
-            ids = list(request.prompt_ids)
-            if any(not 0 <= i < self.target.vocab_size for i in ids):
-                raise InvalidRequest("prompt_ids", f"ids must lie in [0, {self.target.vocab_size})")
-        elif request.messages is not None:
-            ids = self.tokenizer.encode_messages([{"role": m.role, "content": m.content} for m in request.messages])
-        else:
-            ids = self.tokenizer.encode_chat(request.prompt) if self.chat_template else self.tokenizer.encode(request.prompt)
-        field = "messages" if request.messages is not None else "prompt"
-        if not ids:
-            raise InvalidRequest(field, "encodes to no tokens")
-        if len(ids) >= self.target.max_context:
-            raise InvalidRequest(
-                field, f"is {len(ids)} tokens, the model's context holds {self.target.max_context} (prompt + output)"
-            )
-        if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
-            raise InvalidRequest(field, f"is {len(ids)} tokens, over the limit serve.limits.max_prompt_tokens "
-                                        f"({self.max_prompt_tokens})")
-        if request.max_new_tokens > self.target.max_context:
-            raise InvalidRequest("max_new_tokens", f"must be at most the model's context ({self.target.max_context}), "
-                                                   f"got {request.max_new_tokens}")
-        return ids
+        """Checks every field (requests.encode_prompt); returns the prompt's token ids."""
+        return encode_prompt(request, self.tokenizer, PromptLimits(
+            self.target.vocab_size, self.target.max_context, self.max_draft_tokens, self.max_prompt_tokens,
+            self.chat_template))
 
     def add_request(self, request: GenerationRequest, prompt_ids: list[int] | None = None) -> int:
         ids = self.validate(request) if prompt_ids is None else prompt_ids
         seq_id, self._next_id = self._next_id, self._next_id + 1
         adaptive = request.num_draft_tokens is None and self.num_draft_tokens == "adaptive" and self.drafter
-        if adaptive:
-            _ = self.prior_alpha  # measured now, not inside a round
+        if adaptive and self._policy is None:  # measured now, not inside a round
+            self._policy = AdaptiveK(self.cost_model, self.max_draft_tokens)
+            _ = self.prior_alpha
         host = make_generator(request.sampling.seed)  # the drafts' seeds; acceptance draws on the device
         acceptance = torch.Generator(device=self.device).manual_seed(draw_seed(host))
         self._seqs[seq_id] = _Sequence(seq_id, request, ids, acceptance, host, self.target.new_cache(),
-                                       {} if adaptive else None)
+                                       {} if adaptive else None, self._policy.new_schedule() if adaptive else None)
         return seq_id
 
     def abort(self, seq_id: int) -> None:
@@ -244,21 +223,20 @@ class SpeculativeEngine:
         results = self._accept(seqs, blocks, verified, timing)
         if not prefilling:
             self._learn_round_cost(seqs, blocks, timing)
-        outputs = [self._commit(s, p, b, r, o, timing)
-                   for s, p, b, r, o in zip(seqs, plan.sequences, blocks, results, verified)]
+        for s, p, b, r, o in zip(seqs, plan.sequences, blocks, results, verified):
+            self._commit(s, b, r, o)
+            self._learn(s, p, b, r, o, timing)
+        outputs = [self._emit(s, r.tokens) for s, r in zip(seqs, results)]
         self.last_round = timing
         return outputs
 
     def _plan(self, seqs: list[_Sequence]) -> RoundPlan:
-        """The round as data (runtime/plan.py): a snapshot of each sequence, planned by plan_round."""
+        """The round as data (runtime/plan.py): a snapshot of each sequence, planned by plan_round
+        (which changes nothing: the probe schedules it advanced come back in the plan)."""
         states = []
         for s in seqs:
             source, alpha = None, 0.0
             if s.trackers is not None and s.request.num_draft_tokens is None:
-                if self._policy is None:
-                    self._policy = AdaptiveK(self.cost_model, self.max_draft_tokens)
-                if s.probes is None:
-                    s.probes = self._policy.new_schedule()
                 source = self.drafter.source(s.seq_id, s.tokens)
                 alpha = self._tracker(s, source).alpha
             states.append(SequenceState(
@@ -358,11 +336,9 @@ class SpeculativeEngine:
             tokens = len(seqs) + sum(len(b) + (len(b) + 1) * b.lookahead for b in blocks)
             self._policy.cost = self._policy.cost.observed(len(seqs), tokens, timing.verify_s + timing.sample_s)
 
-    def _commit(self, s: _Sequence, plan: SequencePlan, block: DraftBlock, result: Acceptance, out: TargetOutput,
-                timing: RoundTiming) -> StepOutput:
+    def _commit(self, s: _Sequence, block: DraftBlock, result: Acceptance, out: TargetOutput) -> None:
         """The target's cache keeps the accepted drafts (look-ahead tokens go with the rejected
-        ones); stats, alpha and the drafter learn the outcome (after_round, where it asks); the
-        tokens are emitted."""
+        ones), and a reading drafter's features the committed positions."""
         k, n, hidden = len(block), result.num_accepted, out.hidden
         if result.path is None:
             self.target.rollback(s.cache, k - n + (k + 1) * block.lookahead)
@@ -374,6 +350,12 @@ class SpeculativeEngine:
                 head = len(hidden) - k
                 s.features.append(hidden[list(range(head)) + [head + j for j in result.path]])
         s.cached += n
+
+    def _learn(self, s: _Sequence, plan: SequencePlan, block: DraftBlock, result: Acceptance, out: TargetOutput,
+               timing: RoundTiming) -> None:
+        """Stats, the source's alpha, its acceptance by depth and rank, the probe schedule the plan
+        advanced, and the drafter (after_round, where it asks) learn the round's outcome."""
+        k, n = len(block), result.num_accepted
         st = s.stats
         st.target_calls += 1
         st.rounds_k.append(k)
@@ -382,6 +364,8 @@ class SpeculativeEngine:
         st.accepted_tokens += n
         rejected = not result.at_leaf if result.path is not None else n < k  # a draft was judged and refused
         st.evaluated_tokens += n + rejected
+        if plan.probes is not None:
+            s.probes = plan.probes
         if plan.source is not None:  # adaptive: alpha (and acceptance by depth and rank) of its source
             self._tracker(s, plan.source).update(n + rejected, n)
             if self.tree_nodes or self.lookahead:
@@ -392,7 +376,6 @@ class SpeculativeEngine:
             self.drafter.after_round(RoundResult(s.seq_id, block, result, len(s.tokens) + len(result.tokens), out, rows))
         timing.draft_tokens += k
         timing.accepted_tokens += n
-        return self._append(s, result.tokens)
 
     def _admit(self, waiting: list[_Sequence]) -> tuple[list[tuple[_Sequence, list[int]]], list[_Sequence]]:
         """This round's prompt tokens, prefill_chunk in all, oldest sequences first. A sequence whose
@@ -485,7 +468,9 @@ class SpeculativeEngine:
         return rejection_sample(p, self._draft_ids(blocks), q, [len(b) for b in blocks], [False] * len(seqs),
                                 [s.generator for s in seqs])
 
-    def _append(self, s: _Sequence, tokens: list[int]) -> StepOutput:
+    def _emit(self, s: _Sequence, tokens: list[int]) -> StepOutput:
+        """The accepted tokens join the output up to EOS, the length limit or a stop string; a
+        sequence that ends gets its result and frees its caches."""
         req, new, reason = s.request, [], None
         for t in tokens:
             if t == self.tokenizer.eos_token_id:

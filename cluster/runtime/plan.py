@@ -4,6 +4,7 @@ it reads a snapshot of each sequence, the engine's settings and the adaptive pol
 
 from __future__ import annotations
 
+from copy import copy
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -45,6 +46,7 @@ class SequencePlan:
     shape: Shape  # the draft's parents (a chain: 0..K-1 in order); (): no draft this round
     source: str | None  # adaptive: the part that drafts; None: fixed K
     draft_s: float  # seconds one draft token costs it this round (0: free)
+    probes: ProbeSchedule | None = None  # adaptive: its probe schedule after this round (the engine keeps it)
 
     @property
     def drafts(self) -> bool:
@@ -71,6 +73,7 @@ def plan_round(states: Sequence[SequenceState], settings: PlanSettings, policy: 
     adaptive = [s for s in states if s.adaptive and s.requested_k is None]
     shapes: dict[int, Shape] = {}
     prices: dict[int, float] = {}
+    after: dict[int, ProbeSchedule | None] = {}
     per_token = 0.0
     if adaptive and settings.has_drafter:
         assert policy is not None, "adaptive sequences need the policy"
@@ -80,7 +83,10 @@ def plan_round(states: Sequence[SequenceState], settings: PlanSettings, policy: 
         lookahead_s = settings.lookahead * policy.cost.at_batch(batch).token_s()
         prices = {s.seq_id: 0.0 if s.source in free else lookahead_s if s.source == settings.lookahead_source
                   else per_token for s in adaptive}
-        alphas, probes = [s.alpha for s in adaptive], [s.probes for s in adaptive]
+        alphas = [s.alpha for s in adaptive]
+        # the policy counts rounds on copies: the snapshot stays as it was, the plan carries the new ones
+        probes = [copy(s.probes) for s in adaptive] if all(s.probes is not None for s in adaptive) else None
+        after = dict(zip((s.seq_id for s in adaptive), probes or [None] * len(adaptive)))
         draft_s = [prices[s.seq_id] for s in adaptive]
         if settings.tree_nodes or settings.lookahead:
             nodes, branch = (settings.tree_nodes, settings.tree_branch) if settings.tree_nodes else (
@@ -90,7 +96,8 @@ def plan_round(states: Sequence[SequenceState], settings: PlanSettings, policy: 
             grown = [default_shape(k) for k in policy.next_ks(alphas, probes, draft_s)]
         shapes = dict(zip((s.seq_id for s in adaptive), grown))
     out = tuple(SequencePlan(s.seq_id, _shape(s, settings, shapes.get(s.seq_id, ())),
-                             s.source if s.seq_id in shapes else None, prices.get(s.seq_id, 0.0)) for s in states)
+                             s.source if s.seq_id in shapes else None, prices.get(s.seq_id, 0.0),
+                             after.get(s.seq_id)) for s in states)
     return RoundPlan(out, per_token)
 
 

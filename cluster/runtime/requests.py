@@ -126,3 +126,41 @@ def check_messages(messages) -> None:
         if not isinstance(m.content, str):
             raise InvalidRequest(f"messages[{i}].content", "must be a string")
         _check_unicode(f"messages[{i}].content", m.content)
+
+
+@dataclass(frozen=True)
+class PromptLimits:
+    """What the engine's target and settings allow a request (encode_prompt checks against it)."""
+
+    vocab_size: int
+    max_context: int  # prompt + output
+    max_draft_tokens: int
+    max_prompt_tokens: int | None = None  # serve.limits.max_prompt_tokens
+    chat_template: bool = False  # a plain prompt is wrapped in the model's chat template
+
+
+def encode_prompt(request: GenerationRequest, tokenizer, limits: PromptLimits) -> list[int]:
+    """Checks every field of the request (InvalidRequest names the one at fault) and returns the
+    prompt's token ids: given ids, a chat in the model's template, or the prompt's text."""
+    check_request_fields(request, limits.max_draft_tokens)
+    if request.prompt_ids is not None:
+        ids = list(request.prompt_ids)
+        if any(not 0 <= i < limits.vocab_size for i in ids):
+            raise InvalidRequest("prompt_ids", f"ids must lie in [0, {limits.vocab_size})")
+    elif request.messages is not None:
+        ids = tokenizer.encode_messages([{"role": m.role, "content": m.content} for m in request.messages])
+    else:
+        ids = tokenizer.encode_chat(request.prompt) if limits.chat_template else tokenizer.encode(request.prompt)
+    field = "messages" if request.messages is not None else "prompt"
+    if not ids:
+        raise InvalidRequest(field, "encodes to no tokens")
+    if len(ids) >= limits.max_context:
+        raise InvalidRequest(field, f"is {len(ids)} tokens, the model's context holds {limits.max_context} "
+                                    "(prompt + output)")
+    if limits.max_prompt_tokens is not None and len(ids) > limits.max_prompt_tokens:
+        raise InvalidRequest(field, f"is {len(ids)} tokens, over the limit serve.limits.max_prompt_tokens "
+                                    f"({limits.max_prompt_tokens})")
+    if request.max_new_tokens > limits.max_context:
+        raise InvalidRequest("max_new_tokens", f"must be at most the model's context ({limits.max_context}), "
+                                               f"got {request.max_new_tokens}")
+    return ids
