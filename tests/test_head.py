@@ -355,3 +355,57 @@ def test_greedy_with_adaptive_head_trees_equals_plain_greedy(tiny_llama, tiny_he
     assert sum(r.stats.tree_rounds for r in results) > 10
     assert all(n <= 10 for r in results for n in r.stats.rounds_k)
     assert not [ref for ref in engine.drafter.lm.pool._owners if ref() is not None]
+
+
+@pytest.mark.parametrize("kind", ["head", "lookahead"])
+def test_every_shipped_file_fits_its_built_in_target(kind):
+    """Each head and look-ahead file in cluster/heads/ reads without unpickling code, in the format
+    its loader takes, and was trained for its target's sizes (checked against the model's config
+    where the model is installed: SmolLM2 always, the Qwen models after ./setup.sh --models qwen-coder)."""
+    from specserve.cluster.heads import BUILTIN_HEADS, BUILTIN_LOOKAHEADS, builtin_head, builtin_lookahead
+    from specserve.cluster.runtime.head import HEAD_FORMAT
+    from specserve.cluster.runtime.lookahead import LOOKAHEAD_FORMAT
+    from specserve.cluster.runtime.models import load_model_config
+
+    table, path_of, file_format = ((BUILTIN_HEADS, builtin_head, HEAD_FORMAT) if kind == "head"
+                                   else (BUILTIN_LOOKAHEADS, builtin_lookahead, LOOKAHEAD_FORMAT))
+    assert "smollm2-135m-instruct" in table and "qwen2.5-coder-1.5b-instruct" in table
+    checked = []
+    for target in table:
+        data = torch.load(path_of(target), map_location="cpu", weights_only=True)
+        assert data["format"] == file_format
+        try:
+            config = load_model_config(target)
+        except FileNotFoundError:
+            continue  # not installed here
+        assert data["signature"]["hidden_size"] == config.hidden_size
+        assert data["signature"]["vocab_size"] == config.vocab_size
+        checked.append(target)
+    assert "smollm2-135m-instruct" in checked
+
+
+def test_an_int8_target_gets_an_int8_head_and_stays_exact(tiny_head):
+    """Beside an int8 target the head runs int8 too (its linears and output rows): greedy output
+    still equals the int8 target's plain greedy output, and sampled drafts carry the q they were
+    drawn from."""
+    from specserve.cluster.runtime.factory import make_engine
+    from specserve.cluster.runtime.int8 import Int8Linear
+    from specserve.cluster.runtime.models import load_model
+
+    target = load_model("tiny-llama", "int8")
+    config = parse_config({"target": {"model": "tiny-llama", "dtype": "int8", "chat_template": False},
+                           "draft": {"drafter": "head", "head": {"path": tiny_head[0]}},
+                           "speculation": {"num_draft_tokens": 3}})
+    engine = make_engine(config, target)
+    head = engine.drafter.head
+    assert isinstance(head.output, Int8Linear) and isinstance(head.fc, Int8Linear)
+    assert not engine.drafter.lm.batch_invariant
+    prompts = [target.tokenizer.encode(p) for p in TINY_PROMPTS]
+    results = engine.generate([GenerationRequest("", 32, SamplingParams(temperature=0.0), prompt_ids=p) for p in prompts])
+    eos = target.tokenizer.eos_token_id
+    for ids, r in zip(prompts, results):
+        assert r.token_ids == hf_greedy(target.model, ids, 32, eos)[: len(r.token_ids)]
+    assert sum(r.stats.accepted_tokens for r in results) > 0
+    sampled = engine.generate([GenerationRequest("", 24, SamplingParams(temperature=1.0, seed=i), prompt_ids=p)
+                               for i, p in enumerate(prompts)])
+    assert all(len(r.token_ids) > 0 for r in sampled) and sum(r.stats.draft_tokens for r in sampled) > 0

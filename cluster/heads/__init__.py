@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-BUILTIN_HEADS = {"smollm2-135m-instruct": "smollm2-135m-instruct.pt"}
-BUILTIN_LOOKAHEADS = {"smollm2-135m-instruct": "smollm2-135m-instruct.lookahead.pt"}  # drafter `pass`
+BUILTIN_HEADS = {"smollm2-135m-instruct": "smollm2-135m-instruct.pt",
+                 "qwen2.5-coder-1.5b-instruct": "qwen2.5-coder-1.5b-instruct.pt"}
+BUILTIN_LOOKAHEADS = {"smollm2-135m-instruct": "smollm2-135m-instruct.lookahead.pt",  # drafter `pass`
+                      "qwen2.5-coder-1.5b-instruct": "qwen2.5-coder-1.5b-instruct.lookahead.pt"}
 
 
 def builtin_head(target: str) -> Path | None:

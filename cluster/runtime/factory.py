@@ -17,8 +17,8 @@ from .drafters import NgramDrafter
 from .model_drafter import ModelDrafter
 from .engine import SpeculativeEngine
 from .formats import resolve
-from .models import (LoadedModel, choose_dtype, in_format, int8_copy, layer_subset, load_model, load_tokenizer,
-                     load_trained_draft, select_device)
+from .models import (LoadedModel, choose_dtype, in_format, int8_copy, int8_kernel, layer_subset, load_model,
+                     load_tokenizer, load_trained_draft, select_device)
 from .tokenizer import Tokenizer
 
 
@@ -80,10 +80,14 @@ def build_head(draft: DraftConfig, sources: DraftSources) -> Drafter:
 
     from ..heads import builtin_head
 
+    from .int8 import is_int8
+
     path = draft.head.path or builtin_head(sources.target_name)
     if path is None:
         raise ValueError(f"draft.head.path: no head ships for target {sources.target_name!r}")
-    return HeadDrafter(DraftHead.load(path, sources.target_weights().model))
+    target = sources.target_weights().model
+    head = DraftHead.load(path, target)
+    return HeadDrafter(head.quantized(int8_kernel()) if is_int8(target) else head)
 
 
 def build_ngram_head(draft: DraftConfig, sources: DraftSources) -> Drafter:

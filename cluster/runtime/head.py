@@ -89,6 +89,7 @@ class DraftHead(nn.Module):
         embed, out = target.get_input_embeddings(), target.get_output_embeddings()
         self._frozen = (embed, out)  # the target's: shared, not parameters of the head
         self.register_buffer("output_rows", out.weight.detach()[self.vocab].clone(), persistent=False)
+        self.output = None  # int8 (quantized): an Int8Linear over output_rows; None: output_rows in float
         self.signature = target_signature(target)
         like = out.weight
         self.to(device=like.device, dtype=like.dtype)
@@ -108,7 +109,17 @@ class DraftHead(nn.Module):
             position_ids = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
         h = self.layer(x, position_ids=position_ids, position_embeddings=self.rotary(x, position_ids), **kwargs)
         rows = h if isinstance(logits_to_keep, int) and logits_to_keep == 0 else h[:, logits_to_keep]
-        return HeadOutput(rows @ self.output_rows.T, (h,))
+        return HeadOutput(rows @ self.output_rows.T if self.output is None else self.output(rows), (h,))
+
+    def quantized(self, kernel: str) -> "DraftHead":
+        """Beside an int8 target: the head's linears and output rows in int8 as well (weights per
+        output channel, activations per row: runtime/int8.py), which roughly halves its draft step.
+        q is what it samples from, so drafting stays exact. In place; returns the head."""
+        from .int8 import Int8Linear, quantize_model
+
+        quantize_model(self, kernel)
+        self.output = Int8Linear(self.output_rows, None, kernel)
+        return self
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if k.startswith(("fc.", "layer."))}

@@ -42,7 +42,7 @@ class HeadDrafter(Drafter):
 
     def __init__(self, head: DraftHead):
         self.head = head.eval()
-        self.lm = CausalLM(head)
+        self.lm = CausalLM(head, batch_invariant=False)  # q need only be what it samples from (an int8 head too)
         self.vocab = head.vocab.cpu()  # [V'] the ids the head can propose
         self.vocab_size = int(head.signature["vocab_size"])
         self.feature_size = head.hidden_size  # d of the features it reads
@@ -63,7 +63,7 @@ class HeadDrafter(Drafter):
                 if r.features_start != s.known:
                     raise ValueError(f"sequence {r.seq_id}: features start at position {r.features_start}, "
                                      f"the head holds {s.known}")
-                s.features.append(r.features.to(self.lm.device, self.head.fc.weight.dtype))
+                s.features.append(r.features.to(self.lm.device, self.head.output_rows.dtype))
                 s.known += len(r.features)
             self.lm.rollback(s.cache, self.lm.cached_length(s.cache) - s.fed)  # drop last round's drafts
             m = len(r.context)
@@ -108,7 +108,7 @@ class HeadDrafter(Drafter):
                             forks.append(cache)
                         next_branches.append(_Branch(r, cache, node, slot))
                         inputs.append([x])
-                        features.append(out.hidden.to(self.head.fc.weight.dtype))  # [1, d] the predicted f
+                        features.append(out.hidden.to(self.head.output_rows.dtype))  # [1, d] the predicted f
             branches = next_branches
         for cache in forks:
             self.lm.release(cache)
