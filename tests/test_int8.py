@@ -301,4 +301,4 @@ def test_the_qwen_coder_config_validates():
 
     config = load_config("configs/qwen-coder.yaml")
     assert config.target.model == "qwen2.5-coder-1.5b-instruct" and config.target.dtype == "auto"
-    assert config.draft.model.name == "qwen2.5-coder-0.5b-instruct"
+    assert config.draft.model.name == "qwen2.5-coder-0.5b-instruct" and config.draft.drafter == "ngram_head"
