@@ -116,7 +116,9 @@ def test_two_replicas_share_the_load(distributed):
     assert stats["draft_load"] == [0, 0] and stats["active"] == 0
     per_round = stats["per_round"]
     assert per_round["batch"] > 1  # requests were batched into shared rounds
-    assert per_round["draft_sent_bytes"] > 0 and per_round["target_logits_bytes"] > 0
+    # drafts cross the network; the target's outputs do not: rank 0 runs in the coordinator's
+    # process and leaves them on its device, where acceptance runs
+    assert per_round["draft_sent_bytes"] > 0 and per_round["target_logits_bytes"] == 0
     assert 0 < per_round["verify_s"] and per_round["verify_network_s"] <= per_round["verify_s"]
 
 
