@@ -66,15 +66,22 @@ def _head_engine(model, tokenizer, head, k="adaptive"):
     return SpeculativeEngine(model, tokenizer, HeadDrafter(head), num_draft_tokens=k)
 
 
+def _greedy_equals_plain(engine, loaded, n: int, texts=TINY_PROMPTS) -> list:
+    """Greedy requests (the texts' ids) through engine equal plain greedy decoding of loaded.model,
+    token for token; returns the results for the caller's own checks."""
+    prompts = [loaded.tokenizer.encode(p) for p in texts]
+    results = engine.generate([GenerationRequest("", n, SamplingParams(temperature=0.0), prompt_ids=p) for p in prompts])
+    eos = loaded.tokenizer.eos_token_id
+    for ids, r in zip(prompts, results):
+        assert r.token_ids == hf_greedy(loaded.model, ids, n, eos)[: len(r.token_ids)]
+    return results
+
+
 @pytest.mark.parametrize("k", [3, "adaptive"])
 def test_greedy_with_the_head_equals_plain_greedy(tiny_llama, tiny_head, k):
     head = DraftHead.load(tiny_head[0], tiny_llama.model)
     engine = _head_engine(tiny_llama.model, tiny_llama.tokenizer, head, k)
-    prompts = [tiny_llama.tokenizer.encode(p) for p in TINY_PROMPTS]
-    results = engine.generate([GenerationRequest("", 40, SamplingParams(temperature=0.0), prompt_ids=p) for p in prompts])
-    eos = tiny_llama.tokenizer.eos_token_id
-    for ids, r in zip(prompts, results):
-        assert r.token_ids == hf_greedy(tiny_llama.model, ids, 40, eos)[: len(r.token_ids)]
+    results = _greedy_equals_plain(engine, tiny_llama, 40)
     if k != "adaptive":  # (adaptive K may find drafting too dear on a target this small)
         assert sum(r.stats.accepted_tokens for r in results) > 0  # drafts were accepted: the committed features path ran
 
@@ -199,11 +206,7 @@ def test_lookup_then_head_greedy_equals_plain_and_uses_both(tiny_llama, tiny_hea
     head = DraftHead.load(tiny_head[0], tiny_llama.model)
     drafter = _CountingLookupThenHead.make(head)
     engine = SpeculativeEngine(tiny_llama.model, tiny_llama.tokenizer, drafter, num_draft_tokens=3)
-    prompts = [tiny_llama.tokenizer.encode(p) for p in TINY_PROMPTS]
-    results = engine.generate([GenerationRequest("", 40, SamplingParams(temperature=0.0), prompt_ids=p) for p in prompts])
-    eos = tiny_llama.tokenizer.eos_token_id
-    for ids, r in zip(prompts, results):
-        assert r.token_ids == hf_greedy(tiny_llama.model, ids, 40, eos)[: len(r.token_ids)]
+    _greedy_equals_plain(engine, tiny_llama, 40)
     assert drafter.counts["lookup"] > 0 and drafter.counts["head"] > 0, drafter.counts
 
 
@@ -282,11 +285,7 @@ def test_greedy_with_head_trees_equals_plain_greedy(tiny_llama, tiny_head):
     trees are drafted and accepted, and every forked cache is freed."""
     head = DraftHead.load(tiny_head[0], tiny_llama.model)
     engine = _tree_engine(tiny_llama.model, tiny_llama.tokenizer, head)
-    prompts = [tiny_llama.tokenizer.encode(p) for p in TINY_PROMPTS]
-    results = engine.generate([GenerationRequest("", 40, SamplingParams(temperature=0.0), prompt_ids=p) for p in prompts])
-    eos = tiny_llama.tokenizer.eos_token_id
-    for ids, r in zip(prompts, results):
-        assert r.token_ids == hf_greedy(tiny_llama.model, ids, 40, eos)[: len(r.token_ids)]
+    results = _greedy_equals_plain(engine, tiny_llama, 40)
     assert sum(r.stats.tree_rounds for r in results) > 20 and sum(r.stats.accepted_tokens for r in results) > 0
     assert all(n <= 8 for r in results for n in r.stats.rounds_k)
     assert not [ref for ref in engine.drafter.lm.pool._owners if ref() is not None]  # no fork left behind
@@ -347,11 +346,7 @@ def test_greedy_with_adaptive_head_trees_equals_plain_greedy(tiny_llama, tiny_he
     cost = CostModel(0.01, tuple(1.0 + 0.002 * k for k in range(7)))
     engine = SpeculativeEngine(tiny_llama.model, tiny_llama.tokenizer, HeadDrafter(head), max_draft_tokens=6,
                                cost_model=cost, prior_alpha=0.6, tree_nodes=10, tree_branch=3)
-    prompts = [tiny_llama.tokenizer.encode(p) for p in TINY_PROMPTS]
-    results = engine.generate([GenerationRequest("", 40, SamplingParams(temperature=0.0), prompt_ids=p) for p in prompts])
-    eos = tiny_llama.tokenizer.eos_token_id
-    for ids, r in zip(prompts, results):
-        assert r.token_ids == hf_greedy(tiny_llama.model, ids, 40, eos)[: len(r.token_ids)]
+    results = _greedy_equals_plain(engine, tiny_llama, 40)
     assert sum(r.stats.tree_rounds for r in results) > 10
     assert all(n <= 10 for r in results for n in r.stats.rounds_k)
     assert not [ref for ref in engine.drafter.lm.pool._owners if ref() is not None]
@@ -401,12 +396,8 @@ def test_an_int8_target_gets_an_int8_head_and_stays_exact(tiny_head):
     assert isinstance(head.output, Int8Linear) and isinstance(head.layer.mlp.down_proj, Int8Linear)
     assert not isinstance(head.fc, Int8Linear)  # its input mixes scales: one int8 scale a row would lose the embedding
     assert not engine.drafter.lm.batch_invariant
-    prompts = [target.tokenizer.encode(p) for p in TINY_PROMPTS]
-    results = engine.generate([GenerationRequest("", 32, SamplingParams(temperature=0.0), prompt_ids=p) for p in prompts])
-    eos = target.tokenizer.eos_token_id
-    for ids, r in zip(prompts, results):
-        assert r.token_ids == hf_greedy(target.model, ids, 32, eos)[: len(r.token_ids)]
+    results = _greedy_equals_plain(engine, target, 32)
     assert sum(r.stats.accepted_tokens for r in results) > 0
-    sampled = engine.generate([GenerationRequest("", 24, SamplingParams(temperature=1.0, seed=i), prompt_ids=p)
-                               for i, p in enumerate(prompts)])
+    sampled = engine.generate([GenerationRequest("", 24, SamplingParams(temperature=1.0, seed=i),
+                                                 prompt_ids=target.tokenizer.encode(p)) for i, p in enumerate(TINY_PROMPTS)])
     assert all(len(r.token_ids) > 0 for r in sampled) and sum(r.stats.draft_tokens for r in sampled) > 0
