@@ -79,7 +79,6 @@ def build_head(draft: DraftConfig, sources: DraftSources) -> Drafter:
     from .head_drafter import HeadDrafter
 
     from ..heads import builtin_head
-
     from .int8 import is_int8
 
     path = draft.head.path or builtin_head(sources.target_name)
