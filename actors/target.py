@@ -151,17 +151,16 @@ class RankHost:
         sample, in the model's own dtype (bf16 logits are exactly what the model computed), only
         the argmax of each greedy row (all that greedy verification reads), and with `hidden` the
         last hidden states asked for (every rank holds them whole after the last all-reduce).
-        local (rank 0 in the caller's process): the tensors as they are, on the rank's device."""
+        local (rank 0 in the caller's process): the outputs as they are, on the rank's device."""
         start = time.perf_counter()
         out = self.lm.forward_outputs([self._caches[h] for h in handles], inputs, raw=True, argmax_only=argmax_only,
                                       last=last, parents=parents, hidden=hidden)
         if self.rank != 0:
             return None
+        if local:
+            return out, time.perf_counter() - start
         dense = [o.scores for o, a in zip(out, argmax_only) if not a]
         greedy = [o.scores for o, a in zip(out, argmax_only) if a]
-        if local:
-            return ([o.scores for o in out], None if hidden is None else [o.hidden for o in out],
-                    time.perf_counter() - start)
         rows = torch.cat(dense).cpu() if dense else torch.zeros(0, self.lm.vocab_size)
         ids = torch.cat(greedy).cpu().numpy() if greedy else None  # argmax ids, first index on ties
         states = _wire(torch.cat([o.hidden for o in out]).cpu()) if hidden is not None else None
@@ -328,10 +327,9 @@ class TargetGroup:
         """forward_batch, and with `hidden` each sequence's last hidden[i] hidden states (from rank 0)."""
         argmax_only = argmax_only or [False] * len(inputs)
         if self._driver is not None:  # rank 0 runs here: its outputs stay on its device, nothing is copied
-            scores, states, self.last_compute_s = self._all(
-                "forward_batch", caches, inputs, argmax_only, last, parents, hidden, True)
-            return [TargetOutput(x) if states is None else TargetOutput(x, h)
-                    for x, h in zip(scores, states or [None] * len(scores))]
+            outputs, self.last_compute_s = self._all("forward_batch", caches, inputs, argmax_only, last, parents,
+                                                     hidden, True)
+            return outputs
         dense, dtype, ids, states, self.last_compute_s = self._all(
             "forward_batch", caches, inputs, argmax_only, last, parents, hidden)
         rows = [len(x) for x in inputs] if last is None else [min(k, len(x)) for k, x in zip(last, inputs)]
