@@ -183,12 +183,13 @@ class _ClockedDrafter:
 
 
 def test_rounds_bring_an_overpriced_draft_cost_down_to_what_drafts_take(tiny_llama):
-    """CostModel.observed_draft: each drafting round moves the draft cost by 30% of the ratio of
-    the drafts' time to their price (clipped to [1/2, 2]); a cost calibrated 4x too high comes
+    """CostModel.observed_draft: each drafting round moves the draft cost by ratio^0.3, the ratio
+    of the drafts' time to their price clipped to [1/2, 2]; a cost calibrated 4x too high comes
     down to the one unit a draft token takes."""
     cost = CostModel(4.0, (10.0, 10.5, 11.0, 11.5))
-    assert cost.observed_draft(8.0, 2.0).draft_step_s == 4.0 * 0.85  # ratio 1/4, clipped to 1/2
-    assert cost.observed_draft(8.0, 80.0).draft_step_s == 4.0 * 1.3  # ratio 10, clipped to 2
+    assert cost.observed_draft(8.0, 2.0).draft_step_s == pytest.approx(4.0 * 0.5 ** 0.3)  # ratio 1/4, clipped to 1/2
+    assert cost.observed_draft(8.0, 80.0).draft_step_s == pytest.approx(4.0 * 2 ** 0.3)  # ratio 10, clipped to 2
+    assert cost.observed_draft(8.0, 16.0).observed_draft(8.0, 4.0).draft_step_s == pytest.approx(4.0)  # x2, x1/2: no drift
     assert cost.observed_draft(0.0, 1.0) == cost
     drafter = _ClockedDrafter()
     engine = engine_module.SpeculativeEngine(tiny_llama.model, tiny_llama.tokenizer, drafter, "adaptive", 3,

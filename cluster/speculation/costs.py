@@ -45,12 +45,18 @@ class CostModel:
     def round_s(self, k: int) -> float:
         return k * self.draft_step_s + self.verify_s[k]
 
-    def observed(self, b: int, tokens: int, seconds: float, weight: float = 0.3) -> CostModel:
+    def observed(self, b: int, tokens: int, seconds: float, weight: float = 0.3, shape_weight: float = 0.05) -> CostModel:
         """The model after a real verify call over b sequences and `tokens` tokens in all took
         `seconds`. The row of the nearest measured batch size moves by the ratio of `seconds` to
-        what the model predicted for this very round: the entries at the round's tokens per
-        sequence by `weight`, every other entry by half of it (contention and longer contexts raise
-        them all; an entry that calibration got wrong is set right where rounds use it).
+        what the model predicted for this very round, clipped to [1/2, 2] and taken in log space:
+        the whole row by ratio^(weight - shape_weight) (contention and longer contexts raise every
+        entry alike) and the entries at the round's tokens per sequence by ratio^weight (an entry
+        that calibration got wrong is set right where rounds use it); then the row is made
+        nondecreasing by pooling adjacent entries that violate it. The clip, the log and the pooling
+        keep one stall (a descheduled thread, a kernel built on first use) from moving a row more
+        than 23%, and noise from drifting its shape: x2 and x1/2 cancel. Linear and unclipped, with
+        half the weight on the other entries and a one-way max for order, one 15x stall tripled
+        every draft entry and K stayed at 0 for good (docs/design.md, "Learning costs").
         Calibration uses one context length; real contexts are longer and ragged, and what they
         cost is learned from the rounds themselves."""
         n = tokens / b if b >= 1 else 0.0
@@ -60,28 +66,27 @@ class CostModel:
         bucket = 2 ** round(math.log2(b))
         if bucket >= 2 * max(table):  # far past what calibration measured: learn that size's own row,
             extrapolated = tuple(t * bucket for t in self.at_batch(bucket).verify_s)  # the start
-            return replace(self, batch_verify_s=self.batch_verify_s | {bucket: extrapolated}).observed(b, tokens, seconds, weight)
+            return replace(self, batch_verify_s=self.batch_verify_s | {bucket: extrapolated}).observed(
+                b, tokens, seconds, weight, shape_weight)
         predicted = round_cost_s(self, b, tokens)
         if predicted <= 0:
             return self
-        ratio, at = seconds / predicted, n - 1
+        ratio, at = _clipped(seconds / predicted), n - 1
         ref = min(table, key=lambda size: (abs(size - b), size))
-        row = [t * (1 + (weight if abs(j - at) < 1 else weight / 2) * (ratio - 1)) for j, t in enumerate(table[ref])]
-        for j in range(1, len(row)):  # more tokens never cost less
-            row[j] = max(row[j], row[j - 1])
+        row = _nondecreasing([t * ratio ** (weight if abs(j - at) < 1 else weight - shape_weight)
+                              for j, t in enumerate(table[ref])])  # more tokens never cost less
         if ref == 1:
             return replace(self, verify_s=tuple(row))
         return replace(self, batch_verify_s=self.batch_verify_s | {ref: tuple(row)})
 
     def observed_draft(self, predicted_s: float, seconds: float, weight: float = 0.3) -> CostModel:
         """The model after a round's drafts, priced at predicted_s by this model, took `seconds`:
-        every draft cost moves by `weight` of the ratio, the ratio clipped to [1/2, 2] so that one
-        stall (or a kernel built on first use) moves it by 30% at most. Without it a draft cost
-        calibrated too high would keep K at 0 for good, and nothing would ever correct it."""
+        every draft cost moves by ratio^weight, the ratio clipped to [1/2, 2] (as `observed`), so
+        that one stall moves it by 23% at most. Without it a draft cost calibrated too high would
+        keep K at 0 for good, and nothing would ever correct it."""
         if predicted_s <= 0 or seconds <= 0:
             return self
-        scale = 1 + weight * (min(2.0, max(0.5, seconds / predicted_s)) - 1)
-        return self.scaled_draft(scale)
+        return self.scaled_draft(_clipped(seconds / predicted_s) ** weight)
 
     def scaled_draft(self, scale: float) -> CostModel:
         """Every draft cost times `scale`."""
@@ -105,6 +110,24 @@ class CostModel:
         verify = tuple(max(a + w * (c - a), f) / b for a, c, f in zip(table[lo], table[hi], floor))
         draft = self.draft_step_s * math.ceil(b / self.draft_parallelism) / b
         return CostModel(draft, verify)
+
+
+def _clipped(ratio: float) -> float:
+    """An observed / predicted cost ratio as the models learn it: within [1/2, 2]."""
+    return min(2.0, max(0.5, ratio))
+
+
+def _nondecreasing(row: list[float]) -> list[float]:
+    """The nearest nondecreasing row in log space (pool adjacent violators): an entry above the
+    next is averaged with it, not copied onward, so noise in one entry cannot ratchet the rest up."""
+    pools: list[list[float]] = []  # [sum of logs, count]
+    for t in row:
+        pools.append([math.log(t), 1])
+        while len(pools) > 1 and pools[-2][0] / pools[-2][1] > pools[-1][0] / pools[-1][1]:
+            total, count = pools.pop()
+            pools[-1][0] += total
+            pools[-1][1] += count
+    return [math.exp(total / count) for total, count in pools for _ in range(count)]
 
 
 def round_cost_s(cost: CostModel, batch: int, tokens: float) -> float:
