@@ -237,6 +237,14 @@ def test_observed_rounds_refine_the_cost_model():
     assert cheap.observed(16, 16 * 99, 1.0) is cheap  # a block longer than the table: ignored
 
 
+def test_an_entry_out_of_order_is_pooled_with_its_neighbour_not_copied_onward():
+    from specserve.cluster.speculation.costs import _nondecreasing
+
+    assert _nondecreasing([1.0, 4.0, 1.0, 8.0]) == pytest.approx([1.0, 2.0, 2.0, 8.0])  # 4 and 1 pooled: sqrt(4 * 1)
+    assert _nondecreasing([1.0, 2.0, 3.0]) == pytest.approx([1.0, 2.0, 3.0])
+    assert _nondecreasing([0.0, 1.0]) == pytest.approx([0.0, 1.0], abs=1e-9)  # a zero entry (an injected model) reads
+
+
 def test_stalls_and_noise_never_lock_drafting_out():
     """A trace like the 1.5B target's on a busy 2-core machine: rounds at K = 0 whose times scatter
     x1/3..x3 around the truth, with a 15x stall every 20 rounds (a descheduled thread). The cost

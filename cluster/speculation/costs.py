@@ -122,7 +122,7 @@ def _nondecreasing(row: list[float]) -> list[float]:
     next is averaged with it, not copied onward, so noise in one entry cannot ratchet the rest up."""
     pools: list[list[float]] = []  # [sum of logs, count]
     for t in row:
-        pools.append([math.log(t), 1])
+        pools.append([math.log(max(t, 1e-12)), 1])
         while len(pools) > 1 and pools[-2][0] / pools[-2][1] > pools[-1][0] / pools[-1][1]:
             total, count = pools.pop()
             pools[-1][0] += total
