@@ -2,18 +2,13 @@
 configs/qwen-coder.yaml's default drafter against plain decoding, 96 tokens, T = 0 and 1, each prompt its
 faster of 2 runs; prints the speedup, alpha and the mean K. Run from the repository root after
 ./setup.sh --models qwen-coder: .venv/bin/python docs/heldout-check-qwen.py [config] (6 minutes)."""
-import ast, os, sys, time, statistics
-sys.path.insert(0, os.getcwd())
-from specserve.cluster.config import load_config
-from specserve.cluster.runtime.factory import load_target, make_engine
+import os, sys, time, statistics
+sys.path.insert(0, os.path.join(os.getcwd(), "docs"))
+from heldout_setup import heldout_prompts, plain_and_default
 from specserve.cluster.runtime.engine import GenerationRequest
 from specserve.cluster.speculation import SamplingParams
-src = open("docs/heldout-check.py").read()
-prompts = ast.literal_eval(src[src.index("prompts = {") + len("prompts = "):src.index("}\nengines") + 1])
-cfg = load_config(sys.argv[1] if len(sys.argv) > 1 else "configs/qwen-coder.yaml")
-target = load_target(cfg)
-plain, spec = make_engine(cfg, target, drafter="ngram"), make_engine(cfg, target)
-for e in (plain, spec): e.generate([GenerationRequest("Hi", 4)])
+prompts = heldout_prompts()
+cfg, plain, spec = plain_and_default(sys.argv[1] if len(sys.argv) > 1 else "configs/qwen-coder.yaml")
 for T in (0.0, 1.0):
     for cat, ps in prompts.items():
         rates, stats = {}, []

@@ -4,21 +4,15 @@ into drafting, the target's forward (verify), acceptance and the host work aroun
 emit, detokenise), against plain decoding's rounds; then the target forward's operators (torch.profiler,
 self CPU time). Run from the repository root after ./setup.sh --models qwen-coder:
 .venv/bin/python docs/profile-round-qwen.py [config] (3 minutes)."""
-import ast, os, sys, time, statistics
-sys.path.insert(0, os.getcwd())
+import os, sys, time
+sys.path.insert(0, os.path.join(os.getcwd(), "docs"))
+from heldout_setup import heldout_prompts, plain_and_default
 import torch
 from torch.profiler import profile, ProfilerActivity
-from specserve.cluster.config import load_config
-from specserve.cluster.runtime.factory import load_target, make_engine
 from specserve.cluster.runtime.engine import GenerationRequest
 from specserve.cluster.speculation import SamplingParams
-src = open("docs/heldout-check.py").read()
-prompts = ast.literal_eval(src[src.index("prompts = {") + len("prompts = "):src.index("}\nengines") + 1])
-cfg = load_config(sys.argv[1] if len(sys.argv) > 1 else "configs/qwen-coder.yaml")
-target = load_target(cfg)
-plain, spec = make_engine(cfg, target, drafter="ngram"), make_engine(cfg, target)
-for e in (plain, spec): e.generate([GenerationRequest("Hi", 4)])
-
+prompts = heldout_prompts()
+cfg, plain, spec = plain_and_default(sys.argv[1] if len(sys.argv) > 1 else "configs/qwen-coder.yaml")
 
 def rounds(engine, prompt, k):
     """Per decode round: (wall, draft, verify, accept, tokens emitted)."""
