@@ -242,13 +242,13 @@ def test_an_entry_out_of_order_is_pooled_with_its_neighbour_not_copied_onward():
 
     assert _nondecreasing([1.0, 4.0, 1.0, 8.0]) == pytest.approx([1.0, 2.0, 2.0, 8.0])  # 4 and 1 pooled: sqrt(4 * 1)
     assert _nondecreasing([1.0, 2.0, 3.0]) == pytest.approx([1.0, 2.0, 3.0])
-    assert _nondecreasing([0.0, 1.0]) == pytest.approx([0.0, 1.0], abs=1e-9)  # a zero entry (an injected model) reads
+    assert _nondecreasing([0.0, 1.0]) == pytest.approx([0.0, 1.0], abs=1e-9)  # a zero entry does not break the log
 
 
 def test_stalls_and_noise_never_lock_drafting_out():
-    """A trace like the 1.5B target's on a busy 2-core machine: rounds at K = 0 whose times scatter
-    x1/3..x3 around the truth, with a 15x stall every 20 rounds (a descheduled thread). The cost
-    model learns each round clipped and in log space, its shape slowly: the shape calibration
+    """A trace like the 1.5B target's on a busy 2-core machine: rounds at the K the model picks,
+    twice calibration's cost (contention), scattered x1/3..x3, with a 15x stall every 20 rounds (a
+    descheduled thread). The cost model learns each round clipped and in log space, its shape slowly: the shape calibration
     measured survives (verifying 5 tokens stays within 1.25x of 1; truth 1.03x), so a source with
     alpha 0.8 keeps drafting. The rule of before (linear, unclipped, half weight on the other
     entries, order kept by a one-way max) fails the same trace (negative control)."""

@@ -54,9 +54,7 @@ class CostModel:
         that calibration got wrong is set right where rounds use it); then the row is made
         nondecreasing by pooling adjacent entries that violate it. The clip, the log and the pooling
         keep one stall (a descheduled thread, a kernel built on first use) from moving a row more
-        than 23%, and noise from drifting its shape: x2 and x1/2 cancel. Linear and unclipped, with
-        half the weight on the other entries and a one-way max for order, one 15x stall tripled
-        every draft entry and K stayed at 0 for good (docs/design.md, "Learning costs").
+        than 23%, and noise from drifting its shape: x2 and x1/2 cancel (docs/design.md, "Learning costs").
         Calibration uses one context length; real contexts are longer and ragged, and what they
         cost is learned from the rounds themselves."""
         n = tokens / b if b >= 1 else 0.0
